@@ -1,0 +1,3 @@
+from dora_analysis.cli import main
+
+raise SystemExit(main())

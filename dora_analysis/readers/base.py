@@ -1,0 +1,68 @@
+"""The one interface every checkpoint format is read through: names, then one tensor at a time.
+
+The analysis only sees :class:`CheckpointReader`; it never knows which format it reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["CheckpointReader", "LowRankUpdate"]
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """A LoRA/DoRA update of one base weight, as stored in an adapter (not merged).
+
+    The merged weight in ``(out, in)`` layout is ``W0 + scale * B @ A`` (LoRA) or
+    ``magnitude[:, None] * (W0 + scale * B @ A) / ||W0 + scale * B @ A||_c`` (DoRA).
+
+    Attributes:
+        base_name: name of the base weight in the base checkpoint.
+        lora_A: ``(r, in)``.
+        lora_B: ``(out, r)``.
+        scale: ``lora_alpha / r`` (or ``/ sqrt(r)`` with rsLoRA), per-module patterns applied.
+        magnitude: ``(out,)`` for DoRA, None for LoRA.
+        fan_in_fan_out: the base weight is stored ``(in, out)`` (transformers' Conv1D).
+    """
+
+    base_name: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    magnitude: torch.Tensor | None = None
+    fan_in_fan_out: bool = False
+
+
+@runtime_checkable
+class CheckpointReader(Protocol):
+    """Read-only access to one checkpoint's tensors, one at a time.
+
+    ``source`` is the file or folder, for error messages. ``get`` returns a CPU tensor (possibly a
+    view over a memory map: never modify it). Readers are context managers; ``close`` releases
+    open files.
+    """
+
+    source: Path
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def low_rank(self, name: str) -> LowRankUpdate | None:
+        """The unmerged factors behind ``name`` where this reader merges an adapter, else None."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> CheckpointReader: ...
+
+    def __exit__(self, *exc: object) -> None: ...
