@@ -48,6 +48,9 @@ class CheckpointReader(Protocol):
     """
 
     source: Path
+    #: True when the checkpoint holds only the tensors it changes (an adapter merged over a base):
+    #: base tensors it lacks are unchanged by definition, not missing.
+    partial: bool
 
     def names(self) -> list[str]: ...
 
