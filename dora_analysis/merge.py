@@ -1,0 +1,83 @@
+"""Merging a stored LoRA/DoRA update into its base weight: pure tensor math, no files.
+
+LoRA: ``W = W0 + s * B @ A``.  DoRA: ``W = m * V / ||V||_c`` with ``V = W0 + s * B @ A`` and
+``||V||_c`` one L2 norm per output unit (a row of PyTorch's ``(out, in)`` layout), as PEFT's
+``merge_and_unload`` computes it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # a runtime import would be circular: the readers merge through this module
+    from dora_analysis.readers.base import LowRankUpdate
+
+__all__ = ["low_rank_fit_problem", "merge_low_rank"]
+
+
+def low_rank_fit_problem(
+    base_shape: tuple[int, ...],
+    a_shape: tuple[int, ...],
+    b_shape: tuple[int, ...],
+    magnitude_shape: tuple[int, ...] | None = None,
+    fan_in_fan_out: bool = False,
+) -> str | None:
+    """Why factors of these shapes cannot update a base weight of ``base_shape``, or None if they can.
+
+    ``a_shape`` is ``(r, in)``, ``b_shape`` ``(out, r)``, ``magnitude_shape`` ``(out,)``; the base is
+    ``(out, in)``, or ``(in, out)`` when ``fan_in_fan_out``.
+    """
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        return f"lora_A {tuple(a_shape)} and lora_B {tuple(b_shape)} must both be 2-D (r, in) and (out, r)"
+    if a_shape[0] != b_shape[1]:
+        return f"lora_A has rank {a_shape[0]} (rows) but lora_B has rank {b_shape[1]} (columns)"
+    out_in = (b_shape[0], a_shape[1])
+    expected = (out_in[1], out_in[0]) if fan_in_fan_out else out_in
+    layout = "(in, out)" if fan_in_fan_out else "(out, in)"
+    if tuple(base_shape) != expected:
+        return (
+            f"lora_B @ lora_A gives (out, in) = {out_in}, so the base weight should be {layout} = "
+            f"{expected}, but it is {tuple(base_shape)}"
+        )
+    if magnitude_shape is not None and tuple(magnitude_shape) != (out_in[0],):
+        return f"the DoRA magnitude has shape {tuple(magnitude_shape)}, expected (out,) = ({out_in[0]},)"
+    return None
+
+
+def merge_low_rank(base_weight: torch.Tensor, update: LowRankUpdate) -> torch.Tensor:
+    """The merged weight, float32, in the base's layout.
+
+    Args:
+        base_weight: ``W0``, ``(out, in)``; ``(in, out)`` when ``update.fan_in_fan_out``.
+        update: ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``, ``scale``, optional ``magnitude`` ``(out,)``.
+
+    Returns:
+        A new float32 tensor of ``base_weight``'s shape. DoRA row norms are taken in float64.
+
+    Example:
+        >>> from dora_analysis.readers.base import LowRankUpdate
+        >>> w0 = torch.eye(2)
+        >>> up = LowRankUpdate("w", torch.ones(1, 2), torch.ones(2, 1), scale=0.5)
+        >>> merge_low_rank(w0, up).tolist()
+        [[1.5, 0.5], [0.5, 1.5]]
+    """
+    problem = low_rank_fit_problem(
+        tuple(base_weight.shape),
+        tuple(update.lora_A.shape),
+        tuple(update.lora_B.shape),
+        None if update.magnitude is None else tuple(update.magnitude.shape),
+        update.fan_in_fan_out,
+    )
+    if problem:
+        raise ValueError(f"{update.base_name}: {problem}")
+    w0 = base_weight.to(torch.float32)
+    if update.fan_in_fan_out:
+        w0 = w0.T  # (out, in)
+    v = w0 + update.scale * (update.lora_B.to(torch.float32) @ update.lora_A.to(torch.float32))  # (out, in)
+    if update.magnitude is not None:
+        norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)  # (out,)
+        factor = (update.magnitude.to(torch.float64) / norm).to(torch.float32)  # (out,)
+        v = factor[:, None] * v
+    return (v.T if update.fan_in_fan_out else v).contiguous()

@@ -1,0 +1,200 @@
+"""Checkpoint readers: :func:`open_checkpoint` detects the format and returns a :class:`CheckpointReader`.
+
+Formats: a ``.safetensors`` file; a Hugging Face model folder (``model.safetensors``, shards with
+``model.safetensors.index.json``, ``pytorch_model.bin`` or its shards); PyTorch pickles
+(``.bin``/``.pt``/``.pth``, ``weights_only=True`` only); a PEFT LoRA/DoRA adapter folder merged over a
+base; the NVlabs DoRA layout (``weight_m_wdecomp``); a Trainer ``checkpoint-<step>`` folder holding
+any of these (its optimizer/scheduler/RNG files are never read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dora_analysis.errors import InputError
+from dora_analysis.readers._common import WEIGHT_SUFFIXES, is_training_state_file
+from dora_analysis.readers.adapter_config import read_adapter_config
+from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.files import open_weight_file
+from dora_analysis.readers.nvlabs_dora import has_nvlabs_keys, open_nvlabs_dora
+from dora_analysis.readers.peft_adapter import ADAPTER_FILES, adapter_weights_file, open_peft_adapter
+from dora_analysis.readers.sharded import ShardedReader
+from dora_analysis.readers.trainer import find_checkpoints
+
+__all__ = [
+    "CheckpointReader",
+    "LowRankUpdate",
+    "FoundWeights",
+    "find_weights",
+    "open_checkpoint",
+    "find_checkpoints",
+]
+
+# Looked for in this order inside a model or checkpoint folder.
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class FoundWeights:
+    """What a folder holds: an adapter folder, a shard index, or one weights file."""
+
+    kind: Literal["adapter", "sharded", "file"]
+    path: Path
+
+
+def find_weights(folder: Path) -> FoundWeights:
+    """Detect the weights in ``folder`` (a model folder or Trainer ``checkpoint-<step>``), opening nothing."""
+    if (folder / "adapter_config.json").is_file():
+        return FoundWeights("adapter", folder)
+    for index, single in zip(_INDEX_FILES, _SINGLE_FILES, strict=True):
+        if (folder / index).is_file():
+            return FoundWeights("sharded", folder / index)
+        if (folder / single).is_file():
+            return FoundWeights("file", folder / single)
+    candidates = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in WEIGHT_SUFFIXES and not is_training_state_file(p)
+    )
+    if len(candidates) == 1:
+        return FoundWeights("file", candidates[0])
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates[:5])
+        raise InputError.of(folder, f"holds several weight files ({names}); pass the one to read")
+    adapters = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file())
+    if len(adapters) == 1:  # PEFT saves a non-"default" adapter in a subfolder named after it
+        return FoundWeights("adapter", adapters[0])
+    if len(adapters) > 1:
+        raise InputError.of(
+            folder,
+            f"holds several adapters ({', '.join(p.name for p in adapters)}); pass the adapter's folder",
+        )
+    raise InputError.of(
+        folder,
+        "no weights found (looked for adapter_config.json, model.safetensors[.index.json], "
+        "pytorch_model.bin[.index.json] or one .safetensors/.bin/.pt/.pth file)",
+    )
+
+
+def open_checkpoint(
+    path: Path | str,
+    base: Path | str | CheckpointReader | None = None,
+    *,
+    lora_alpha: float | None = None,
+) -> CheckpointReader:
+    """Open the checkpoint at ``path`` as a :class:`CheckpointReader` (use it as a context manager).
+
+    Args:
+        path: a weights file, a model folder, a Trainer ``checkpoint-<step>`` folder, or an adapter.
+        base: the pre-trained checkpoint an adapter is merged over (a path, or an open reader that the
+            caller keeps owning). For a PEFT adapter, None means ``adapter_config.json``'s
+            ``base_model_name_or_path`` when that is a local path.
+        lora_alpha: the LoRA alpha of an NVlabs DoRA state dict (it is not stored in the weights);
+            overrides an ``adapter_config.json`` beside the file. Ignored for other formats.
+
+    Raises:
+        InputError: one line naming the file (and tensor) and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError.of(path, "no such file or folder")
+    if path.is_dir():
+        found = find_weights(path)
+    elif path.name.endswith(".index.json"):
+        found = FoundWeights("sharded", path)
+    else:
+        found = FoundWeights("file", path)
+    if found.kind == "sharded":
+        return ShardedReader(found.path)
+    if found.kind == "adapter":
+        return _open_adapter(found.path, base, lora_alpha)
+    return _open_file(found.path, base, lora_alpha)
+
+
+def _open_adapter(
+    folder: Path, base: Path | str | CheckpointReader | None, lora_alpha: float | None
+) -> CheckpointReader:
+    config = read_adapter_config(folder / "adapter_config.json", require_rank=False)
+    if config.peft_type == "DORA":  # the NVlabs PEFT fork's own adapter type
+        factors = open_weight_file(adapter_weights_file(folder))
+        try:
+            base_reader, owned = _resolve_base(base, config.base_model_name_or_path, folder, required=False)
+        except BaseException:
+            factors.close()
+            raise
+        return _closing_on_error(
+            owned, lambda: open_nvlabs_dora(factors, base_reader, lora_alpha=lora_alpha, owned=owned)
+        )
+    read_adapter_config(
+        folder / "adapter_config.json"
+    )  # r and lora_alpha are required: fail before opening the base
+    base_reader, owned = _resolve_base(base, config.base_model_name_or_path, folder, required=True)
+    assert base_reader is not None
+    return _closing_on_error(owned, lambda: open_peft_adapter(folder, base_reader, owned=owned))
+
+
+def _closing_on_error(
+    owned: list[CheckpointReader], make: Callable[[], CheckpointReader]
+) -> CheckpointReader:
+    """``make()``, closing the ``owned`` readers if it fails (on success the new reader owns them)."""
+    try:
+        return make()
+    except BaseException:
+        for reader in owned:
+            reader.close()
+        raise
+
+
+def _open_file(
+    path: Path, base: Path | str | CheckpointReader | None, lora_alpha: float | None
+) -> CheckpointReader:
+    reader = open_weight_file(path)
+    names = reader.names()
+    has_lora = any(".lora_A." in n or n.endswith(".lora_magnitude_vector") for n in names)
+    if has_nvlabs_keys(names) or (has_lora and lora_alpha is not None and path.name not in ADAPTER_FILES):
+        try:
+            base_reader, owned = _resolve_base(base, None, path, required=False)
+        except BaseException:
+            reader.close()
+            raise
+        return _closing_on_error(
+            owned, lambda: open_nvlabs_dora(reader, base_reader, lora_alpha=lora_alpha, owned=owned)
+        )
+    if has_lora:
+        reader.close()
+        if path.name in ADAPTER_FILES and (path.parent / "adapter_config.json").is_file():
+            return _open_adapter(path.parent, base, lora_alpha)
+        raise InputError.of(
+            path,
+            "holds LoRA factors but no adapter_config.json beside it gives r and lora_alpha (pass lora_alpha for a plain state dict)",
+        )
+    return reader
+
+
+def _resolve_base(
+    base: Path | str | CheckpointReader | None, hint: str | None, adapter: Path, *, required: bool
+) -> tuple[CheckpointReader | None, list[CheckpointReader]]:
+    """The base reader and the readers opened here (closed with the adapter reader)."""
+    if base is not None and not isinstance(base, (str, Path)):
+        return base, []
+    if base is None:
+        if hint and Path(hint).exists():
+            base = hint
+        elif required:
+            raise InputError.of(
+                adapter,
+                f"an adapter needs a base checkpoint: pass base (adapter_config.json's base_model_name_or_path {hint!r} is not a local path)",
+            )
+        else:
+            return None, []
+    reader = open_checkpoint(base)
+    if reader.partial:
+        reader.close()
+        raise InputError.of(
+            base, "the base checkpoint is itself an adapter; pass the full pre-trained weights"
+        )
+    return reader, [reader]

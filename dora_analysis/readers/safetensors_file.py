@@ -1,0 +1,158 @@
+"""One ``.safetensors`` file: the header checked by hand first, then one tensor at a time via ``safe_open``."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dora_analysis.errors import InputError
+from dora_analysis.readers._common import ReaderMixin, first_line
+
+__all__ = ["MAX_HEADER_BYTES", "TensorEntry", "read_safetensors_header", "SafetensorsReader"]
+
+# safetensors itself refuses headers above 100 MB; a larger claim means a corrupt or hostile file.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor's header record."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
+    """Validate ``path``'s header without trusting it and return its tensors, in file order.
+
+    Checks: an 8-byte little-endian header length that is below :data:`MAX_HEADER_BYTES` and fits in
+    the file; a JSON object; every tensor's ``data_offsets`` inside the file and consistent with its
+    dtype and shape. Raises :class:`InputError` (one line naming the file and tensor) otherwise.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError.of(
+                path, f"truncated safetensors file: {size} bytes, shorter than its 8-byte header length"
+            )
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise InputError.of(
+                path, f"safetensors header claims an absurd size of {n} bytes (limit {MAX_HEADER_BYTES})"
+            )
+        if 8 + n > size:
+            raise InputError.of(
+                path,
+                f"truncated safetensors file: header length {n} runs past the end of the file ({size} bytes)",
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError.of(path, f"safetensors header is not valid JSON ({first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise InputError.of(path, "safetensors header is not a JSON object")
+    data_bytes = size - 8 - n
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _entry(path, name, info, data_bytes)
+    return entries
+
+
+def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise InputError.of(path, "header record lacks dtype, shape or data_offsets", tensor=name)
+    offsets, shape, dtype_code = info["data_offsets"], info["shape"], info["dtype"]
+    ok = (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and o >= 0 for o in offsets)
+        and offsets[0] <= offsets[1]
+        and isinstance(shape, list)
+        and all(isinstance(d, int) and d >= 0 for d in shape)
+    )
+    if not ok:
+        raise InputError.of(path, f"malformed header record {info}", tensor=name)
+    if offsets[1] > data_bytes:
+        raise InputError.of(
+            path,
+            f"truncated safetensors file: data offsets end at byte {offsets[1]} of the data, "
+            f"past its end ({data_bytes} bytes)",
+            tensor=name,
+        )
+    if dtype_code not in _DTYPES:
+        raise InputError.of(path, f"unsupported safetensors dtype {dtype_code!r}", tensor=name)
+    dtype = _DTYPES[dtype_code]
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * dtype.itemsize != offsets[1] - offsets[0]:
+        raise InputError.of(
+            path,
+            f"data offsets span {offsets[1] - offsets[0]} bytes but {dtype_code} {shape} needs {numel * dtype.itemsize}",
+            tensor=name,
+        )
+    return TensorEntry(dtype=dtype, shape=tuple(shape))
+
+
+class SafetensorsReader(ReaderMixin):
+    """A ``.safetensors`` file; ``get`` reads one tensor through the memory map."""
+
+    partial = False
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.source = Path(path)
+        self._entries = read_safetensors_header(self.source)
+        try:
+            self._file = safe_open(str(self.source), framework="pt", device="cpu")
+        except Exception as e:  # the library's own checks, after ours
+            raise InputError.of(self.source, f"not a readable safetensors file ({first_line(e)})") from None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self.source}: no tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entry(name).dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        self._entry(name)
+        return self._file.get_tensor(name)
+
+    def close(self) -> None:
+        self._file = None  # safe_open handles close when released
