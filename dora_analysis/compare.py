@@ -83,9 +83,7 @@ def select_tensors(
         )
     include_re = re.compile(include) if include else None
     exclude_re = re.compile(exclude) if exclude else None
-    selection = Selection(
-        base_only=[] if tuned.partial else match.base_only, tuned_only=match.tuned_only
-    )
+    selection = Selection(base_only=[] if tuned.partial else match.base_only, tuned_only=match.tuned_only)
     for base_name, tuned_name in match.pairs:
         shape = tuple(base.shape(base_name))
         chosen = include_re.search(base_name) if include_re else is_default_analysed(base_name, shape)
@@ -143,19 +141,22 @@ def _deltas(
                 continue
             tuned_rows = as_rows(reader.get(tuned_name), layout)
             delta = summarize(row_changes(row_scalars(base_rows, tuned_rows)))
-            yield index, {
-                "tensor": base_name,
-                "layer": layer_index(base_name),
-                "module": module_name(base_name),
-                "shape": "x".join(map(str, shape)),
-                "rows": delta.rows,
-                "delta_magnitude": delta.delta_magnitude,
-                "delta_direction": delta.delta_direction,
-                "base_magnitude_mean": delta.base_magnitude_mean,
-                "tuned_magnitude_mean": delta.tuned_magnitude_mean,
-                "rows_excluded": delta.rows_excluded,
-                "status": delta.status,
-            }
+            yield (
+                index,
+                {
+                    "tensor": base_name,
+                    "layer": layer_index(base_name),
+                    "module": module_name(base_name),
+                    "shape": "x".join(map(str, shape)),
+                    "rows": delta.rows,
+                    "delta_magnitude": delta.delta_magnitude,
+                    "delta_direction": delta.delta_direction,
+                    "base_magnitude_mean": delta.base_magnitude_mean,
+                    "tuned_magnitude_mean": delta.tuned_magnitude_mean,
+                    "rows_excluded": delta.rows_excluded,
+                    "status": delta.status,
+                },
+            )
             del tuned_rows
         del base_rows
 
@@ -226,4 +227,3 @@ def _progress_bar(total: int, enabled: bool):
         leave=False,
         file=sys.stderr,
     )
-

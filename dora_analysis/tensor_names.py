@@ -45,7 +45,7 @@ def canonical_name(name: str) -> str:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
     return name
 
 
@@ -63,7 +63,7 @@ def module_name(name: str) -> str:
     """
     path = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
     found = _LAYER.search(path + ".")
-    tail = path[found.end():] if found else path
+    tail = path[found.end() :] if found else path
     last = tail.rsplit(".", 1)[-1]
     return tail if last in _GENERIC_MODULES and tail else last
 
@@ -125,9 +125,11 @@ def match_names(base_names: list[str], tuned_names: list[str]) -> NameMatch:
         prefix = _common_extra_prefix(list(longer), set(shorter))
         if prefix is None:
             continue
-        for canon in [c for c in longer if c.startswith(prefix) and c[len(prefix):] in shorter]:
-            short = canon[len(prefix):]
-            base_name, tuned_name = (longer[canon], shorter[short]) if swap else (shorter[short], longer[canon])
+        for canon in [c for c in longer if c.startswith(prefix) and c[len(prefix) :] in shorter]:
+            short = canon[len(prefix) :]
+            base_name, tuned_name = (
+                (longer[canon], shorter[short]) if swap else (shorter[short], longer[canon])
+            )
             pairs[canon] = (base_name, tuned_name)
             del longer[canon], shorter[short]
     order = {n: i for i, n in enumerate(base_names)}

@@ -86,8 +86,13 @@ def test_include_exclude_and_one_sided_names() -> None:
     tuned = _tuned(base, 1)
     tuned["classifier.weight"] = torch.randn(3, 8)
     del tuned["encoder.layer.1.attention.self.value.weight"]
-    frame = compare(MemoryReader(base, "b"), MemoryReader(tuned, "t"), include=r"embeddings|query", exclude=r"layer\.1\.")
-    assert list(frame["tensor"]) == ["embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight"]
+    frame = compare(
+        MemoryReader(base, "b"), MemoryReader(tuned, "t"), include=r"embeddings|query", exclude=r"layer\.1\."
+    )
+    assert list(frame["tensor"]) == [
+        "embeddings.word_embeddings.weight",
+        "encoder.layer.0.attention.self.query.weight",
+    ]
     assert frame.attrs["base_only"] == ["encoder.layer.1.attention.self.value.weight"]
     assert frame.attrs["tuned_only"] == ["classifier.weight"]
 
@@ -110,15 +115,23 @@ def test_compare_many_reads_each_base_tensor_once() -> None:
 
 
 def test_no_tensor_in_common_names_both_sides() -> None:
-    with pytest.raises(InputError, match=r"^tuned\.safetensors: no tensor in common with base base\.safetensors"):
-        compare(MemoryReader(_model(0), "base.safetensors"), MemoryReader({"x.weight": torch.ones(2, 2)}, "tuned.safetensors"))
+    with pytest.raises(
+        InputError, match=r"^tuned\.safetensors: no tensor in common with base base\.safetensors"
+    ):
+        compare(
+            MemoryReader(_model(0), "base.safetensors"),
+            MemoryReader({"x.weight": torch.ones(2, 2)}, "tuned.safetensors"),
+        )
 
 
 def test_shape_mismatch_names_file_and_tensor() -> None:
     base = _model(0)
     tuned = _tuned(base, 1)
     tuned["encoder.layer.0.attention.self.value.weight"] = torch.ones(8, 4)
-    with pytest.raises(InputError, match=r"^t\.pt: encoder\.layer\.0\.attention\.self\.value\.weight: shape \[8, 4\] != base shape \[8, 8\]"):
+    with pytest.raises(
+        InputError,
+        match=r"^t\.pt: encoder\.layer\.0\.attention\.self\.value\.weight: shape \[8, 4\] != base shape \[8, 8\]",
+    ):
         compare(MemoryReader(base, "b"), MemoryReader(tuned, "t.pt"))
 
 
@@ -127,7 +140,10 @@ def test_integer_or_quantized_weights_are_refused(dtype: torch.dtype) -> None:
     base = _model(0)
     tuned = _tuned(base, 1)
     tuned["encoder.layer.1.attention.self.query.weight"] = torch.ones(8, 8, dtype=dtype)
-    with pytest.raises(InputError, match=r"^q\.safetensors: encoder\.layer\.1\.attention\.self\.query\.weight: stored as u?int\d+, expected a floating-point"):
+    with pytest.raises(
+        InputError,
+        match=r"^q\.safetensors: encoder\.layer\.1\.attention\.self\.query\.weight: stored as u?int\d+, expected a floating-point",
+    ):
         compare(MemoryReader(base, "b"), MemoryReader(tuned, "q.safetensors"))
 
 

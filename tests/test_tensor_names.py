@@ -65,7 +65,11 @@ def test_default_selection_is_linear_weights() -> None:
 
 
 def test_match_names_across_wrappers_and_architecture_prefix() -> None:
-    base = ["embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight", "pooler.dense.weight"]
+    base = [
+        "embeddings.word_embeddings.weight",
+        "encoder.layer.0.attention.self.query.weight",
+        "pooler.dense.weight",
+    ]
     tuned = [
         "module.bert.embeddings.word_embeddings.weight",
         "module.bert.encoder.layer.0.attention.self.query.weight",
@@ -74,7 +78,10 @@ def test_match_names_across_wrappers_and_architecture_prefix() -> None:
     match = match_names(base, tuned)
     assert match.pairs == [
         ("embeddings.word_embeddings.weight", "module.bert.embeddings.word_embeddings.weight"),
-        ("encoder.layer.0.attention.self.query.weight", "module.bert.encoder.layer.0.attention.self.query.weight"),
+        (
+            "encoder.layer.0.attention.self.query.weight",
+            "module.bert.encoder.layer.0.attention.self.query.weight",
+        ),
     ]
     assert match.base_only == ["pooler.dense.weight"]
     assert match.tuned_only == ["module.classifier.weight"]

@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", help="pre-trained checkpoint (file or folder)")
     parser.add_argument("tuned", help="fine-tuned checkpoint, checkpoint-<step> folder or adapter folder")
     add_output_arguments(parser)
-    parser.add_argument("--include", metavar="REGEX", help="analyse tensors whose name matches (default: 2-D linear weights)")
+    parser.add_argument(
+        "--include", metavar="REGEX", help="analyse tensors whose name matches (default: 2-D linear weights)"
+    )
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
 
 
