@@ -1,0 +1,135 @@
+"""LoRALinear: a frozen ``nn.Linear`` plus a trainable low-rank update, ``y = W0 x + s B A x + bias``.
+
+Conventions (as PEFT's ``lora.Linear``): ``W0`` is the base weight ``(out, in)``; ``A`` ``(r, in)`` is
+kaiming-uniform initialised (``a = sqrt(5)``), ``B`` ``(out, r)`` starts at zero, so a freshly wrapped
+layer computes exactly what the base did; ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); dropout,
+when active, applies to the adapter's input only.
+
+``lora_A`` and ``lora_B`` are plain ``nn.Parameter`` tensors (not ``nn.Linear`` modules); the adapter
+parameters are float32 when the base weight is float16/bfloat16 (as PEFT's ``autocast_adapter_dtype``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LoRALinear", "lora_scale", "adapter_dtype", "init_lora_factors"]
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """The update's scale ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (0 when r == 0)."""
+    if r == 0:
+        return 0.0
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Adapter parameters stay float32 over 16-bit base weights (their updates are tiny)."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def init_lora_factors(base: nn.Linear, r: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """``A`` ``(r, in)`` kaiming-uniform with ``a = sqrt(5)`` as PEFT, ``B`` ``(out, r)`` zeros."""
+    dtype, device = adapter_dtype(base.weight.dtype), base.weight.device
+    lora_A = torch.empty(r, base.in_features, dtype=dtype, device=device)
+    nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+    lora_B = torch.zeros(base.out_features, r, dtype=dtype, device=device)
+    return nn.Parameter(lora_A), nn.Parameter(lora_B)
+
+
+def _check_base(base: nn.Module, r: int, min_r: int) -> None:
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"expected an nn.Linear to wrap, got {type(base).__name__}")
+    if r < min_r:
+        raise ValueError(f"r must be >= {min_r}, got {r}")
+
+
+class LoRALinear(nn.Module):
+    """``y = W0 x + s B A dropout(x) + bias`` around a frozen ``nn.Linear``.
+
+    Args:
+        base: the layer to adapt; its weight and bias are frozen (``requires_grad = False``).
+        r: the rank (>= 1). alpha: the scale numerator. dropout: probability on the adapter input.
+        rslora: ``s = alpha / sqrt(r)`` instead of ``alpha / r``.
+
+    Attributes: ``base``, ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``, ``r``, ``alpha``, ``scale``,
+    ``dropout``, ``rslora``, ``merged``.
+
+    Input ``(..., in)``, output ``(..., out)``.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        _check_base(base, r, min_r=1)
+        base.requires_grad_(False)
+        self.base = base
+        self.r, self.alpha, self.dropout, self.rslora = r, alpha, float(dropout), rslora
+        self.scale = lora_scale(alpha, r, rslora)
+        self.lora_A, self.lora_B = init_lora_factors(base, r)
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (for code that reads ``.weight.dtype`` or ``.weight.device``)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s * B @ A`` ``(out, in)`` in the adapter dtype."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        x2 = x.reshape(-1, self.in_features)
+        result = F.linear(x2, self.base.weight, self.base.bias)  # (N, out), bit-identical to the base layer
+        if self.dropout > 0 and self.training:
+            x2 = F.dropout(x2, self.dropout, training=True)
+        down = F.linear(x2.to(self.lora_A.dtype), self.lora_A)  # (N, r)
+        if result.dtype == down.dtype:
+            # Fold the update into the base output in place: no extra (N, out) tensors.
+            result.addmm_(down, self.lora_B.t(), alpha=self.scale)
+        else:
+            result = (result + F.linear(down, self.lora_B) * self.scale).to(result.dtype)
+        return result.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The effective weight ``W0 + s B A`` ``(out, in)`` in the base dtype."""
+        weight = self.base.weight
+        if self.merged:
+            return weight.detach().clone()
+        return (weight.to(self.lora_A.dtype) + self.delta_weight()).to(weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (no inference overhead); :meth:`unmerge` undoes it."""
+        if not self.merged:
+            self.base.weight.copy_(self.merged_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to float rounding)."""
+        if self.merged:
+            weight = self.base.weight
+            weight.copy_((weight.to(self.lora_A.dtype) - self.delta_weight()).to(weight.dtype))
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dropout={self.dropout}, rslora={self.rslora}"
