@@ -30,6 +30,7 @@ _EXPORTS = {
     "save_adapter": "dora_analysis.adapter_io",
     "load_adapter": "dora_analysis.adapter_io",
     "train": "dora_analysis.training",
+    "TrainConfig": "dora_analysis.training",
     "DoraAnalysisError": "dora_analysis.errors",
     "InputError": "dora_analysis.errors",
 }
