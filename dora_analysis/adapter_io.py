@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dora_analysis.atomic import atomic_path
 from dora_analysis.dora import DoRALinear
 from dora_analysis.errors import InputError
 from dora_analysis.inject import (
@@ -81,14 +81,8 @@ def _in_module_to_save(name: str, module_to_save: str) -> bool:
 
 
 def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        write(str(temporary))
 
 
 def save_adapter(

@@ -8,13 +8,12 @@ from __future__ import annotations
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Literal
 
 import pandas as pd
 
-from dora_analysis.errors import InputError
+from dora_analysis.atomic import atomic_path
 
 __all__ = ["Format", "render", "atomic_write", "write_frame"]
 
@@ -42,24 +41,14 @@ def _formatters(frame: pd.DataFrame) -> dict:
 
 
 def atomic_write(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
+    """Write ``text`` to ``path`` atomically (see :func:`dora_analysis.atomic.atomic_path`).
 
     Raises:
         InputError: ``path`` exists and ``overwrite`` is False.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise InputError.of(path, "already exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_path(path, overwrite=overwrite) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_frame(

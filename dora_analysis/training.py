@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import torch
 
+from dora_analysis.atomic import atomic_path
 from dora_analysis.errors import InputError
 from dora_analysis.tasks import DEFAULT_TASK, TextTask, load_task
 
@@ -272,9 +273,8 @@ def evaluate(model: torch.nn.Module, data: _Encoded, pad_id: int, batch_size: in
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _versions() -> dict[str, str]:

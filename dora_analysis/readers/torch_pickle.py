@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +39,13 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _safe_load(path: Path) -> object:
+    with warnings.catch_warnings():
+        # torch warns about pickle protocols it may not fully support; our one line says what failed.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return _load(path)
+
+
+def _load(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
@@ -60,8 +68,9 @@ def _refusal(path: Path, error: pickle.UnpicklingError) -> InputError:
     text = str(error)
     if "Weights only load failed" not in text:
         return InputError.of(path, f"not a readable PyTorch file ({first_line(error)})")
-    found = re.search(r"WeightsUnpickler error: (.*?)(?:\. |\.?$)", text, flags=re.MULTILINE)
-    why = f": {found.group(1).strip()}" if found else ""
+    # torch puts the reason on the first non-blank line after this marker.
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    why = f": {found.group(1).strip().rstrip('.')}" if found else ""
     return InputError.of(
         path, f"refused: this pickle needs code execution to load, not only weights (weights_only=True{why})"
     )

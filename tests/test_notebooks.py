@@ -1,0 +1,117 @@
+"""Every notebook runs top to bottom on tiny checkpoints, with its paths injected into the parameters cell."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from test_series import make_runs
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_runs(tmp_path_factory.mktemp("notebooks"), steps=(10, 20))
+
+
+@pytest.fixture(scope="module")
+def kernel_dirs(tmp_path_factory) -> list[str]:
+    """A kernel spec that runs this very interpreter (the venv), whatever ``python`` is on PATH."""
+    import json
+
+    folder = tmp_path_factory.mktemp("kernels") / "dora-test-python"
+    folder.mkdir()
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "dora-analysis tests",
+        "language": "python",
+    }
+    (folder / "kernel.json").write_text(json.dumps(spec))
+    return [str(folder.parent)]
+
+
+def run_notebook(name: str, parameters: dict, cwd: Path, kernel_dirs: list[str]) -> nbformat.NotebookNode:
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    tagged[0].source = "\n".join(f"{key} = {value!r}" for key, value in parameters.items())
+    km = KernelManager(
+        kernel_name="dora-test-python", kernel_spec_manager=KernelSpecManager(kernel_dirs=kernel_dirs)
+    )
+    NotebookClient(nb, km=km, timeout=180, resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
+def outputs_text(nb) -> str:
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            parts.append(output.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_notebooks_are_saved_without_outputs():
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        assert all(
+            not c.get("outputs") and c.get("execution_count") is None
+            for c in nb.cells
+            if c.cell_type == "code"
+        )
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == {
+        "01_compare_two_checkpoints.ipynb",
+        "02_training_dynamics.ipynb",
+        "03_peft_adapters.ipynb",
+    }
+
+
+def test_compare_notebook(tiny, tmp_path, kernel_dirs):
+    base, runs, _ = tiny
+    nb = run_notebook(
+        "01_compare_two_checkpoints.ipynb",
+        {"BASE": str(base), "TUNED": str(runs["ft"] / "checkpoint-20"), "INCLUDE": None},
+        tmp_path,
+        kernel_dirs,
+    )
+    text = outputs_text(nb)
+    assert "tensors compared" in text and "encoder.layer.1.attention.self.query.weight" in text
+    assert images(nb) == 1
+
+
+def test_training_dynamics_notebook(tiny, tmp_path, kernel_dirs):
+    base, runs, _ = tiny
+    nb = run_notebook(
+        "02_training_dynamics.ipynb",
+        {"RUNS": [str(runs[m]) for m in ("ft", "lora", "dora")], "BASE": None, "MODULE": "value"},
+        tmp_path,
+        kernel_dirs,
+    )
+    text = outputs_text(nb)
+    assert "r_within_layer" in text and "dora" in text
+    assert images(nb) == 3
+
+
+def test_peft_adapter_notebook(tiny, tmp_path, kernel_dirs):
+    base, runs, _ = tiny
+    nb = run_notebook(
+        "03_peft_adapters.ipynb",
+        {"BASE": str(base), "ADAPTER": str(runs["dora"] / "checkpoint-20")},
+        tmp_path,
+        kernel_dirs,
+    )
+    text = outputs_text(nb)
+    assert "'use_dora': True" in text and "value" in text
+    assert images(nb) == 1
