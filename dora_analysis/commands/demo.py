@@ -1,6 +1,6 @@
 """The main job: train FT, LoRA and DoRA on the default model and task, analyse, draw, and write report.md.
 
-Writes OUT/runs/, OUT/series.csv, OUT/correlations.csv, OUT/figures/ and OUT/report.md. About 15
+Writes OUT/runs/, OUT/series.csv, OUT/correlations.csv, OUT/figures/ and OUT/report.md. About 6
 minutes on 2 CPU cores; --quick runs in about a minute (fewer steps, examples and tokens).
 """
 
