@@ -17,7 +17,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compare": "dora_analysis.compare",
+    "compare": "dora_analysis.comparison",
+    "compare_many": "dora_analysis.comparison",
     "analyze_series": "dora_analysis.series",
     "correlations": "dora_analysis.correlation",
     "magnitude": "dora_analysis.decomposition",

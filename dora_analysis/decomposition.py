@@ -7,13 +7,13 @@ per output unit over its incoming weights, which is PyTorch's ``dim=1`` (what PE
 computes). :func:`dora_analysis.tensor_names.as_rows` turns conv, embedding and ``Conv1D`` weights into
 this layout.
 
-Exactness: the direction change is computed from the base row ``a`` and the update ``d = w - a``
-(exact in float32 for bf16/fp16 inputs) by Lagrange's identity, ``|a x w|^2 = |a|^2 |d|^2 - (a . d)^2``,
-so that ``1 - cos`` stays accurate when it is far below float32's epsilon (tiny full fine-tuning
-updates). Per-row reductions run as float32 dot products over cache-sized blocks, widened to float64
-per row; rows where that could lose accuracy (an update nearly parallel to its row, non-finite or
-subnormal-range sums) are recomputed exactly (see :func:`row_scalars_many`), and float64 inputs stay
-float64 throughout. Results agree with a float64 reference to about 1e-6 relative.
+Exactness: every per-row reduction is accumulated in float64 over float32 (or wider) inputs, and the
+direction change is computed from the base row ``a`` and the update ``d = w - a`` (exact in float32 for
+bf16/fp16 inputs) by Lagrange's identity, ``|a x w|^2 = |a|^2 |d|^2 - (a . d)^2``, so that
+``1 - cos`` stays accurate when it is far below float32's epsilon (tiny full fine-tuning updates).
+On CPU the three reductions run as one fused pass over cache-sized blocks on all cores
+(:mod:`dora_analysis.fused_rows`); products of float32 values are exact in float64, so this changes
+only the summation order.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ __all__ = [
 # Rows are processed in blocks of about this many elements, so float64 temporaries stay in cache and
 # the extra memory is bounded whatever the tensor's size.
 BLOCK_ELEMENTS = 1 << 18
+# On an accelerator a block is a kernel launch per op, and memory is plentiful: far larger blocks.
+DEVICE_BLOCK_ELEMENTS = 1 << 24
 
 
 def magnitude(rows: torch.Tensor) -> torch.Tensor:
@@ -115,62 +117,19 @@ def _float(rows: torch.Tensor) -> torch.Tensor:
     return rows if rows.dtype == torch.float64 else rows.float()
 
 
-# Storage dtypes the float32 fast path handles exactly enough (see the module docstring of the fast
-# path in :func:`row_scalars_many`); float64 inputs keep the float64 path.
-_FAST_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# A float32 sum of squares below this may have lost bits to subnormals: such rows (and zero rows)
-# are recomputed in float64, as are rows whose float32 sums overflowed.
-_TINY = 1e-30
-# Rows whose update is this close to parallel to the base row (cos^2 above it) lose 1 - cos to
-# cancellation in Lagrange's identity at float32 precision: they are re-projected (see _refine_rows).
-_COS2_REFINE = 0.9
-_MAX_REFINE = 6
-
-
 def _sum_of_squares(rows: torch.Tensor) -> torch.Tensor:
-    k = rows.shape[0]
-    if rows.dtype not in _FAST_DTYPES:
-        out = torch.empty(k, dtype=torch.float64, device=rows.device)
-        for start, stop in _blocks(rows):
-            block = _float(rows[start:stop]).double()
-            out[start:stop] = torch.linalg.vecdot(block, block)
-        return out
-    sums = torch.empty(k, dtype=torch.float32, device=rows.device)
-    buffer = _block_buffer(rows)
+    out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
     for start, stop in _blocks(rows):
-        a = _as_float32(rows[start:stop], buffer)
-        torch.linalg.vecdot(a, a, out=sums[start:stop])
-    out = sums.double()
-    bad = ~torch.isfinite(out) | (out < _TINY)
-    if bool(bad.any()):
-        idx = bad.nonzero().squeeze(1)
-        block = rows[idx].double()
-        out[idx] = torch.linalg.vecdot(block, block)
+        block = _float(rows[start:stop]).double()
+        out[start:stop] = torch.linalg.vecdot(block, block)
     return out
 
 
-def _blocks(rows: torch.Tensor):
+def _blocks(rows: torch.Tensor) -> list[tuple[int, int]]:
     k, features = rows.shape
-    step = max(1, BLOCK_ELEMENTS // max(features, 1))
-    for start in range(0, k, step):
-        yield start, min(start + step, k)
-
-
-def _block_buffer(rows: torch.Tensor) -> torch.Tensor | None:
-    """A reusable float32 block, or None where the rows are float32 already (used in place)."""
-    if rows.dtype == torch.float32:
-        return None
-    k, features = rows.shape
-    step = max(1, BLOCK_ELEMENTS // max(features, 1))
-    return torch.empty(min(step, k), features, dtype=torch.float32, device=rows.device)
-
-
-def _as_float32(block: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
-    if buffer is None:
-        return block
-    out = buffer[: block.shape[0]]
-    out.copy_(block)  # bf16/fp16 -> float32 is exact
-    return out
+    size = BLOCK_ELEMENTS if rows.device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    step = max(1, size // max(features, 1))
+    return [(start, min(start + step, k)) for start in range(0, k, step)]
 
 
 def row_scalars(base: torch.Tensor, tuned: torch.Tensor) -> RowScalars:
@@ -186,23 +145,16 @@ def row_scalars(base: torch.Tensor, tuned: torch.Tensor) -> RowScalars:
 
 
 def row_scalars_many(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> list[RowScalars]:
-    """:func:`row_scalars` of ``base`` against each of ``tuned``, converting and reducing ``base`` once.
+    """:func:`row_scalars` of ``base`` against each of ``tuned``, streaming ``base`` once.
 
-    Fast path (bf16/fp16/fp32 inputs): rows are streamed in cache-sized blocks; each block is
-    converted to float32 once and the update ``d = w - a`` formed in float32 (exact for bf16/fp16,
-    and for fp32 rows within a factor 2 of each other, as in the float64 path), and the three
-    reductions are float32 dot products (``torch.linalg.vecdot``, cascade-summed), widened to
-    float64 per row. Lagrange's ``|a|^2 |d|^2 - (a.d)^2`` loses 1 - cos to cancellation only when
-    ``d`` is nearly parallel to ``a`` (a row mostly rescaled); such rows are re-projected exactly:
-    ``r = d - c a`` with ``c`` rounded to 8 significant bits so that ``c a`` is exact in float32
-    (fp32 rows split into a bf16 head and its remainder), which leaves ``|a x r| = |a x d|`` and is
-    repeated until ``r`` is far from parallel; ``c`` is then folded back in float64
-    (``a.d = c|a|^2 + a.r``, ``|d|^2 = c^2|a|^2 + 2c a.r + |r|^2``). Rows with non-finite, zero or
-    subnormal-range sums, and float64 inputs, take the float64 path.
+    Rows go in cache-sized blocks, each block of ``base`` compared with the same block of every
+    tuned tensor while it is in cache. On CPU, bf16/fp16/fp32 rows take one fused pass (see
+    :mod:`dora_analysis.fused_rows`): the update ``d = w - a`` formed in float32 as below, the three
+    sums accumulated in float64, with the same results as the float64 path up to summation order.
 
     Args:
         base: ``(k, features)``.
-        tuned: each ``(k, features)``.
+        tuned: each ``(k, features)``, on ``base``'s device.
     Returns:
         One :class:`RowScalars` per tuned tensor, each field ``(k,)`` float64.
     """
@@ -211,80 +163,13 @@ def row_scalars_many(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> list[
             raise ValueError(f"shape mismatch: base {tuple(base.shape)} != tuned {tuple(t.shape)}")
     if not tuned:
         return []
-    if base.dtype not in _FAST_DTYPES or any(t.dtype not in _FAST_DTYPES for t in tuned):
-        return [_row_scalars_float64(base, t) for t in tuned]
-    k = base.shape[0]
-    device = base.device
-    base_sq = torch.empty(k, dtype=torch.float32, device=device)
-    dots = torch.empty(len(tuned), k, dtype=torch.float32, device=device)
-    update_sqs = torch.empty(len(tuned), k, dtype=torch.float32, device=device)
-    a_buffer = _block_buffer(base)
-    step = max(1, BLOCK_ELEMENTS // max(base.shape[1], 1))
-    d_buffer = torch.empty(min(step, k), base.shape[1], dtype=torch.float32, device=device)
-    for start, stop in _blocks(base):
-        a = _as_float32(base[start:stop], a_buffer)  # (b, features) float32
-        d = d_buffer[: stop - start]
-        torch.linalg.vecdot(a, a, out=base_sq[start:stop])
-        for i, t in enumerate(tuned):
-            torch.sub(_as_float32(t[start:stop], d), a, out=d)
-            torch.linalg.vecdot(a, d, out=dots[i, start:stop])
-            torch.linalg.vecdot(d, d, out=update_sqs[i, start:stop])
-    return [
-        _finish(base, t, base_sq.double(), dots[i].double(), update_sqs[i].double())
-        for i, t in enumerate(tuned)
-    ]
+    if base.device.type == "cpu":
+        from dora_analysis import fused_rows
 
-
-def _finish(
-    base: torch.Tensor, tuned: torch.Tensor, base_sq: torch.Tensor, dot: torch.Tensor, update_sq: torch.Tensor
-) -> RowScalars:
-    """Fix up the rows the float32 sums cannot be trusted for; all vectors ``(k,)`` float64."""
-    finite = torch.isfinite(base_sq) & torch.isfinite(dot) & torch.isfinite(update_sq)
-    bad = ~finite | (base_sq < _TINY) | ((update_sq < _TINY) & (update_sq > 0))
-    parallel = ~bad & (update_sq > 0) & (dot * dot > _COS2_REFINE * base_sq * update_sq)
-    if bool(parallel.any()):
-        idx = parallel.nonzero().squeeze(1)
-        b, x, r, c = _refine_rows(base[idx], tuned[idx])
-        base_sq[idx] = b
-        dot[idx] = c * b + x
-        update_sq[idx] = c * c * b + 2 * c * x + r
-    if bool(bad.any()):
-        idx = bad.nonzero().squeeze(1)
-        exact = _row_scalars_float64(base[idx], tuned[idx])
-        base_sq[idx], dot[idx], update_sq[idx] = exact.base_sq, exact.dot, exact.update_sq
-    return RowScalars(base_sq, dot, update_sq)
-
-
-def _refine_rows(
-    base: torch.Tensor, tuned: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``|a|^2``, ``a.r``, ``|r|^2`` and ``c`` (all ``(m,)`` float64) with ``r = d - c a`` far from parallel to ``a``.
-
-    Args:
-        base, tuned: ``(m, features)`` rows whose update is nearly parallel to the base row.
-    """
-    a = base.float()
-    r = tuned.float() - a
-    # c * part must be exact in float32 for an 8-bit c: bf16/fp16 rows already are short enough,
-    # fp32 rows are split into a bf16 head and a remainder of at most 16 significant bits.
-    if base.dtype == torch.float32:
-        head = a.bfloat16().float()
-        parts = (head, a - head)
-    else:
-        parts = (a,)
-    base_sq = torch.linalg.vecdot(a, a).double()
-    c_total = torch.zeros_like(base_sq)
-    dot, update_sq = torch.linalg.vecdot(a, r).double(), torch.linalg.vecdot(r, r).double()
-    for _ in range(_MAX_REFINE):
-        need = (update_sq > 0) & (dot * dot > _COS2_REFINE * base_sq * update_sq)
-        if not bool(need.any()):
-            break
-        c = torch.where(need, dot / base_sq, torch.zeros_like(dot)).to(torch.bfloat16).float()  # (m,)
-        for part in parts:
-            r.sub_(c[:, None] * part)
-        c_total += c.double()
-        dot, update_sq = torch.linalg.vecdot(a, r).double(), torch.linalg.vecdot(r, r).double()
-    return base_sq, dot, update_sq, c_total
+        if fused_rows.supports(base, tuned):
+            out = fused_rows.row_sums(base, tuned)  # (len(tuned), 3, k)
+            return [RowScalars(o[0], o[1], o[2]) for o in out]
+    return [_row_scalars_float64(base, t) for t in tuned]
 
 
 def _row_scalars_float64(base: torch.Tensor, tuned: torch.Tensor) -> RowScalars:

@@ -3,7 +3,7 @@
 A *run* is a training output folder holding ``checkpoint-<step>/`` folders (the Hugging Face
 Trainer's layout, and :func:`dora_analysis.training.train`'s), or a single checkpoint. Every
 checkpoint of every run is compared with the base in one tensor-major pass
-(:func:`~dora_analysis.compare.compare_many`), and the base is read through a reader that keeps the
+(:func:`~dora_analysis.comparison.compare_many`), and the base is read through a reader that keeps the
 last tensor it returned, so the adapters merged over the base reuse it too: each base tensor is read
 once for the whole series (T checkpoints cost about T + 1 reads, not 2T).
 
@@ -314,7 +314,7 @@ def analyze_series(
         >>> df = analyze_series(None, ["runs/ft", "runs/lora", "runs/dora"])  # doctest: +SKIP
         >>> df.groupby(["method", "step"])[["delta_magnitude", "delta_direction"]].mean()  # doctest: +SKIP
     """
-    from dora_analysis.compare import compare_many
+    from dora_analysis.comparison import compare_many
 
     checkpoints = run_checkpoints(runs, method)
     if not checkpoints:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dora_analysis.compare import COLUMNS, compare, compare_many
+from dora_analysis.comparison import COLUMNS, compare, compare_many
 from dora_analysis.errors import InputError
 
 

@@ -51,7 +51,7 @@ def summary_line(frame: pd.DataFrame) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dora_analysis.compare import compare
+    from dora_analysis.comparison import compare
     from dora_analysis.output import write_frame
 
     frame = compare(args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True)

@@ -15,10 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 
-from dora_analysis.decomposition import row_changes, row_scalars, summarize
+from dora_analysis.decomposition import TensorDelta, row_changes, row_scalars_many, summarize
 from dora_analysis.errors import InputError
-from dora_analysis.readers.base import CheckpointReader
+from dora_analysis.fused_rows import single_threaded_torch
+from dora_analysis.low_rank import fits as low_rank_fits
+from dora_analysis.low_rank import low_rank_row_changes
+from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.tensor_names import (
     as_rows,
     is_default_analysed,
@@ -124,23 +128,68 @@ def _open(source: PathOrReader, stack: ExitStack, base: CheckpointReader | None 
     return stack.enter_context(open_checkpoint(Path(source), base=base))
 
 
+# Dense tuned tensors compared in one pass over a base tensor hold at most about this many bytes
+# (counted as float32): readers that copy (pickles, merged adapters) must not pile up a series.
+DENSE_GROUP_BYTES = 1 << 29
+
+
 def _deltas(
     base: CheckpointReader,
     tuned: Sequence[CheckpointReader],
     selections: Sequence[Selection],
+    device: str | torch.device | None = None,
 ) -> Iterator[tuple[int, dict]]:
-    """Yield ``(index into tuned, record)``; each base tensor is read once for all of ``tuned``."""
+    """Yield ``(index into tuned, record)``; each base tensor is read once for all of ``tuned``.
+
+    Adapters whose reader exposes the unmerged factors (``low_rank``) are analysed from the factors,
+    all of them in one pass over the base tensor (:mod:`dora_analysis.low_rank`); the other tuned
+    tensors are compared in fused passes, several tuned tensors per pass over the base block
+    (:func:`~dora_analysis.decomposition.row_scalars_many`). The block loops use every core; torch's
+    own ops run single-threaded meanwhile (see :func:`~dora_analysis.fused_rows.single_threaded_torch`).
+    """
     order = list(dict.fromkeys(name for s in selections for name in s.pairs))
+    with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
+        yield from _deltas_in_order(base, tuned, selections, order, device)
+
+
+def _deltas_in_order(
+    base: CheckpointReader,
+    tuned: Sequence[CheckpointReader],
+    selections: Sequence[Selection],
+    order: list[str],
+    device: str | torch.device | None,
+) -> Iterator[tuple[int, dict]]:
     for base_name in order:
         shape = tuple(base.shape(base_name))
         layout = row_layout(base_name, shape)
-        base_rows = as_rows(base.get(base_name), layout)
-        for index, (reader, selection) in enumerate(zip(tuned, selections, strict=True)):
-            tuned_name = selection.pairs.get(base_name)
-            if tuned_name is None:
-                continue
-            tuned_rows = as_rows(reader.get(tuned_name), layout)
-            delta = summarize(row_changes(row_scalars(base_rows, tuned_rows)))
+        base_rows = _to(as_rows(base.get(base_name), layout), device)
+        wanted = [
+            (index, reader, selection.pairs[base_name])
+            for index, (reader, selection) in enumerate(zip(tuned, selections, strict=True))
+            if base_name in selection.pairs
+        ]
+        factored, dense = [], []
+        for index, reader, tuned_name in wanted:
+            update = reader.low_rank(tuned_name)
+            if update is not None and _factored_fits(layout, base_rows, update):
+                factored.append((index, update))
+            else:
+                dense.append((index, reader, tuned_name))
+        deltas: dict[int, TensorDelta] = {}
+        if factored:
+            changes = low_rank_row_changes(base_rows, [update for _, update in factored])
+            for (index, _), change in zip(factored, changes, strict=True):
+                deltas[index] = summarize(change)
+        per_group = max(1, DENSE_GROUP_BYTES // max(4 * base_rows.numel(), 1))
+        for start in range(0, len(dense), per_group):
+            group = dense[start : start + per_group]
+            tuned_rows = [_to(as_rows(reader.get(name), layout), device) for _, reader, name in group]
+            scalars = row_scalars_many(base_rows, tuned_rows)
+            for (index, _, _), s in zip(group, scalars, strict=True):
+                deltas[index] = summarize(row_changes(s))
+            del tuned_rows, scalars
+        for index, _, _ in wanted:
+            delta = deltas[index]
             yield (
                 index,
                 {
@@ -157,8 +206,17 @@ def _deltas(
                     "status": delta.status,
                 },
             )
-            del tuned_rows
         del base_rows
+
+
+def _to(rows: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
+    return rows if device is None else rows.to(device)
+
+
+def _factored_fits(layout: str | None, base_rows: torch.Tensor, update: LowRankUpdate) -> bool:
+    """Factors apply to these rows: a linear (or ``fan_in_fan_out`` Conv1D) weight and 2-D factors."""
+    expected = "transposed" if update.fan_in_fan_out else "linear"
+    return layout == expected and low_rank_fits(base_rows, update)
 
 
 def compare_many(
@@ -167,6 +225,7 @@ def compare_many(
     include: str | None = None,
     exclude: str | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> list[pd.DataFrame]:
     """Compare ``base`` against every checkpoint in ``tuned``, reading each base tensor once.
 
@@ -175,6 +234,7 @@ def compare_many(
         tuned: fine-tuned checkpoints or adapter folders over ``base`` (paths or open readers).
         include, exclude: regular expressions on tensor names (see :func:`select_tensors`).
         progress: show a progress bar on stderr (only where stderr is a terminal).
+        device: where the tensors are analysed (e.g. ``"cuda"``); default: where the reader puts them.
     Returns:
         One DataFrame per tuned checkpoint, columns :data:`COLUMNS`, one row per analysed tensor;
         ``df.attrs`` holds ``base_only`` and ``tuned_only`` (names found on one side only).
@@ -186,7 +246,7 @@ def compare_many(
         records: list[list[dict]] = [[] for _ in readers]
         total = sum(len(s.pairs) for s in selections)
         bar = _progress_bar(total, progress)
-        for index, record in _deltas(base_reader, readers, selections):
+        for index, record in _deltas(base_reader, readers, selections, device):
             records[index].append(record)
             bar.update(1)
         bar.close()
@@ -205,6 +265,7 @@ def compare(
     include: str | None = None,
     exclude: str | None = None,
     progress: bool = False,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor of ``tuned`` against ``base``; see :func:`compare_many`.
 
@@ -212,7 +273,7 @@ def compare(
         >>> df = compare("base/model.safetensors", "run/checkpoint-200")  # doctest: +SKIP
         >>> df[["tensor", "delta_magnitude", "delta_direction"]]            # doctest: +SKIP
     """
-    return compare_many(base, [tuned], include=include, exclude=exclude, progress=progress)[0]
+    return compare_many(base, [tuned], include=include, exclude=exclude, progress=progress, device=device)[0]
 
 
 def _progress_bar(total: int, enabled: bool):

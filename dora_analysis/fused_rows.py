@@ -1,0 +1,287 @@
+"""One fused pass over row blocks on every core: per-row ``|a|^2``, ``a.d``, ``|d|^2`` in float64.
+
+The analysis is memory-bound: its floor is reading every stored byte once. Eager torch ops make a
+pass (and a temporary) per step -- convert, subtract, three multiply-and-sum -- so this module
+compiles (with Numba, on first use, cached on disk) one loop per row that reads each bf16/fp16/fp32
+element of the base and tuned rows once, forms ``d = w - a`` in float32 (exactly what the float64
+reference path does) and accumulates the three sums in float64, where products of float32 values are
+exact: the results equal the float64 path's up to summation order.
+
+Rows are split into cache-sized blocks drawn dynamically by one thread per core (the compiled
+kernels release the GIL). Without Numba, :func:`supports` is False and callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+import numpy as np
+import torch
+
+__all__ = ["available", "supports", "blocks", "row_sums", "run_blocks", "single_threaded_torch"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Threads draw work in blocks of about this many elements (few enough calls to keep Python's share
+# small); inside, the kernel widens sub-blocks of about SUB_ELEMENTS into float32 scratch (128 KiB,
+# so base and tuned sub-blocks stay in L2) with long sequential reads, then reduces them.
+BLOCK_ELEMENTS = 1 << 18
+SUB_ELEMENTS = 1 << 15
+
+
+@functools.cache
+def available() -> bool:
+    """Whether Numba can be imported (the fused kernels need it)."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> bool:
+    """True where :func:`row_sums` handles these tensors: CPU, bf16/fp16/fp32, Numba importable."""
+    tensors = [base, *tuned]
+    return (
+        all(t.device.type == "cpu" and t.dtype in _DTYPES and t.dim() == 2 for t in tensors) and available()
+    )
+
+
+def blocks(rows: torch.Tensor, elements: int = BLOCK_ELEMENTS) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of about ``elements`` elements each."""
+    k, features = rows.shape
+    step = max(1, elements // max(features, 1))
+    return [(start, min(start + step, k)) for start in range(0, k, step)]
+
+
+def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-row float64 ``|a|^2``, ``a.d`` and ``|d|^2`` of ``base`` against each of ``tuned``.
+
+    Args:
+        base: ``(k, features)`` rows ``a``, bf16/fp16/fp32 on CPU (any strides).
+        tuned: each ``(k, features)`` rows ``w``, same dtypes; ``d = w - a`` in float32.
+    Returns:
+        ``(len(tuned), 3, k)`` float64: for tuned ``i``, ``[i, 0]`` is ``|a|^2``, ``[i, 1]`` is
+        ``a.d`` and ``[i, 2]`` is ``|d|^2``.
+    """
+    kernel = _kernel()
+    from numba.typed import List
+
+    k, features = base.shape
+    out = torch.empty(len(tuned), 3, k, dtype=torch.float64)
+    # Whole-tensor views where the kernel can read the storage directly (per block, Python passes
+    # only row ranges), grouped by dtype so that one call per block serves a whole series; the rest
+    # (fp16, strided rows) is converted block by block.
+    base_view = _direct_view(base)
+    views = [_direct_view(t) for t in tuned]
+    groups: dict[np.dtype, list[int]] = {}
+    for i, view in enumerate(views):
+        if view is not None:
+            groups.setdefault(view.dtype, []).append(i)
+    direct = [(idx, List([views[i] for i in idx]), np.empty((len(idx), 3, k))) for idx in groups.values()]
+    converted = [(i, np.empty((1, 3, k))) for i, view in enumerate(views) if view is None]
+
+    def work(todo: Iterator[tuple[int, int]]) -> None:
+        sub = max(1, SUB_ELEMENTS // max(features, 1))
+        scratch_a, scratch_w = np.empty((sub, features), np.float32), np.empty((sub, features), np.float32)
+        buffers: list[torch.Tensor | None] = [None, None]
+        for start, stop in todo:
+            if base_view is not None:
+                a, a0 = base_view, start
+            else:
+                a, a0 = _converted(base, start, stop, buffers, 0), 0
+            for _, ws, sums in direct:
+                kernel(a, a0, ws, start, start, stop, sums, scratch_a, scratch_w)
+            for i, sums in converted:
+                w = List([_converted(tuned[i], start, stop, buffers, 1)])
+                kernel(a, a0, w, 0, start, stop, sums, scratch_a, scratch_w)
+
+    run_blocks(base, work, blocks(base))
+    for idx, _, sums in direct:
+        out[idx] = torch.from_numpy(sums)
+    for i, sums in converted:
+        out[i] = torch.from_numpy(sums[0])
+    return out
+
+
+def _direct_view(rows: torch.Tensor) -> np.ndarray | None:
+    """A C-contiguous NumPy view of ``rows`` the kernel reads as is (bf16 bits as uint16, or float32)."""
+    if not rows.is_contiguous():
+        return None
+    if rows.dtype == torch.bfloat16:
+        return rows.view(torch.int16).numpy().view(np.uint16)
+    if rows.dtype == torch.float32:
+        return rows.numpy()
+    return None
+
+
+def _converted(
+    rows: torch.Tensor, start: int, stop: int, buffers: list[torch.Tensor | None], slot: int
+) -> np.ndarray:
+    """Rows ``start:stop`` copied to a reused float32 buffer (fp16 widens exactly; strided rows gathered)."""
+    buffer = buffers[slot]
+    if buffer is None or buffer.shape[0] < stop - start:
+        buffer = buffers[slot] = torch.empty(stop - start, rows.shape[1], dtype=torch.float32)
+    view = buffer[: stop - start]
+    view.copy_(rows[start:stop])
+    return view.numpy()
+
+
+class _SharedBlocks:
+    """An iterator over row blocks that several threads draw from (each block goes to one)."""
+
+    def __init__(self, todo: list[tuple[int, int]]) -> None:
+        self._todo = todo
+        self._next = itertools.count()  # next() on a count is atomic
+
+    def __iter__(self) -> _SharedBlocks:
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        i = next(self._next)
+        if i >= len(self._todo):
+            raise StopIteration
+        return self._todo[i]
+
+
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # (pool, its size), grown on demand
+_POOL_LOCK = threading.Lock()
+
+
+def _helpers(n: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[1] < n:
+            _POOL = (ThreadPoolExecutor(max_workers=n, thread_name_prefix="dora_analysis"), n)
+        return _POOL[0]
+
+
+# Threads the block loops use inside :func:`single_threaded_torch` (torch's own count is 1 there).
+_WORKERS: ContextVar[int | None] = ContextVar("dora_analysis_workers", default=None)
+
+
+@contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    """Inside, torch ops run on one thread while :func:`run_blocks` keeps one thread per core.
+
+    The per-row vector ops between block loops (a few thousand elements each) gain nothing from
+    intra-op threads, and on a loaded machine every parallel region stalls until each of its
+    threads gets a core back, a scheduler slice per op. Enter it once around a whole loop:
+    switching torch's thread count back and forth leaves its idle threads spinning on the core
+    the block loops need.
+    """
+    workers = _WORKERS.get() or torch.get_num_threads()
+    token = _WORKERS.set(workers)
+    previous = torch.get_num_threads()
+    if previous != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if previous != 1:
+            torch.set_num_threads(previous)
+        _WORKERS.reset(token)
+
+
+def run_blocks(
+    rows: torch.Tensor,
+    work: Callable[[Iterator[tuple[int, int]]], None],
+    todo: list[tuple[int, int]],
+) -> None:
+    """Run ``work(blocks)`` on one thread per core, the threads sharing the blocks ``todo``.
+
+    Each thread draws whole blocks and runs its torch ops single-threaded: intra-op threads meet at
+    a barrier after every op, which stalls for a whole scheduler slice whenever another process holds
+    a core, while blocks drawn dynamically keep every core busy and degrade gracefully under load.
+    The thread count is ``torch.get_num_threads()`` (as it was outside :func:`single_threaded_torch`).
+    """
+    workers = _WORKERS.get() or torch.get_num_threads()
+    threads = min(workers, len(todo)) if rows.device.type == "cpu" else 1
+    if threads <= 1:
+        work(iter(todo))
+        return
+    shared = _SharedBlocks(todo)
+    with single_threaded_torch():  # this thread's torch ops, and the helpers' (they start single-threaded)
+        futures = [_helpers(threads - 1).submit(work, shared) for _ in range(threads - 1)]
+        try:
+            work(shared)
+        finally:
+            for future in futures:
+                future.result()
+
+
+# The kernel, as plain Python compiled by Numba on first use. ``_load_rows`` widens ``m`` rows into
+# float32 scratch: bf16 bits shifted into the high half of a float32, or float32 copied.
+
+
+def _load_rows(src, first, m, scratch):  # pragma: no cover - replaced by the Numba overload below
+    raise NotImplementedError
+
+
+def _rows(a, a0, ws, w0, start, stop, sums, scratch_a, scratch_w):  # pragma: no cover - runs compiled
+    """Rows ``start:stop`` of ``sums`` (``(T, 3, k)``): ``sums[t]`` from row ``a0 + j - start`` of ``a``
+    and row ``w0 + j - start`` of ``ws[t]``. Each base sub-block is widened once for every tuned."""
+    n = a.shape[1]
+    sub = scratch_a.shape[0]
+    for s in range(start, stop, sub):
+        m = min(sub, stop - s)
+        _load_rows(a, a0 + s - start, m, scratch_a)
+        for t in range(len(ws)):
+            _load_rows(ws[t], w0 + s - start, m, scratch_w)
+            for jj in range(m):
+                b = 0.0
+                x = 0.0
+                r = 0.0
+                if t == 0:  # |a|^2 alongside the first tuned tensor's sums
+                    for i in range(n):
+                        ai = scratch_a[jj, i]
+                        af = np.float64(ai)
+                        df = np.float64(scratch_w[jj, i] - ai)  # d formed in float32, as the reference does
+                        b += af * af
+                        x += af * df
+                        r += df * df
+                else:
+                    b = sums[0, 0, s + jj]
+                    for i in range(n):
+                        ai = scratch_a[jj, i]
+                        df = np.float64(scratch_w[jj, i] - ai)
+                        x += np.float64(ai) * df
+                        r += df * df
+                sums[t, 0, s + jj] = b
+                sums[t, 1, s + jj] = x
+                sums[t, 2, s + jj] = r
+
+
+@functools.cache
+def _kernel():
+    import numba
+    from numba import types
+    from numba.extending import overload
+
+    @overload(_load_rows)
+    def _load_rows_impl(src, first, m, scratch):  # pragma: no cover - runs compiled
+        if src.dtype == types.uint16:
+
+            def widen_bf16(src, first, m, scratch):
+                bits = scratch.view(np.uint32)
+                for jj in range(m):
+                    for i in range(src.shape[1]):
+                        bits[jj, i] = np.uint32(src[first + jj, i]) << 16
+
+            return widen_bf16
+
+        def copy(src, first, m, scratch):
+            for jj in range(m):
+                for i in range(src.shape[1]):
+                    scratch[jj, i] = src[first + jj, i]
+
+        return copy
+
+    # reassoc lets LLVM vectorise the float64 sums (several partial sums); contract allows FMA,
+    # harmless since the products are exact in float64.
+    return numba.njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "contract"})(_rows)
