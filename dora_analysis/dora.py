@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_analysis.lora import _check_base, adapter_dtype, init_lora_factors, lora_scale
+from dora_analysis.lora import WrappedLinear, _check_base, adapter_dtype, init_lora_factors, lora_scale
 
 __all__ = ["DoRALinear", "factored_weight_norm", "dense_weight_norm", "row_norm_sq"]
 
@@ -163,7 +163,7 @@ class _DoRAFunction(torch.autograd.Function):
         return dx, dweight, dbias, dA, dB, dg, None
 
 
-class DoRALinear(nn.Module):
+class DoRALinear(WrappedLinear):
     """DoRA around a frozen ``nn.Linear``: ``y = m / ||W0 + s B A||_c * (W0 x + s B A x) + bias``.
 
     Args:
@@ -203,23 +203,6 @@ class DoRALinear(nn.Module):
         with torch.no_grad():  # the same computation as the forward's norm with B = 0: g is exactly 1
             m = factored_weight_norm(base.weight, None, None, 0.0, self.weight_sq())
         self.magnitude = nn.Parameter(m.to(adapter_dtype(base.weight.dtype)))
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (for code that reads ``.weight.dtype`` or ``.weight.device``)."""
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def weight_sq(self) -> torch.Tensor:
         """``||W0_j||^2`` ``(out,)`` float64, recomputed only when the base weight changes."""

@@ -48,7 +48,30 @@ def _check_base(base: nn.Module, r: int, min_r: int) -> None:
         raise ValueError(f"r must be >= {min_r}, got {r}")
 
 
-class LoRALinear(nn.Module):
+class WrappedLinear(nn.Module):
+    """What every adapter wrapper passes through from its frozen ``base`` ``nn.Linear``."""
+
+    base: nn.Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight (for code that reads ``.weight.dtype`` or ``.weight.device``)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+
+class LoRALinear(WrappedLinear):
     """``y = W0 x + s B A dropout(x) + bias`` around a frozen ``nn.Linear``.
 
     Args:
@@ -71,23 +94,6 @@ class LoRALinear(nn.Module):
         self.scale = lora_scale(alpha, r, rslora)
         self.lora_A, self.lora_B = init_lora_factors(base, r)
         self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base weight (for code that reads ``.weight.dtype`` or ``.weight.device``)."""
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B @ A`` ``(out, in)`` in the adapter dtype."""

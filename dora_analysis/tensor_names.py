@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "WRAPPER_PREFIXES",
+    "strip_prefixes",
     "canonical_name",
     "layer_index",
     "module_name",
@@ -38,15 +39,20 @@ _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 _GENERIC_MODULES = {"dense", "linear", "proj", "fc"}
 
 
-def canonical_name(name: str) -> str:
-    """``name`` without any leading wrapper prefixes (see :data:`WRAPPER_PREFIXES`)."""
+def strip_prefixes(name: str, prefixes: tuple[str, ...]) -> str:
+    """``name`` without any of ``prefixes`` at its start, however many and in whatever order."""
     changed = True
     while changed:
         changed = False
-        for prefix in WRAPPER_PREFIXES:
+        for prefix in prefixes:
             if name.startswith(prefix):
                 name, changed = name[len(prefix) :], True
     return name
+
+
+def canonical_name(name: str) -> str:
+    """``name`` without any leading wrapper prefixes (see :data:`WRAPPER_PREFIXES`)."""
+    return strip_prefixes(name, WRAPPER_PREFIXES)
 
 
 def layer_index(name: str) -> int | None:

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from readers_fixtures import file_digests, make_peft_adapter, save_tiny_bert
 from safetensors.torch import load_file, save_file
+from tiny_models import file_digests, make_peft_adapter, save_tiny_bert
 
 from dora_analysis.cli import main
 
@@ -151,7 +151,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, Path, str]]:
     (no_alpha / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
     cases["no_alpha"] = (tmp_path / "adapter_base", no_alpha, "lora_alpha")
     wrong_base = tmp_path / "wide"
-    from readers_fixtures import tiny_bert_config
+    from tiny_models import tiny_bert_config
     from transformers import BertModel
 
     config64 = tiny_bert_config()

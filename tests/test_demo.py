@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from tiny_models import save_tiny_encoder
 
 from dora_analysis.correlation import correlations
 from dora_analysis.demo import DemoConfig, demo_plan, run_demo
 from dora_analysis.errors import InputError
 from dora_analysis.report import PAPER_R, accuracy_table, paper_comparison, render_report
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-
 
 def tiny_encoder(folder: Path) -> Path:
     """A 2-layer BERT with the packaged MiniLM tokenizer (so the trainer can tokenize), saved to ``folder``."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from dora_analysis.training import default_model_path
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=30522,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        if (default_model_path() / name).is_file():
-            shutil.copy(default_model_path() / name, folder / name)
-    return folder
+    return save_tiny_encoder(folder)
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,17 @@ import copy
 
 import pytest
 import torch
+from tiny_models import tiny_bert_config
 
 from dora_analysis.errors import InputError
 from dora_analysis.inject import adapter_modules, inject_adapters, merge_adapters
 
 
 def tiny_bert(head: bool = False, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification, BertModel
+    from transformers import BertForSequenceClassification, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        num_labels=3,
-    )
-    model = (BertForSequenceClassification if head else BertModel)(config)
+    model = (BertForSequenceClassification if head else BertModel)(tiny_bert_config(num_labels=3))
     return model.eval()
 
 

@@ -136,7 +136,7 @@ def _peft_series(tmp_path: Path, kind: str, count: int) -> tuple[Path, list[Path
     import copy
 
     from peft import LoraConfig, get_peft_model
-    from readers_fixtures import tiny_bert_config
+    from tiny_models import tiny_bert_config
     from transformers import BertModel
 
     torch.manual_seed(0)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from readers_fixtures import file_digests, make_peft_adapter, save_bin_folder, save_tiny_bert
 from safetensors.torch import save_file
+from tiny_models import file_digests, make_peft_adapter, save_bin_folder, save_tiny_bert
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers import find_checkpoints, open_checkpoint

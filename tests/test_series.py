@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny_models import tiny_bert_config
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint
@@ -21,17 +22,7 @@ STEPS = (10, 20, 30)
 
 
 def tiny_config():
-    from transformers import BertConfig
-
-    return BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=64,
-        num_labels=3,
-    )
+    return tiny_bert_config(num_labels=3)
 
 
 def _state(step: int, accuracy: float) -> dict:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_encoder
 
 from dora_analysis.cli import main
 from dora_analysis.errors import InputError
@@ -13,7 +14,6 @@ from dora_analysis.training import (
     TrainConfig,
     _encode,
     _subset,
-    default_model_path,
     evaluate,
     load_trained_model,
     train,
@@ -27,21 +27,7 @@ QUICK = dict(
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-layer BERT (hidden 32) saved as a Hugging Face folder, with the real MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=30522,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True).save_pretrained(folder)
-    return folder
+    return save_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="module")

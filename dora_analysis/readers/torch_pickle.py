@@ -17,6 +17,7 @@ import torch
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import ReaderMixin, first_line, is_training_state_file
+from dora_analysis.tensor_names import strip_prefixes
 
 __all__ = ["load_pickled_state_dict", "TorchPickleReader"]
 
@@ -90,7 +91,7 @@ def _flatten(path: Path, obj: object) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             continue  # e.g. an "epoch" counter stored beside the weights
-        name = _strip(key)
+        name = strip_prefixes(key, _STRIP_PREFIXES)
         if name in tensors:
             raise InputError.of(
                 path, f"two tensors map to the same name once prefixes are dropped ({key!r})", tensor=name
@@ -105,16 +106,6 @@ def _flatten(path: Path, obj: object) -> dict[str, torch.Tensor]:
 
 def _looks_like_state_dict(obj: dict) -> bool:
     return any(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _strip(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _STRIP_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-    return name
 
 
 class TorchPickleReader(ReaderMixin):

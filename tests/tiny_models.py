@@ -1,4 +1,4 @@
-"""Builders of tiny checkpoints and PEFT adapters for reader tests (no downloads; other tests may import)."""
+"""Builders of tiny models, checkpoints and PEFT adapters shared by the tests (no downloads)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 __all__ = [
     "tiny_bert_config",
+    "save_tiny_encoder",
     "tiny_gpt2_config",
     "save_tiny_bert",
     "make_peft_adapter",
@@ -17,10 +18,11 @@ __all__ = [
 ]
 
 
-def tiny_bert_config():
+def tiny_bert_config(**overrides):
+    """A 2-layer BERT with hidden size 32; ``overrides`` replace any field (e.g. ``num_labels=3``)."""
     from transformers import BertConfig
 
-    return BertConfig(
+    fields = dict(
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -28,6 +30,19 @@ def tiny_bert_config():
         vocab_size=100,
         max_position_embeddings=64,
     )
+    return BertConfig(**{**fields, **overrides})
+
+
+def save_tiny_encoder(folder: Path, seed: int = 0) -> Path:
+    """A tiny BertModel saved as a Hugging Face folder with the real MiniLM tokenizer (vocab 30522)."""
+    from transformers import AutoTokenizer, BertModel
+
+    from dora_analysis.training import default_model_path
+
+    torch.manual_seed(seed)
+    BertModel(tiny_bert_config(vocab_size=30522)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True).save_pretrained(folder)
+    return folder
 
 
 def tiny_gpt2_config():
