@@ -188,15 +188,19 @@ def _deltas_in_order(
             for (index, _, _), s in zip(group, scalars, strict=True):
                 deltas[index] = summarize(row_changes(s))
             del tuned_rows, scalars
+        # What the name says is the same for every tuned checkpoint: work it out once.
+        about = {
+            "tensor": base_name,
+            "layer": layer_index(base_name),
+            "module": module_name(base_name),
+            "shape": "x".join(map(str, shape)),
+        }
         for index, _, _ in wanted:
             delta = deltas[index]
             yield (
                 index,
                 {
-                    "tensor": base_name,
-                    "layer": layer_index(base_name),
-                    "module": module_name(base_name),
-                    "shape": "x".join(map(str, shape)),
+                    **about,
                     "rows": delta.rows,
                     "delta_magnitude": delta.delta_magnitude,
                     "delta_direction": delta.delta_direction,

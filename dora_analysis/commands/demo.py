@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dora_analysis.commands.train import add_model_argument
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -20,13 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace the results of an earlier demo in --out"
     )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="local Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)",
-    )
+    add_model_argument(parser)
     parser.add_argument(
         "--steps", type=int, default=None, help="optimizer steps per method (default 100; quick 24)"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dora_analysis.errors import InputError
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "add_model_argument", "run"]
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -37,13 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_DIR",
         help="folder for run.json and checkpoint-<step>/",
     )
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="local Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)",
-    )
+    add_model_argument(parser)
     parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS), help=f"default {DEFAULT_TASK}")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     parser.add_argument(
@@ -120,3 +114,14 @@ def run(args: argparse.Namespace) -> int:
         f"at step {record['checkpoints'][-1]}; {record['seconds_per_step']:.2f} s/step"
     )
     return 0
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """``--model PATH``: the pre-trained encoder to train (shared with ``demo``)."""
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="local Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)",
+    )
