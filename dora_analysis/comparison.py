@@ -17,7 +17,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dora_analysis.decomposition import TensorDelta, row_changes, row_scalars_many, summarize
+from dora_analysis.decomposition import (
+    TensorDelta,
+    row_changes,
+    row_scalars_many,
+    stack_changes,
+    summarize_many,
+)
 from dora_analysis.errors import InputError
 from dora_analysis.fused_rows import single_threaded_torch
 from dora_analysis.low_rank import fits as low_rank_fits
@@ -177,17 +183,17 @@ def _deltas_in_order(
                 dense.append((index, reader, tuned_name))
         deltas: dict[int, TensorDelta] = {}
         if factored:
-            changes = low_rank_row_changes(base_rows, [update for _, update in factored])
-            for (index, _), change in zip(factored, changes, strict=True):
-                deltas[index] = summarize(change)
+            changes = stack_changes(low_rank_row_changes(base_rows, [update for _, update in factored]))
+            for (index, _), delta in zip(factored, summarize_many(changes), strict=True):
+                deltas[index] = delta
         per_group = max(1, DENSE_GROUP_BYTES // max(4 * base_rows.numel(), 1))
         for start in range(0, len(dense), per_group):
             group = dense[start : start + per_group]
             tuned_rows = [_to(as_rows(reader.get(name), layout), device) for _, reader, name in group]
-            scalars = row_scalars_many(base_rows, tuned_rows)
-            for (index, _, _), s in zip(group, scalars, strict=True):
-                deltas[index] = summarize(row_changes(s))
-            del tuned_rows, scalars
+            changes = row_changes(row_scalars_many(base_rows, tuned_rows))  # (len(group), k) each
+            for (index, _, _), delta in zip(group, summarize_many(changes), strict=True):
+                deltas[index] = delta
+            del tuned_rows, changes
         # What the name says is the same for every tuned checkpoint: work it out once.
         about = {
             "tensor": base_name,

@@ -33,7 +33,9 @@ __all__ = [
     "row_scalars",
     "row_scalars_many",
     "row_changes",
+    "stack_changes",
     "summarize",
+    "summarize_many",
     "tensor_delta",
 ]
 
@@ -72,7 +74,8 @@ class RowScalars:
     """The three float64 reductions per row that every change is computed from; all ``(k,)``.
 
     ``base_sq = |a|^2``, ``dot = a . d`` and ``update_sq = |d|^2`` for base row ``a`` and update
-    ``d = w - a``. Dense pairs and factored low-rank updates both reduce to these.
+    ``d = w - a``. Dense pairs and factored low-rank updates both reduce to these. A series of tuned
+    weights against one base gives fields ``(T, k)`` (see :func:`row_scalars_many`).
     """
 
     base_sq: torch.Tensor
@@ -82,7 +85,7 @@ class RowScalars:
 
 @dataclass(frozen=True)
 class RowChanges:
-    """Per-row magnitudes and changes, all ``(k,)`` float64.
+    """Per-row magnitudes and changes, all ``(k,)`` float64 (or ``(T, k)`` for a series).
 
     ``magnitude_change`` is ``|m - m0|`` and ``direction_change`` is ``1 - cos(w, a)``; both are NaN
     for an excluded row (``valid`` False: a zero row in the base or the tuned weight has no
@@ -141,10 +144,11 @@ def row_scalars(base: torch.Tensor, tuned: torch.Tensor) -> RowScalars:
     Returns:
         :class:`RowScalars`, each ``(k,)`` float64 (on the inputs' device).
     """
-    return row_scalars_many(base, [tuned])[0]
+    many = row_scalars_many(base, [tuned])
+    return RowScalars(many.base_sq[0], many.dot[0], many.update_sq[0])
 
 
-def row_scalars_many(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> list[RowScalars]:
+def row_scalars_many(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> RowScalars:
     """:func:`row_scalars` of ``base`` against each of ``tuned``, streaming ``base`` once.
 
     Rows go in cache-sized blocks, each block of ``base`` compared with the same block of every
@@ -154,22 +158,27 @@ def row_scalars_many(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> list[
 
     Args:
         base: ``(k, features)``.
-        tuned: each ``(k, features)``, on ``base``'s device.
+        tuned: ``T`` tensors, each ``(k, features)``, on ``base``'s device.
     Returns:
-        One :class:`RowScalars` per tuned tensor, each field ``(k,)`` float64.
+        :class:`RowScalars` with fields ``(T, k)`` float64: row ``i`` is ``tuned[i]``'s.
     """
     for t in tuned:
         if base.shape != t.shape:
             raise ValueError(f"shape mismatch: base {tuple(base.shape)} != tuned {tuple(t.shape)}")
-    if not tuned:
-        return []
-    if base.device.type == "cpu":
+    if base.device.type == "cpu" and tuned:
         from dora_analysis import fused_rows
 
         if fused_rows.supports(base, tuned):
-            out = fused_rows.row_sums(base, tuned)  # (len(tuned), 3, k)
-            return [RowScalars(o[0], o[1], o[2]) for o in out]
-    return [_row_scalars_float64(base, t) for t in tuned]
+            out = fused_rows.row_sums(base, tuned)  # (T, 3, k)
+            return RowScalars(out[:, 0], out[:, 1], out[:, 2])
+    each = [_row_scalars_float64(base, t) for t in tuned]
+    empty = torch.empty(0, base.shape[0], dtype=torch.float64, device=base.device)
+    return RowScalars(
+        *(
+            torch.stack([getattr(e, f) for e in each]) if each else empty
+            for f in ("base_sq", "dot", "update_sq")
+        )
+    )
 
 
 def _row_scalars_float64(base: torch.Tensor, tuned: torch.Tensor) -> RowScalars:
@@ -188,6 +197,8 @@ def _row_scalars_float64(base: torch.Tensor, tuned: torch.Tensor) -> RowScalars:
 
 def row_changes(scalars: RowScalars) -> RowChanges:
     """Per-row magnitudes, ``|m - m0|`` and ``1 - cos`` from the three reductions, stably.
+
+    Elementwise: fields ``(k,)`` give ``(k,)``, a series' ``(T, k)`` gives ``(T, k)``.
 
     ``m - m0 = (2 a.d + |d|^2) / (|a| + |w|)`` avoids subtracting two close norms, and for
     ``cos > 0``, ``1 - cos = |a x w|^2 / (|a|^2 |w|^2 (1 + cos))`` with Lagrange's
@@ -213,38 +224,71 @@ def row_changes(scalars: RowScalars) -> RowChanges:
     )
 
 
+def stack_changes(changes: Sequence[RowChanges]) -> RowChanges:
+    """``T`` :class:`RowChanges` of ``(k,)`` fields as one with ``(T, k)`` fields."""
+    fields = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
+    return RowChanges(*(torch.stack([getattr(c, f) for c in changes]) for f in fields))
+
+
 def summarize(changes: RowChanges) -> TensorDelta:
-    """Means over the valid rows: ΔM = mean ``|m - m0|`` (Eq. 3), ΔD = mean ``1 - cos`` (Eq. 4)."""
-    rows = int(changes.valid.numel())
-    if not bool(torch.isfinite(changes.base_magnitude).all()):
-        return _nonfinite(rows, "nonfinite base")
-    if not bool(torch.isfinite(changes.tuned_magnitude).all()):
-        return _nonfinite(rows, "nonfinite tuned")
+    """Means over the valid rows: ΔM = mean ``|m - m0|`` (Eq. 3), ΔD = mean ``1 - cos`` (Eq. 4).
+
+    Args:
+        changes: :class:`RowChanges` with ``(k,)`` fields.
+    """
+    return summarize_many(stack_changes([changes]))[0]
+
+
+def summarize_many(changes: RowChanges) -> list[TensorDelta]:
+    """:func:`summarize` of each row of a series' ``(T, k)`` changes, in a few batched ops.
+
+    Per-tensor work is a handful of small vector ops; batching them over a series keeps Python's
+    share of a large comparison small.
+    """
     valid = changes.valid
-    n_valid = int(valid.sum())
+    n_valid = valid.sum(-1)
+    zero = torch.zeros((), dtype=changes.magnitude_change.dtype, device=valid.device)
+    # Plain sums over the masked rows, then one division: the mean of the valid rows.
+    columns = [
+        torch.isfinite(changes.base_magnitude).all(-1),
+        torch.isfinite(changes.tuned_magnitude).all(-1),
+        n_valid,
+        torch.where(valid, changes.magnitude_change, zero).sum(-1) / n_valid,
+        torch.where(valid, changes.direction_change, zero).sum(-1) / n_valid,
+        changes.base_magnitude.mean(-1),
+        changes.tuned_magnitude.mean(-1),
+    ]
+    # One transfer for the whole series: (T, 7) float64 (flags and counts are exact in float64).
+    per_tensor = torch.stack([c.to(torch.float64) for c in columns], dim=1).tolist()
+    rows = int(valid.shape[-1])
+    return [_tensor_delta(rows, *values) for values in per_tensor]
+
+
+def _tensor_delta(
+    rows: int,
+    base_finite: float,
+    tuned_finite: float,
+    n_valid: float,
+    delta_magnitude: float,
+    delta_direction: float,
+    base_mean: float,
+    tuned_mean: float,
+) -> TensorDelta:
+    if not base_finite:
+        return _nonfinite(rows, "nonfinite base")
+    if not tuned_finite:
+        return _nonfinite(rows, "nonfinite tuned")
     if n_valid == 0:
-        return TensorDelta(
-            rows,
-            rows,
-            math.nan,
-            math.nan,
-            _mean(changes.base_magnitude),
-            _mean(changes.tuned_magnitude),
-            "no valid rows",
-        )
+        return TensorDelta(rows, rows, math.nan, math.nan, base_mean, tuned_mean, "no valid rows")
     return TensorDelta(
         rows=rows,
-        rows_excluded=rows - n_valid,
-        delta_magnitude=float(changes.magnitude_change[valid].mean()),
-        delta_direction=float(changes.direction_change[valid].mean()),
-        base_magnitude_mean=_mean(changes.base_magnitude),
-        tuned_magnitude_mean=_mean(changes.tuned_magnitude),
+        rows_excluded=rows - int(n_valid),
+        delta_magnitude=delta_magnitude,
+        delta_direction=delta_direction,
+        base_magnitude_mean=base_mean,
+        tuned_magnitude_mean=tuned_mean,
         status="ok",
     )
-
-
-def _mean(values: torch.Tensor) -> float:
-    return float(values.mean()) if values.numel() else math.nan
 
 
 def _nonfinite(rows: int, status: str) -> TensorDelta:

@@ -3,12 +3,13 @@
 The analysis is memory-bound: its floor is reading every stored byte once. Eager torch ops make a
 pass (and a temporary) per step -- convert, subtract, three multiply-and-sum -- so this module
 compiles (with Numba, on first use, cached on disk) one loop per row that reads each bf16/fp16/fp32
-element of the base and tuned rows once, forms ``d = w - a`` in float32 (exactly what the float64
-reference path does) and accumulates the three sums in float64, where products of float32 values are
-exact: the results equal the float64 path's up to summation order.
+element of the base and tuned rows once, widens it to float32 in registers (bf16: a shift of its
+bits; fp16: the CPU's conversion instruction), forms ``d = w - a`` in float32 (exactly what the
+float64 reference path does) and accumulates the three sums in float64, where products of float32
+values are exact: the results equal the float64 path's up to summation order.
 
-Rows are split into cache-sized blocks drawn dynamically by one thread per core (the compiled
-kernels release the GIL). Without Numba, :func:`supports` is False and callers keep their torch path.
+Rows are split into blocks drawn dynamically by one thread per core (the compiled kernels release
+the GIL). Without Numba, :func:`supports` is False and callers keep their torch path.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ import torch
 __all__ = ["available", "supports", "blocks", "row_sums", "run_blocks", "single_threaded_torch"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# Threads draw work in blocks of about this many elements (few enough calls to keep Python's share
-# small); inside, the kernel widens sub-blocks of about SUB_ELEMENTS into float32 scratch (128 KiB,
-# so base and tuned sub-blocks stay in L2) with long sequential reads, then reduces them.
+# Threads draw work in blocks of about this many elements: few enough calls to keep Python's share
+# small, enough blocks to balance the threads.
 BLOCK_ELEMENTS = 1 << 18
+# A series is compared in runs of rows of about this many base elements (64 KiB of bf16), which
+# stay in cache while each tuned tensor's matching rows stream past.
 SUB_ELEMENTS = 1 << 15
 
 
@@ -73,10 +75,11 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
     from numba.typed import List
 
     k, features = base.shape
+    sub = max(1, SUB_ELEMENTS // max(features, 1))
     out = torch.empty(len(tuned), 3, k, dtype=torch.float64)
     # Whole-tensor views where the kernel can read the storage directly (per block, Python passes
     # only row ranges), grouped by dtype so that one call per block serves a whole series; the rest
-    # (fp16, strided rows) is converted block by block.
+    # (strided rows, fp16 where the CPU cannot widen it) is copied to float32 block by block.
     base_view = _direct_view(base)
     views = [_direct_view(t) for t in tuned]
     groups: dict[np.dtype, list[int]] = {}
@@ -87,8 +90,6 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
     converted = [(i, np.empty((1, 3, k))) for i, view in enumerate(views) if view is None]
 
     def work(todo: Iterator[tuple[int, int]]) -> None:
-        sub = max(1, SUB_ELEMENTS // max(features, 1))
-        scratch_a, scratch_w = np.empty((sub, features), np.float32), np.empty((sub, features), np.float32)
         buffers: list[torch.Tensor | None] = [None, None]
         for start, stop in todo:
             if base_view is not None:
@@ -96,10 +97,10 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
             else:
                 a, a0 = _converted(base, start, stop, buffers, 0), 0
             for _, ws, sums in direct:
-                kernel(a, a0, ws, start, start, stop, sums, scratch_a, scratch_w)
+                kernel(a, a0, ws, start, start, stop, sub, sums)
             for i, sums in converted:
                 w = List([_converted(tuned[i], start, stop, buffers, 1)])
-                kernel(a, a0, w, 0, start, stop, sums, scratch_a, scratch_w)
+                kernel(a, a0, w, 0, start, stop, sub, sums)
 
     run_blocks(base, work, blocks(base))
     for idx, _, sums in direct:
@@ -110,14 +111,39 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _direct_view(rows: torch.Tensor) -> np.ndarray | None:
-    """A C-contiguous NumPy view of ``rows`` the kernel reads as is (bf16 bits as uint16, or float32)."""
+    """A C-contiguous NumPy view of ``rows`` the kernel reads as is, or None.
+
+    The kernel tells the 16-bit formats apart by the view's dtype: bf16 bits as uint16, fp16 bits
+    as int16 (only where :func:`_widens_fp16` holds), float32 as float32.
+    """
     if not rows.is_contiguous():
         return None
     if rows.dtype == torch.bfloat16:
         return rows.view(torch.int16).numpy().view(np.uint16)
+    if rows.dtype == torch.float16 and _widens_fp16():
+        return rows.view(torch.int16).numpy()
     if rows.dtype == torch.float32:
         return rows.numpy()
     return None
+
+
+@functools.cache
+def _widens_fp16() -> bool:
+    """Whether the CPU converts fp16 to float32 in hardware (x86 F16C, or ARM64).
+
+    Elsewhere LLVM would call a runtime helper that Numba's JIT does not link, so fp16 rows take the
+    float32 copy instead.
+    """
+    import platform
+
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return False
+    import llvmlite.binding as llvm
+
+    return bool(llvm.get_host_cpu_features().get("f16c", False))
 
 
 def _converted(
@@ -215,72 +241,81 @@ def run_blocks(
                 future.result()
 
 
-# The kernel, as plain Python compiled by Numba on first use. ``_load_rows`` widens ``m`` rows into
-# float32 scratch: bf16 bits shifted into the high half of a float32, or float32 copied.
+# The kernel, as plain Python compiled by Numba on first use. ``_widen`` turns one stored element
+# into float32 in registers, so the loop reads each byte once with no scratch copy: bf16 bits (as
+# uint16) shifted into the high half of a float32, fp16 bits (as int16) through the CPU's conversion,
+# float32 as is.
 
 
-def _load_rows(src, first, m, scratch):  # pragma: no cover - replaced by the Numba overload below
+def _widen(x):  # pragma: no cover - replaced by the Numba overload below
     raise NotImplementedError
 
 
-def _rows(a, a0, ws, w0, start, stop, sums, scratch_a, scratch_w):  # pragma: no cover - runs compiled
+def _rows(a, a0, ws, w0, start, stop, sub, sums):  # pragma: no cover - runs compiled
     """Rows ``start:stop`` of ``sums`` (``(T, 3, k)``): ``sums[t]`` from row ``a0 + j - start`` of ``a``
-    and row ``w0 + j - start`` of ``ws[t]``. Each base sub-block is widened once for every tuned."""
+    and row ``w0 + j - start`` of ``ws[t]``.
+
+    A series goes ``sub`` rows at a time: those base rows stay in cache while each tuned tensor's
+    ``sub`` rows stream past them, one long sequential read per tensor.
+    """
     n = a.shape[1]
-    sub = scratch_a.shape[0]
     for s in range(start, stop, sub):
-        m = min(sub, stop - s)
-        _load_rows(a, a0 + s - start, m, scratch_a)
         for t in range(len(ws)):
-            _load_rows(ws[t], w0 + s - start, m, scratch_w)
-            for jj in range(m):
+            w = ws[t]
+            for j in range(s, min(s + sub, stop)):
+                ja, jw = a0 + j - start, w0 + j - start
                 b = 0.0
                 x = 0.0
                 r = 0.0
                 if t == 0:  # |a|^2 alongside the first tuned tensor's sums
                     for i in range(n):
-                        ai = scratch_a[jj, i]
+                        ai = _widen(a[ja, i])
                         af = np.float64(ai)
-                        df = np.float64(scratch_w[jj, i] - ai)  # d formed in float32, as the reference does
+                        df = np.float64(_widen(w[jw, i]) - ai)  # d formed in float32, as the reference does
                         b += af * af
                         x += af * df
                         r += df * df
                 else:
-                    b = sums[0, 0, s + jj]
+                    b = sums[0, 0, j]
                     for i in range(n):
-                        ai = scratch_a[jj, i]
-                        df = np.float64(scratch_w[jj, i] - ai)
+                        ai = _widen(a[ja, i])
+                        df = np.float64(_widen(w[jw, i]) - ai)
                         x += np.float64(ai) * df
                         r += df * df
-                sums[t, 0, s + jj] = b
-                sums[t, 1, s + jj] = x
-                sums[t, 2, s + jj] = r
+                sums[t, 0, j] = b
+                sums[t, 1, j] = x
+                sums[t, 2, j] = r
 
 
 @functools.cache
 def _kernel():
+    import llvmlite.ir as ir
     import numba
     from numba import types
-    from numba.extending import overload
+    from numba.extending import intrinsic, overload
 
-    @overload(_load_rows)
-    def _load_rows_impl(src, first, m, scratch):  # pragma: no cover - runs compiled
-        if src.dtype == types.uint16:
+    @intrinsic
+    def bf16_bits_to_float32(typingctx, bits):  # pragma: no cover - runs compiled
+        def codegen(context, builder, signature, args):
+            wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.bitcast(wide, ir.FloatType())
 
-            def widen_bf16(src, first, m, scratch):
-                bits = scratch.view(np.uint32)
-                for jj in range(m):
-                    for i in range(src.shape[1]):
-                        bits[jj, i] = np.uint32(src[first + jj, i]) << 16
+        return types.float32(types.uint16), codegen
 
-            return widen_bf16
+    @intrinsic
+    def fp16_bits_to_float32(typingctx, bits):  # pragma: no cover - runs compiled
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-        def copy(src, first, m, scratch):
-            for jj in range(m):
-                for i in range(src.shape[1]):
-                    scratch[jj, i] = src[first + jj, i]
+        return types.float32(types.int16), codegen
 
-        return copy
+    @overload(_widen)
+    def _widen_impl(x):  # pragma: no cover - runs compiled
+        if x == types.uint16:
+            return lambda x: bf16_bits_to_float32(x)
+        if x == types.int16:
+            return lambda x: fp16_bits_to_float32(x)
+        return lambda x: np.float32(x)
 
     # reassoc lets LLVM vectorise the float64 sums (several partial sums); contract allows FMA,
     # harmless since the products are exact in float64.

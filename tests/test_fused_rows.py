@@ -55,6 +55,24 @@ def test_fused_path_equals_float64_path(dtype: torch.dtype) -> None:
     _assert_same(row_scalars(base, tuned), _row_scalars_float64(base, tuned))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("widen_fp16_in_kernel", [True, False])
+def test_every_16_bit_pattern_widens_exactly(
+    dtype: torch.dtype, widen_fp16_in_kernel: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All 65536 encodings (zeros, subnormals, normals, Inf, NaN), 256 per row, against float64."""
+    if not widen_fp16_in_kernel:  # as on a CPU without a hardware fp16 conversion
+        monkeypatch.setattr(fused_rows, "_widens_fp16", lambda: False)
+    base = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).reshape(256, 256)
+    tuned = torch.zeros_like(base)
+    tuned[::2] = base[1::2]  # even rows: another row's values, odd rows: zeros
+    fast = row_scalars(base, tuned)
+    _assert_same(fast, _row_scalars_float64(base, tuned), rtol=1e-13)
+    finite = torch.isfinite(base.double()).all(1)
+    assert 200 < int(finite.sum()) < 256  # both finite rows and Inf/NaN rows are checked
+    assert torch.isfinite(fast.base_sq[finite]).all() and torch.isnan(fast.base_sq[~finite]).any()
+
+
 def test_fused_path_matches_numpy_float64_at_one_minus_cos_1e_8() -> None:
     g = torch.Generator().manual_seed(1)
     base = torch.randn(64, 1024, generator=g)
@@ -92,7 +110,9 @@ def test_series_equals_pairs_and_thread_count_does_not_matter() -> None:
     finally:
         torch.set_num_threads(previous)
     assert torch.get_num_threads() == previous
-    for s, p in zip(series, single, strict=True):
+    assert series.dot.shape == (3, 700)
+    for i, p in enumerate(single):
+        s = RowScalars(series.base_sq[i], series.dot[i], series.update_sq[i])
         _assert_same(s, p, rtol=0)  # each row is one kernel loop, whichever thread runs it
 
 
