@@ -13,7 +13,7 @@ then times, warm page cache, median of ``--repeats``:
 and prints ``dense / factored`` (target >= 5) and the largest relative difference between the two
 results (target <= 1e-5).
 
-    python benchmarks/bench_adapters.py                 # 1 GB base, 8 adapters of rank 16 (~8 min on 2 cores)
+    python benchmarks/bench_adapters.py                 # 1 GB base, 8 adapters of rank 16 (~3 min on 2 cores)
     python benchmarks/bench_adapters.py --size-gb 0.25 --repeats 1
 """
 
