@@ -165,20 +165,17 @@ def row_scalars_many(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> RowSc
     for t in tuned:
         if base.shape != t.shape:
             raise ValueError(f"shape mismatch: base {tuple(base.shape)} != tuned {tuple(t.shape)}")
-    if base.device.type == "cpu" and tuned:
+    if not tuned:
+        empty = torch.empty(0, base.shape[0], dtype=torch.float64, device=base.device)
+        return RowScalars(empty, empty, empty)
+    if base.device.type == "cpu":
         from dora_analysis import fused_rows
 
         if fused_rows.supports(base, tuned):
             out = fused_rows.row_sums(base, tuned)  # (T, 3, k)
             return RowScalars(out[:, 0], out[:, 1], out[:, 2])
     each = [_row_scalars_float64(base, t) for t in tuned]
-    empty = torch.empty(0, base.shape[0], dtype=torch.float64, device=base.device)
-    return RowScalars(
-        *(
-            torch.stack([getattr(e, f) for e in each]) if each else empty
-            for f in ("base_sq", "dot", "update_sq")
-        )
-    )
+    return RowScalars(*(torch.stack([getattr(e, f) for e in each]) for f in ("base_sq", "dot", "update_sq")))
 
 
 def _row_scalars_float64(base: torch.Tensor, tuned: torch.Tensor) -> RowScalars:

@@ -13,7 +13,9 @@ from dora_analysis.decomposition import (
     magnitude,
     row_changes,
     row_scalars,
+    row_scalars_many,
     summarize,
+    summarize_many,
     tensor_delta,
 )
 
@@ -146,6 +148,28 @@ def test_blocks_do_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(decomposition, "BLOCK_ELEMENTS", 64)  # two rows a block
     blocked = tensor_delta(base.float(), tuned.float())
     assert blocked == whole
+
+
+def test_a_series_is_summarized_as_each_tensor_alone() -> None:
+    """Batching a series keeps each tuned tensor's status and means its own (float64 NumPy reference)."""
+    eps = torch.linspace(1e-3, 1e-1, 40, dtype=torch.float64)
+    base, ok = _pair(40, 24, eps, seed=6)
+    some_zero_rows = ok.clone()
+    some_zero_rows[[3, 17]] = 0.0
+    nonfinite = ok.clone()
+    nonfinite[5, 2] = math.inf
+    tuned = [ok, nonfinite, torch.zeros_like(ok), some_zero_rows]
+    series = summarize_many(row_changes(row_scalars_many(base, tuned)))
+    assert series == [tensor_delta(base, t) for t in tuned]
+    assert [d.status for d in series] == ["ok", "nonfinite tuned", "no valid rows", "ok"]
+    assert series[3].rows_excluded == 2
+    keep = [j for j in range(40) if j not in (3, 17)]
+    ref_mag, ref_dir = reference(base[keep].numpy(), some_zero_rows[keep].numpy())
+    assert series[3].delta_direction == pytest.approx(ref_dir.mean(), rel=1e-9)
+    assert series[3].delta_magnitude == pytest.approx(ref_mag.mean(), rel=1e-9)
+    assert series[3].tuned_magnitude_mean == pytest.approx(
+        np.linalg.norm(some_zero_rows.numpy(), axis=1).mean(), rel=1e-12
+    )
 
 
 def test_magnitude_and_direction() -> None:
