@@ -224,9 +224,10 @@ def _to(rows: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
 
 
 def _factored_fits(layout: str | None, base_rows: torch.Tensor, update: LowRankUpdate) -> bool:
-    """Factors apply to these rows: a linear (or ``fan_in_fan_out`` Conv1D) weight and 2-D factors."""
-    expected = "transposed" if update.fan_in_fan_out else "linear"
-    return layout == expected and low_rank_fits(base_rows, update)
+    """Factors apply to these rows: a linear or conv weight (or a ``fan_in_fan_out`` Conv1D) and 2-D
+    factors (a conv's are served flattened to its rows)."""
+    expected = ("transposed",) if update.fan_in_fan_out else ("linear", "conv")
+    return layout in expected and low_rank_fits(base_rows, update)
 
 
 def compare_many(

@@ -219,6 +219,96 @@ def test_gpt2_fan_in_fan_out_lora_and_dora(tmp_path: Path) -> None:
             assert update.fan_in_fan_out and reader.shape(reader.names()[0]) == (32, 96)
 
 
+class _ConvNet(torch.nn.Module):
+    """Conv2d (3x3), Conv1d (kernel 2), Conv3d (1x2x2) and Linear: what PEFT's LoRA/DoRA adapts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+        self.conv1 = torch.nn.Conv1d(6, 5, 2)
+        self.conv3 = torch.nn.Conv3d(2, 3, (1, 2, 2))  # weights only: not in forward
+        self.fc = torch.nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv1(self.conv(x).mean(2)).mean(2))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_conv_lora_and_dora_merge_like_peft(tmp_path: Path, use_dora: bool, monkeypatch) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from dora_analysis import comparison
+    from dora_analysis.comparison import compare
+
+    factored_rows = []  # base rows analysed from factors, never merged
+
+    def counting(base_rows, updates):
+        factored_rows.append(tuple(base_rows.shape))
+        return low_rank_row_changes(base_rows, updates)
+
+    low_rank_row_changes = comparison.low_rank_row_changes
+    monkeypatch.setattr(comparison, "low_rank_row_changes", counting)
+
+    torch.manual_seed(0)
+    net = _ConvNet()
+    (tmp_path / "base").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base" / "model.safetensors"
+    )
+    config = LoraConfig(
+        r=2,
+        lora_alpha=6,
+        target_modules=["conv", "conv1", "conv3", "fc"],
+        use_dora=use_dora,
+        init_lora_weights=False,
+    )
+    model = get_peft_model(net, config)
+    with torch.no_grad():  # move the DoRA magnitudes off the base norms too
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    merged = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    save_file(merged, tmp_path / "merged.safetensors")
+    with open_checkpoint(tmp_path / "adapter", base=tmp_path / "base") as reader:
+        _check_against_peft(reader, merged, 4, set())
+        update = reader.low_rank("conv.weight")
+        assert update.lora_A.shape == (2, 4 * 3 * 3) and update.lora_B.shape == (6, 2)
+        assert (update.magnitude is not None and update.magnitude.shape == (6,)) == use_dora
+    # the conv rows' statistics from the factors equal those of PEFT's merged weights
+    factored = compare(tmp_path / "base", tmp_path / "adapter", include=r"weight$")
+    assert factored_rows == [(6, 36), (5, 12), (3, 8), (3, 5)]  # conv weights as rows (out, in * kernel)
+    dense = compare(tmp_path / "base", tmp_path / "merged.safetensors", include=r"weight$")
+    assert list(factored.tensor) == ["conv.weight", "conv1.weight", "conv3.weight", "fc.weight"]
+    for column in ("delta_magnitude", "delta_direction", "tuned_magnitude_mean"):
+        assert factored[column].to_numpy() == pytest.approx(dense[column].to_numpy(), rel=1e-5)
+    assert (factored.delta_direction > 1e-4).all()
+
+
+def test_conv_factors_that_do_not_fit_are_named(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    net = _ConvNet()
+    (tmp_path / "base").mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base" / "model.safetensors"
+    )
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["conv"], init_lora_weights=False)
+    get_peft_model(net, config).save_pretrained(tmp_path / "adapter")
+    factors = tmp_path / "adapter" / "adapter_model.safetensors"
+    from safetensors.torch import load_file
+
+    tensors = load_file(factors)
+    tensors["base_model.model.conv.lora_A.weight"] = torch.randn(2, 4, 5, 5)  # not the base's 3x3 kernel
+    save_file(tensors, factors)
+    before = file_digests(tmp_path)
+    with pytest.raises(InputError) as err:
+        open_checkpoint(tmp_path / "adapter", base=tmp_path / "base")
+    message = str(err.value)
+    assert str(factors) in message and "conv.lora_A" in message and "kernel (3, 3)" in message
+    assert "\n" not in message and file_digests(tmp_path) == before
+
+
 def test_adapter_on_classifier_over_bare_encoder_uses_base_names(tmp_path: Path) -> None:
     """An adapter trained on BertForSequenceClassification (``bert.encoder...``) over a BertModel base."""
     from transformers import BertForSequenceClassification

@@ -3,10 +3,15 @@
 Each exposed name is either a merged target (a base weight plus stored factors), a merged bias
 (PEFT ``lora_bias``), or a copy of a tensor stored whole (``modules_to_save``, biases, the rest of a
 full state dict). Factors are read per request, one module at a time.
+
+A conv LoRA (PEFT: ``lora_A`` a conv ``(r, in, *k)``, ``lora_B`` a 1x1 conv ``(out, r, 1, ...)``, DoRA
+magnitude ``(1, out, 1, ...)``) is a linear LoRA on the conv weight's rows ``(out, in * prod(k))``:
+its factors are served flattened to ``(r, in * prod(k))`` and ``(out, r)``, and merged on those rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +104,10 @@ class MergedReader(ReaderMixin):
             return bias + e.scale * e.factors.get(e.lora_bias).to(torch.float32)
         update = self.low_rank(name)
         assert update is not None
-        return merge_low_rank(e.weight_source.get(e.weight_key), update)
+        base = e.weight_source.get(e.weight_key)
+        if base.dim() > 2:  # conv: merged on its rows, returned in its own shape
+            return merge_low_rank(base.reshape(base.shape[0], -1), update).reshape(base.shape)
+        return merge_low_rank(base, update)
 
     def low_rank(self, name: str) -> LowRankUpdate | None:
         e = self._entry(name)
@@ -111,6 +119,8 @@ class MergedReader(ReaderMixin):
             a, b = torch.zeros(0, in_dim), torch.zeros(out_dim, 0)
         else:
             a, b = e.factors.get(e.lora_A), e.factors.get(e.lora_B)
+            if a.dim() > 2 or b.dim() > 2:  # conv factors (checked to fit at opening)
+                a, b = a.flatten(1), b.flatten(1)
         magnitude = None if e.magnitude is None else e.factors.get(e.magnitude).reshape(-1)
         return LowRankUpdate(name, a, b, e.scale, magnitude, e.fan_in_fan_out)
 
@@ -135,8 +145,8 @@ def _check_fits(e: Entry) -> None:
             )
         return
     mag_shape = None if e.magnitude is None else e.factors.shape(e.magnitude)
-    if mag_shape is not None and len(mag_shape) == 2 and mag_shape[1] == 1:
-        mag_shape = (mag_shape[0],)  # NVlabs stores (out, 1)
+    if mag_shape is not None and sum(d != 1 for d in mag_shape) <= 1:
+        mag_shape = (math.prod(mag_shape),)  # NVlabs stores (out, 1), PEFT's conv DoRA (1, out, 1, 1)
     if e.lora_A is None or e.lora_B is None:
         if len(base_shape) != 2:
             problem = f"the base weight {e.weight_key} is {tuple(base_shape)}, expected 2-D"
@@ -149,9 +159,30 @@ def _check_fits(e: Entry) -> None:
         key = e.magnitude
     else:
         a_shape, b_shape = e.factors.shape(e.lora_A), e.factors.shape(e.lora_B)
-        problem = low_rank_fit_problem(base_shape, a_shape, b_shape, mag_shape, e.fan_in_fan_out)
+        if len(base_shape) > 2:  # conv: the factors must fit its rows
+            problem = _conv_factor_problem(base_shape, a_shape, b_shape)
+            base_shape, a_shape, b_shape = _rows_shape(base_shape), _rows_shape(a_shape), _rows_shape(b_shape)
+        else:
+            problem = None
+        problem = problem or low_rank_fit_problem(base_shape, a_shape, b_shape, mag_shape, e.fan_in_fan_out)
         key = e.lora_A
     if problem:
         raise InputError.of(
             e.factors.source, f"factors do not fit base weight {e.weight_key}: {problem}", tensor=key
         )
+
+
+def _rows_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A conv weight or factor ``(d0, d1, *k)`` as the matrix its rows form, ``(d0, d1 * prod(k))``."""
+    return (shape[0], math.prod(shape[1:])) if len(shape) > 2 else tuple(shape)
+
+
+def _conv_factor_problem(
+    base_shape: tuple[int, ...], a_shape: tuple[int, ...], b_shape: tuple[int, ...]
+) -> str | None:
+    """Why conv factors cannot update a conv weight, beyond what their flattened shapes tell."""
+    if len(a_shape) != len(base_shape) or tuple(a_shape[2:]) != tuple(base_shape[2:]):
+        return f"conv lora_A {tuple(a_shape)} should have the base weight's kernel {tuple(base_shape[2:])}"
+    if len(b_shape) != len(base_shape) or any(d != 1 for d in b_shape[2:]):
+        return f"conv lora_B {tuple(b_shape)} should be a 1x1 conv (out, r, {', '.join('1' * (len(base_shape) - 2))})"
+    return None

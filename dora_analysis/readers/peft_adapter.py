@@ -86,7 +86,7 @@ def parse_adapter_keys(source: Path, keys: list[str]) -> tuple[dict[str, Adapter
         if ".lora_" in name or name.startswith("lora_"):
             raise InputError.of(
                 source,
-                "unsupported adapter tensor (not a LoRA/DoRA factor of a Linear, Conv1D or Embedding)",
+                "unsupported adapter tensor (not a LoRA/DoRA factor of a Linear, Conv, Conv1D or Embedding)",
                 tensor=key,
             )
         saved = _SAVED_COPY.match(name)
