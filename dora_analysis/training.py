@@ -47,6 +47,8 @@ __all__ = [
 
 Method = Literal["ft", "lora", "dora"]
 METHODS: tuple[str, ...] = ("ft", "lora", "dora")
+Optimizer = Literal["adamw", "sgd"]
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 # Full fine-tuning moves every weight and needs a much lower rate than the adapters (and the new head).
 DEFAULT_LR: dict[str, float] = {"ft": 1e-4, "lora": 3e-3, "dora": 3e-3}
 HEAD_MODULES = ("classifier",)  # trained in every method, saved as PEFT modules_to_save
@@ -69,7 +71,9 @@ class TrainConfig:
     dropout: float = 0.05  # dropout on the adapter input (LoRA/DoRA)
     targets: tuple[str, ...] = ("query", "value")  # Linear module names that get adapters
     rslora: bool = False  # scale alpha / sqrt(r)
-    lr: float | None = None  # peak learning rate; None: DEFAULT_LR[method]
+    lr: float | None = None  # peak learning rate; None: DEFAULT_LR[method] (AdamW only)
+    optimizer: Optimizer = "adamw"  # "sgd": SGD with momentum (its rate must be given: no default)
+    momentum: float = 0.9  # SGD's momentum
     batch_size: int = 8
     max_length: int = 32  # tokens per sentence (keeps 78% of the default task's sentences whole)
     warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
@@ -84,6 +88,10 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
+        if self.lr is None and self.optimizer == "sgd":
+            raise InputError.of(
+                "--lr", "SGD has no default learning rate: give --lr (e.g. 0.1 for lora/dora)"
+            )
         return DEFAULT_LR[self.method] if self.lr is None else self.lr
 
 
@@ -112,6 +120,12 @@ def _check_config(config: TrainConfig) -> Path:
             raise InputError.of(
                 f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(config, name)}"
             )
+    if config.optimizer not in OPTIMIZERS:
+        raise InputError.of(
+            "--optimizer", f"unknown optimizer {config.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"
+        )
+    if not 0.0 <= config.momentum < 1.0:
+        raise InputError.of("--momentum", f"must be in [0, 1), got {config.momentum}")
     if not 0.0 <= config.dropout < 1.0:
         raise InputError.of("--dropout", f"must be in [0, 1), got {config.dropout}")
     if config.learning_rate <= 0:
@@ -314,6 +328,19 @@ def _save_checkpoint(
     return final
 
 
+def _optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (the default, as the paper trains), or SGD with momentum.
+
+    Adam moves every parameter by about the learning rate per step whatever its gradient's size,
+    which shapes how far each magnitude moves; SGD makes the step follow the gradient.
+    """
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            parameters, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
 def _config_record(config: TrainConfig, model_path: Path) -> dict[str, Any]:
     record = dataclasses.asdict(config)
     record.update(out=str(config.out), model=str(model_path), targets=list(config.targets))
@@ -379,7 +406,7 @@ def _run(
     prefix = _weights_prefix(model)
     adapted = _adapt(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = _optimizer(trainable, config)
     warmup = math.ceil(config.warmup_ratio * config.steps)
 
     def lr_factor(step: int) -> float:  # HF's linear schedule with warm-up

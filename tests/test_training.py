@@ -254,6 +254,9 @@ def test_progress_callback_counts_every_step(tiny_model, tmp_path):
         ({"dropout": 1.0}, "--dropout"),
         ({"targets": ()}, "at least one target"),
         ({"task": "nope"}, "unknown task"),
+        ({"optimizer": "sgd"}, "--lr: SGD has no default learning rate"),
+        ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+        ({"optimizer": "sgd", "lr": 0.1, "momentum": 1.0}, "--momentum: must be in"),
     ],
 )
 def test_bad_options_are_input_errors(tiny_model, tmp_path, change, message):
@@ -263,6 +266,26 @@ def test_bad_options_are_input_errors(tiny_model, tmp_path, change, message):
     with pytest.raises(InputError, match=message):
         train(config, progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_sgd_trains_the_same_parameters_and_is_recorded(runs, tiny_model, tmp_path, capsys):
+    """--optimizer sgd: a DoRA run whose steps follow the gradient; run.json says how it was trained."""
+    main(
+        ["train", "--method", "dora", "--out", str(tmp_path / "sgd"), "--model", str(tiny_model)]
+        + ["--optimizer", "sgd", "--lr", "0.05", "--momentum", "0.5", "--quiet"]
+        + ["--steps", "5", "--save-every", "2", "--max-train-examples", "48", "--max-eval-examples", "24"]
+    )
+    sgd, adamw = (json.loads((p / "run.json").read_text()) for p in (tmp_path / "sgd", runs["dora"]))
+    assert (sgd["config"]["optimizer"], sgd["config"]["momentum"], sgd["config"]["lr"]) == ("sgd", 0.5, 0.05)
+    assert adamw["config"]["optimizer"] == "adamw"
+    assert sgd["trainable_parameters"] == adamw["trainable_parameters"]
+    assert sgd["checkpoints"] == adamw["checkpoints"] == [2, 4, 5]
+    from safetensors.torch import load_file
+
+    moved = load_file(tmp_path / "sgd" / "checkpoint-5" / "adapter_model.safetensors")
+    start = load_file(tmp_path / "sgd" / "checkpoint-2" / "adapter_model.safetensors")
+    changed = [k for k in moved if not torch.equal(moved[k], start[k])]
+    assert any("lora_magnitude_vector" in k for k in changed) and any("lora_B" in k for k in changed)
 
 
 def test_model_folder_must_be_a_hugging_face_folder(tmp_path):

@@ -62,8 +62,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lr",
         type=float,
         default=None,
-        help="peak learning rate (default 1e-4 for ft, 3e-3 for lora and dora)",
+        help="peak learning rate (AdamW default 1e-4 for ft, 3e-3 for lora and dora; SGD: required)",
     )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        default="adamw",
+        help="adamw (default) or sgd with --momentum (SGD needs --lr)",
+    )
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     parser.add_argument("--batch-size", type=int, default=8, help="default 8")
     parser.add_argument("--max-length", type=int, default=32, help="tokens per sentence (default 32)")
     parser.add_argument("--seed", type=int, default=0, help="default 0")
@@ -98,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         targets=args.targets,
         rslora=args.rslora,
         lr=args.lr,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
