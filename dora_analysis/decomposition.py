@@ -11,7 +11,7 @@ Exactness: every per-row reduction is accumulated in float64 over float32 (or wi
 direction change is computed from the base row ``a`` and the update ``d = w - a`` (exact in float32 for
 bf16/fp16 inputs) by Lagrange's identity, ``|a x w|^2 = |a|^2 |d|^2 - (a . d)^2``, so that
 ``1 - cos`` stays accurate when it is far below float32's epsilon (tiny full fine-tuning updates).
-On CPU the three reductions run as one fused pass over cache-sized blocks on all cores
+On CPU the three reductions run as one fused pass over blocks of rows on all cores
 (:mod:`dora_analysis.fused_rows`); products of float32 values are exact in float64, so this changes
 only the summation order.
 """
