@@ -38,7 +38,7 @@ from dora_analysis.tensor_names import (
     row_layout,
 )
 
-__all__ = ["COLUMNS", "Selection", "select_tensors", "compare", "compare_many"]
+__all__ = ["COLUMNS", "Selection", "select_tensors", "resolve_device", "compare", "compare_many"]
 
 COLUMNS = [
     "tensor",
@@ -219,6 +219,29 @@ def _deltas_in_order(
         del base_rows
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` checked to be usable on this machine (None: tensors stay where the readers put them).
+
+    Raises:
+        InputError: not a torch device name, or an accelerator this torch build or machine lacks.
+    """
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise InputError.of("--device", f"not a torch device: {device!r} ({error})") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError.of("--device", f"{device}: torch {torch.__version__} sees no CUDA GPU here")
+        if resolved.index is not None and resolved.index >= count:
+            raise InputError.of("--device", f"{device}: only {count} CUDA GPU(s) here")
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError.of("--device", f"{device}: Apple's MPS is not available here")
+    return resolved
+
+
 def _to(rows: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:
     return rows if device is None else rows.to(device)
 
@@ -250,6 +273,7 @@ def compare_many(
         One DataFrame per tuned checkpoint, columns :data:`COLUMNS`, one row per analysed tensor;
         ``df.attrs`` holds ``base_only`` and ``tuned_only`` (names found on one side only).
     """
+    device = resolve_device(device)
     with ExitStack() as stack:
         base_reader = _open(base, stack)
         readers = [_open(t, stack, base=base_reader) for t in tuned]

@@ -294,6 +294,7 @@ def analyze_series(
     include: str | None = None,
     exclude: str | None = None,
     progress: Progress = False,
+    device: str | torch.device | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor at every checkpoint of every run.
 
@@ -304,6 +305,7 @@ def analyze_series(
         method: the method of every run (default: read from each run, see the module docstring).
         include, exclude: regular expressions on tensor names (default: 2-D linear weights).
         progress: True for a bar on stderr, or a callable given 1 per base tensor done.
+        device: where the tensors are analysed (e.g. ``"cuda"``); default: where the readers put them.
     Returns:
         One row per (run, step, tensor), columns :data:`SERIES_COLUMNS`, sorted by run, step and
         tensor order; ``step`` is a nullable integer (missing for a lone checkpoint with no step).
@@ -337,6 +339,7 @@ def analyze_series(
             include=include,
             exclude=exclude,
             progress=progress is True,
+            device=device,
         )
     finally:
         if owned is not None:

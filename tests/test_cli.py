@@ -77,6 +77,33 @@ def test_table_summary_and_sharded_folder_reads_the_same(tmp_path: Path, capsys)
     assert code == 0 and sharded == table
 
 
+def test_device_option_analyses_there_or_says_why_not(tmp_path: Path, capsys, monkeypatch) -> None:
+    save_tiny_bert(tmp_path / "base", seed=0)
+    save_tiny_bert(tmp_path / "tuned", seed=1)
+    code, plain, _ = _run(capsys, "compare", tmp_path / "base", tmp_path / "tuned", "--format", "csv")
+    assert code == 0
+    code, on_cpu, _ = _run(
+        capsys, "compare", tmp_path / "base", tmp_path / "tuned", "--format", "csv", "--device", "cpu"
+    )
+    assert code == 0 and on_cpu == plain
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on this CPU-only machine
+    for device, needle in (("cuda", "sees no CUDA GPU"), ("gpu0", "not a torch device")):
+        out_file = tmp_path / f"{device}.csv"
+        for command in ("compare", "series"):
+            code, out, err = _run(
+                capsys,
+                command,
+                tmp_path / "base",
+                tmp_path / "tuned",
+                "--device",
+                device,
+                "--output",
+                out_file,
+            )
+            assert code == 2 and out == "" and not out_file.exists(), (command, device, err)
+            assert err.startswith("error: --device") and needle in err and len(err.strip().splitlines()) == 1
+
+
 def test_output_file_is_written_once_and_not_overwritten(tmp_path: Path, capsys) -> None:
     save_tiny_bert(tmp_path / "base", seed=0)
     save_tiny_bert(tmp_path / "tuned", seed=1)

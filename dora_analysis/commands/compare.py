@@ -22,6 +22,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--include", metavar="REGEX", help="analyse tensors whose name matches (default: 2-D linear weights)"
     )
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
+    add_device_argument(parser)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device``, shared by the commands that analyse checkpoints."""
+    parser.add_argument(
+        "--device", metavar="DEVICE", help="analyse on this torch device, e.g. cuda or cuda:1 (default: CPU)"
+    )
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     from dora_analysis.comparison import compare
     from dora_analysis.output import write_frame
 
-    frame = compare(args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True)
+    frame = compare(
+        args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True, device=args.device
+    )
     write_frame(frame, args.format, args.output, overwrite=args.overwrite)
     # Keep stdout parseable for csv/json: the summary goes to stderr there.
     stream = sys.stdout if args.format == "table" and args.output is None else sys.stderr

@@ -14,7 +14,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dora_analysis.commands.compare import add_output_arguments
+    from dora_analysis.commands.compare import add_device_argument, add_output_arguments
 
     parser.add_argument("base", help="pre-trained checkpoint (file or folder)")
     parser.add_argument(
@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--include", metavar="REGEX", help="analyse tensors whose name matches (default: 2-D linear weights)"
     )
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +36,13 @@ def run(args: argparse.Namespace) -> int:
     from dora_analysis.series import analyze_series
 
     frame = analyze_series(
-        args.base, args.runs, method=args.method, include=args.include, exclude=args.exclude, progress=True
+        args.base,
+        args.runs,
+        method=args.method,
+        include=args.include,
+        exclude=args.exclude,
+        progress=True,
+        device=args.device,
     )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame
