@@ -233,10 +233,18 @@ class _ConvNet(torch.nn.Module):
         return self.fc(self.conv1(self.conv(x).mean(2)).mean(2))
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_conv_lora_and_dora_merge_like_peft(tmp_path: Path, use_dora: bool, monkeypatch) -> None:
+def _conv_adapter(folder: Path, **lora):
+    """A fresh :class:`_ConvNet` saved as ``folder/base``, wrapped by PEFT with random B factors."""
     from peft import LoraConfig, get_peft_model
 
+    net = _ConvNet()
+    (folder / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, folder / "base" / "model.safetensors")
+    return get_peft_model(net, LoraConfig(init_lora_weights=False, **lora))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_conv_lora_and_dora_merge_like_peft(tmp_path: Path, use_dora: bool, monkeypatch) -> None:
     from dora_analysis import comparison
     from dora_analysis.comparison import compare
 
@@ -250,19 +258,9 @@ def test_conv_lora_and_dora_merge_like_peft(tmp_path: Path, use_dora: bool, monk
     monkeypatch.setattr(comparison, "low_rank_row_changes", counting)
 
     torch.manual_seed(0)
-    net = _ConvNet()
-    (tmp_path / "base").mkdir()
-    save_file(
-        {k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base" / "model.safetensors"
+    model = _conv_adapter(
+        tmp_path, r=2, lora_alpha=6, target_modules=["conv", "conv1", "conv3", "fc"], use_dora=use_dora
     )
-    config = LoraConfig(
-        r=2,
-        lora_alpha=6,
-        target_modules=["conv", "conv1", "conv3", "fc"],
-        use_dora=use_dora,
-        init_lora_weights=False,
-    )
-    model = get_peft_model(net, config)
     with torch.no_grad():  # move the DoRA magnitudes off the base norms too
         for name, p in model.named_parameters():
             if "lora_magnitude_vector" in name:
@@ -286,15 +284,7 @@ def test_conv_lora_and_dora_merge_like_peft(tmp_path: Path, use_dora: bool, monk
 
 
 def test_conv_factors_that_do_not_fit_are_named(tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    net = _ConvNet()
-    (tmp_path / "base").mkdir()
-    save_file(
-        {k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "base" / "model.safetensors"
-    )
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["conv"], init_lora_weights=False)
-    get_peft_model(net, config).save_pretrained(tmp_path / "adapter")
+    _conv_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["conv"]).save_pretrained(tmp_path / "adapter")
     factors = tmp_path / "adapter" / "adapter_model.safetensors"
     from safetensors.torch import load_file
 

@@ -105,9 +105,8 @@ class MergedReader(ReaderMixin):
         update = self.low_rank(name)
         assert update is not None
         base = e.weight_source.get(e.weight_key)
-        if base.dim() > 2:  # conv: merged on its rows, returned in its own shape
-            return merge_low_rank(base.reshape(base.shape[0], -1), update).reshape(base.shape)
-        return merge_low_rank(base, update)
+        # a conv is merged on its rows and returned in its own shape (both no-ops for a 2-D weight)
+        return merge_low_rank(base.reshape(_rows_shape(base.shape)), update).reshape(base.shape)
 
     def low_rank(self, name: str) -> LowRankUpdate | None:
         e = self._entry(name)
@@ -118,9 +117,8 @@ class MergedReader(ReaderMixin):
             out_dim, in_dim = (shape[1], shape[0]) if e.fan_in_fan_out else (shape[0], shape[1])
             a, b = torch.zeros(0, in_dim), torch.zeros(out_dim, 0)
         else:
-            a, b = e.factors.get(e.lora_A), e.factors.get(e.lora_B)
-            if a.dim() > 2 or b.dim() > 2:  # conv factors (checked to fit at opening)
-                a, b = a.flatten(1), b.flatten(1)
+            # conv factors as rows (checked to fit at opening); 2-D factors stay as they are
+            a, b = e.factors.get(e.lora_A).flatten(1), e.factors.get(e.lora_B).flatten(1)
         magnitude = None if e.magnitude is None else e.factors.get(e.magnitude).reshape(-1)
         return LowRankUpdate(name, a, b, e.scale, magnitude, e.fan_in_fan_out)
 
@@ -159,12 +157,11 @@ def _check_fits(e: Entry) -> None:
         key = e.magnitude
     else:
         a_shape, b_shape = e.factors.shape(e.lora_A), e.factors.shape(e.lora_B)
-        if len(base_shape) > 2:  # conv: the factors must fit its rows
-            problem = _conv_factor_problem(base_shape, a_shape, b_shape)
-            base_shape, a_shape, b_shape = _rows_shape(base_shape), _rows_shape(a_shape), _rows_shape(b_shape)
-        else:
-            problem = None
-        problem = problem or low_rank_fit_problem(base_shape, a_shape, b_shape, mag_shape, e.fan_in_fan_out)
+        problem = _conv_factor_problem(base_shape, a_shape, b_shape) if len(base_shape) > 2 else None
+        rows = [
+            _rows_shape(shape) for shape in (base_shape, a_shape, b_shape)
+        ]  # a conv's factors fit its rows
+        problem = problem or low_rank_fit_problem(*rows, mag_shape, e.fan_in_fan_out)
         key = e.lora_A
     if problem:
         raise InputError.of(
