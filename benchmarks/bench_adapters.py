@@ -74,7 +74,7 @@ def write_dora_adapter(folder: Path, base: Path, specs: Sequence[Spec], rank: in
 
 def factored(base: Path, adapters: Sequence[Path], device: str) -> list[dict[str, tuple[float, ...]]]:
     """``compare_many`` on the adapter folders: the factored path, ``W0`` read once per tensor."""
-    from dora_analysis.comparison import compare_many
+    from dora_analysis.analysis.comparison import compare_many
 
     frames = compare_many(base, list(adapters), **({} if device == "cpu" else {"device": device}))
     return [_records(f) for f in frames]
@@ -84,7 +84,7 @@ def dense(base: Path, adapters: Sequence[Path], device: str) -> list[dict[str, t
     """Merge each adapter densely (the readers' ``get``), then compare with ``W0`` (fused dense path)."""
     from contextlib import ExitStack
 
-    from dora_analysis.decomposition import row_changes, row_scalars, summarize
+    from dora_analysis.analysis.decomposition import row_changes, row_scalars, summarize
     from dora_analysis.readers import open_checkpoint
 
     results: list[dict[str, tuple[float, ...]]] = [{} for _ in adapters]

@@ -1,11 +1,11 @@
-"""How close ``dora_analysis.comparison`` runs to the memory-read floor on LLaMA-shaped bf16 checkpoints.
+"""How close ``dora_analysis.analysis.comparison`` runs to the memory-read floor on LLaMA-shaped bf16 checkpoints.
 
 Generates (deterministically, in a temporary folder that is removed afterwards) a base checkpoint of
 about ``--size-gb`` GB (hidden 2048, MLP 5504, q/k/v/o/gate/up/down per layer, bf16 safetensors) and
 ``--series`` fine-tuned copies, warms the page cache, then times with several repetitions (median):
 
 - ``read``: every byte of both files read once, NumPy over a memory map (the physical floor);
-- ``ours``: ``dora_analysis.comparison.compare(base, tuned)``;
+- ``ours``: ``dora_analysis.analysis.comparison.compare(base, tuned)``;
 - ``naive``: ``safetensors.torch.load_file`` both, then per tensor float32 norms and
   ``cosine_similarity``;
 - ``series``: ``compare_many(base, [8 tuned])`` against 8 separate pairs;
@@ -179,13 +179,13 @@ def _compare_kwargs(device: str) -> dict:
 
 
 def ours(base: Path, tuned: Path, device: str = "cpu"):
-    from dora_analysis.comparison import compare
+    from dora_analysis.analysis.comparison import compare
 
     return compare(base, tuned, **_compare_kwargs(device))
 
 
 def ours_series(base: Path, tuned: Sequence[Path], device: str = "cpu"):
-    from dora_analysis.comparison import compare_many
+    from dora_analysis.analysis.comparison import compare_many
 
     return compare_many(base, list(tuned), **_compare_kwargs(device))
 
@@ -202,7 +202,7 @@ def child_memory(base: Path, tuned: Path, device: str) -> dict:
     """Run ``ours`` once in this (fresh) process, sampling RssAnon every millisecond."""
     import pandas  # noqa: F401
 
-    import dora_analysis.comparison  # noqa: F401  (imports are counted in after_imports_mb)
+    import dora_analysis.analysis.comparison  # noqa: F401  (imports are counted in after_imports_mb)
 
     before = _rss_anon_kb()
     peak, done = [before], threading.Event()

@@ -1,13 +1,21 @@
 """dora_analysis: the magnitude/direction weight-decomposition analysis of the DoRA paper.
 
-Public API (imported lazily, so ``python -m dora_analysis`` starts fast):
+The package follows the data: ``readers`` (checkpoints, one tensor at a time) -> ``analysis`` (the
+row math, compare, series, correlations) -> ``views`` (figures, report, tables), with ``adapters``
+(the LoRA/DoRA layers and PEFT's format) and ``training`` producing checkpoints beside them, and
+``commands`` (the CLI) on top. Everything a user needs is re-exported here, imported lazily so that
+``python -m dora_analysis`` starts fast:
 
-- analysis: :func:`compare`, :func:`analyze_series`, :func:`correlations`
+- analysis: :func:`compare`, :func:`compare_many`, :func:`analyze_series`, :func:`run_checkpoints`,
+  :func:`training_history`, :func:`correlations`
 - math: :func:`magnitude`, :func:`tensor_delta`
 - reading: :func:`open_checkpoint`
+- views: :func:`direction_magnitude_figure`, :func:`final_layers_figure`,
+  :func:`training_curves_figure`, :func:`write_figures`, :func:`render_report`, :func:`write_frame`
 - the layer: :class:`LoRALinear`, :class:`DoRALinear`, :func:`inject_adapters`, :func:`merge_adapters`,
   :func:`save_adapter`, :func:`load_adapter`
-- training: :func:`train`
+- training: :class:`TrainConfig`, :func:`train`, :func:`load_trained_model`, :func:`default_model_path`
+- the demo: :class:`DemoConfig`, :func:`run_demo`
 """
 
 from __future__ import annotations
@@ -17,21 +25,33 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compare": "dora_analysis.comparison",
-    "compare_many": "dora_analysis.comparison",
-    "analyze_series": "dora_analysis.series",
-    "correlations": "dora_analysis.correlation",
-    "magnitude": "dora_analysis.decomposition",
-    "tensor_delta": "dora_analysis.decomposition",
+    "compare": "dora_analysis.analysis.comparison",
+    "compare_many": "dora_analysis.analysis.comparison",
+    "analyze_series": "dora_analysis.analysis.series",
+    "correlations": "dora_analysis.analysis.correlation",
+    "magnitude": "dora_analysis.analysis.decomposition",
+    "tensor_delta": "dora_analysis.analysis.decomposition",
     "open_checkpoint": "dora_analysis.readers",
-    "LoRALinear": "dora_analysis.lora",
-    "DoRALinear": "dora_analysis.dora",
-    "inject_adapters": "dora_analysis.inject",
-    "merge_adapters": "dora_analysis.inject",
-    "save_adapter": "dora_analysis.adapter_io",
-    "load_adapter": "dora_analysis.adapter_io",
+    "LoRALinear": "dora_analysis.adapters.lora",
+    "DoRALinear": "dora_analysis.adapters.dora",
+    "inject_adapters": "dora_analysis.adapters.inject",
+    "merge_adapters": "dora_analysis.adapters.inject",
+    "save_adapter": "dora_analysis.adapters.peft_format",
+    "load_adapter": "dora_analysis.adapters.peft_format",
     "train": "dora_analysis.training",
     "TrainConfig": "dora_analysis.training",
+    "run_checkpoints": "dora_analysis.analysis.series",
+    "training_history": "dora_analysis.analysis.series",
+    "direction_magnitude_figure": "dora_analysis.views.figures",
+    "final_layers_figure": "dora_analysis.views.figures",
+    "training_curves_figure": "dora_analysis.views.figures",
+    "write_figures": "dora_analysis.views.figures",
+    "render_report": "dora_analysis.views.report",
+    "write_frame": "dora_analysis.views.tables",
+    "load_trained_model": "dora_analysis.training",
+    "default_model_path": "dora_analysis.training",
+    "DemoConfig": "dora_analysis.commands.demo_pipeline",
+    "run_demo": "dora_analysis.commands.demo_pipeline",
     "DoraAnalysisError": "dora_analysis.errors",
     "InputError": "dora_analysis.errors",
 }

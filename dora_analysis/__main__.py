@@ -1,3 +1,3 @@
-from dora_analysis.cli import main
+from dora_analysis.commands.main import main
 
 raise SystemExit(main())

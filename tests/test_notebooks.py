@@ -8,7 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_series import make_runs
+from series_builders import make_runs
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -59,8 +59,8 @@ def summary_line(frame: pd.DataFrame) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dora_analysis.comparison import compare
-    from dora_analysis.output import write_frame
+    from dora_analysis.analysis.comparison import compare
+    from dora_analysis.views.tables import write_frame
 
     frame = compare(
         args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True, device=args.device

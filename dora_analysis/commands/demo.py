@@ -44,9 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dora_analysis.demo import DemoConfig, run_demo
+    from dora_analysis.commands.demo_pipeline import DemoConfig, run_demo
     from dora_analysis.errors import InputError
-    from dora_analysis.report import paper_comparison
+    from dora_analysis.views.report import paper_comparison
 
     for name in ("steps", "save_every", "threads"):
         value = getattr(args, name)

@@ -39,10 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dora_analysis.correlation import correlations
-    from dora_analysis.figures import write_figures
-    from dora_analysis.output import render
-    from dora_analysis.series import analyze_series, training_history
+    from dora_analysis.analysis.correlation import correlations
+    from dora_analysis.analysis.series import analyze_series, training_history
+    from dora_analysis.views.figures import write_figures
+    from dora_analysis.views.tables import render
 
     series = analyze_series(args.base, args.runs, method=args.method, progress=True)
     table = correlations(series)

@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dora_analysis.output import write_frame
-    from dora_analysis.series import analyze_series
+    from dora_analysis.analysis.series import analyze_series
+    from dora_analysis.views.tables import write_frame
 
     frame = analyze_series(
         args.base,

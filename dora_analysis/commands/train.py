@@ -22,7 +22,7 @@ def _targets(value: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dora_analysis.tasks import DEFAULT_TASK, TASKS
+    from dora_analysis.training.tasks import DEFAULT_TASK, TASKS
 
     parser.add_argument(
         "--method",

@@ -19,7 +19,7 @@ from dora_analysis.errors import InputError
 from dora_analysis.readers.adapter_config import read_adapter_config
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.merged import Entry, MergedReader, MergeTarget, StoredCopy
-from dora_analysis.tensor_names import match_names
+from dora_analysis.readers.names import match_names
 
 __all__ = ["MAGNITUDE_SUFFIX", "has_nvlabs_keys", "open_nvlabs_dora"]
 

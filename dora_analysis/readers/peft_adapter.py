@@ -18,7 +18,7 @@ from dora_analysis.readers.adapter_config import AdapterConfig, read_adapter_con
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.files import open_weight_file
 from dora_analysis.readers.merged import BiasTarget, Entry, MergedReader, MergeTarget, StoredCopy
-from dora_analysis.tensor_names import match_names
+from dora_analysis.readers.names import match_names
 
 __all__ = [
     "ADAPTER_FILES",

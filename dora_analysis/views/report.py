@@ -1,0 +1,247 @@
+"""report.md: the accuracy per method, the correlation table against the paper's, the figures.
+
+Pure text from DataFrames (:func:`render_report`); :func:`write_report` writes it atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dora_analysis.schema import method_label, method_order
+
+__all__ = ["PAPER_R", "accuracy_table", "paper_comparison", "render_report", "write_report"]
+
+#: Pearson r of (ΔD, ΔM) the paper reports (Section 3.2, Figure 2, query matrices of VL-BART).
+PAPER_R = {"ft": -0.62, "lora": 0.83, "dora": -0.31}
+
+
+def accuracy_table(history: pd.DataFrame, metric: str = "eval_accuracy") -> pd.DataFrame:
+    """Per run: the metric before training (step 0), at the last step, and the best, with steps.
+
+    Args:
+        history: :func:`dora_analysis.analysis.series.training_history` (``run``, ``method``, ``step``, ``metric``).
+    Returns:
+        Columns ``method``, ``run``, ``steps``, ``untrained``, ``final``, ``best``, ``best_step``;
+        methods in paper order.
+    """
+    rows = []
+    if metric not in history.columns:
+        return pd.DataFrame(columns=["method", "run", "steps", "untrained", "final", "best", "best_step"])
+    for run, group in history[history[metric].notna()].groupby("run", sort=False):
+        group = group.sort_values("step")
+        at_zero = group.loc[group["step"] == 0, metric]
+        best = group.loc[group[metric].idxmax()]
+        rows.append(
+            {
+                "method": group["method"].iloc[0],
+                "run": run,
+                "steps": int(group["step"].max()),
+                "untrained": float(at_zero.iloc[0]) if len(at_zero) else math.nan,
+                "final": float(group[metric].iloc[-1]),
+                "best": float(best[metric]),
+                "best_step": int(best["step"]),
+            }
+        )
+    table = pd.DataFrame(rows, columns=["method", "run", "steps", "untrained", "final", "best", "best_step"])
+    rank = {m: i for i, m in enumerate(method_order(table["method"]))}
+    return table.sort_values("method", key=lambda s: s.map(rank), kind="stable").reset_index(drop=True)
+
+
+def paper_comparison(table: pd.DataFrame, module: str = "query") -> pd.DataFrame:
+    """Our pooled r for ``module`` beside the paper's, and whether the sign (and value) reproduce.
+
+    ``verdict``: ``"reproduced"`` (same sign and the paper's value inside our 95% interval),
+    ``"same sign"`` (same sign, the paper's value outside the interval), ``"not reproduced"``
+    (opposite sign or zero), ``"no data"``.
+    """
+    rows = []
+    for method, paper in PAPER_R.items():
+        ours = table[(table["method"] == method) & (table["module"] == module)]
+        if ours.empty or not np.isfinite(ours["r"].iloc[0]):
+            rows.append(
+                {
+                    "method": method,
+                    "paper_r": paper,
+                    "our_r": math.nan,
+                    "r_low": math.nan,
+                    "r_high": math.nan,
+                    "verdict": "no data",
+                }
+            )
+            continue
+        r, low, high = (float(ours[c].iloc[0]) for c in ("r", "r_low", "r_high"))
+        if np.sign(r) != np.sign(paper):
+            verdict = "not reproduced"
+        elif np.isfinite(low) and low <= paper <= high:
+            verdict = "reproduced"
+        else:
+            verdict = "same sign"
+        rows.append(
+            {"method": method, "paper_r": paper, "our_r": r, "r_low": low, "r_high": high, "verdict": verdict}
+        )
+    return pd.DataFrame(rows)
+
+
+def _markdown(frame: pd.DataFrame, formats: Mapping[str, str] | None = None) -> str:
+    """A GitHub markdown table; float columns formatted with ``formats[col]`` (default ``.4g``)."""
+    formats = dict(formats or {})
+
+    def cell(column: str, value: object) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "-"
+        if isinstance(value, float | np.floating):
+            return format(float(value), formats.get(column, ".4g"))
+        return str(value)
+
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = [
+        "| " + " | ".join(cell(c, v) for c, v in zip(frame.columns, row, strict=True)) + " |"
+        for row in frame.itertuples(index=False)
+    ]
+    return "\n".join([header, rule, *body])
+
+
+def _interval(row: pd.Series) -> str:
+    if not np.isfinite(row["r"]):
+        return "-"
+    if not np.isfinite(row["r_low"]):
+        return f"{row['r']:+.2f}"
+    return f"{row['r']:+.2f} [{row['r_low']:+.2f}, {row['r_high']:+.2f}]"
+
+
+def _correlation_markdown(table: pd.DataFrame) -> str:
+    shown = pd.DataFrame(
+        {
+            "method": table["method"].map(method_label),
+            "module": table["module"],
+            "n": table["n"],
+            "steps x layers": [
+                f"{s} x {lay}" for s, lay in zip(table["steps"], table["layers"], strict=True)
+            ],
+            "r [95% CI]": [_interval(row) for _, row in table.iterrows()],
+            "slope": table["slope"],
+            "r within step": table["r_within_step"],
+            "r within layer": table["r_within_layer"],
+            "paper r": [
+                PAPER_R.get(m, math.nan) if mod == "query" else math.nan
+                for m, mod in zip(table["method"], table["module"], strict=True)
+            ],
+        }
+    )
+    return _markdown(
+        shown, {"slope": ".3g", "r within step": "+.2f", "r within layer": "+.2f", "paper r": "+.2f"}
+    )
+
+
+def _final_step_markdown(series: pd.DataFrame, modules: Sequence[str]) -> str:
+    key = "run" if "run" in series.columns else "method"
+    last = series[series["step"] == series.groupby(key)["step"].transform("max")]
+    last = last[last["module"].isin(modules)]
+    summary = (
+        last.groupby(["method", "module"], sort=False)[["delta_magnitude", "delta_direction"]]
+        .mean()
+        .reset_index()
+    )
+    rank = {m: i for i, m in enumerate(method_order(summary["method"]))}
+    summary = summary.sort_values(
+        ["method", "module"], key=lambda s: s.map(rank) if s.name == "method" else s
+    )
+    summary["method"] = summary["method"].map(method_label)
+    summary = summary.rename(columns={"delta_magnitude": "mean ΔM", "delta_direction": "mean ΔD"})
+    return _markdown(summary, {"mean ΔM": ".3g", "mean ΔD": ".3g"})
+
+
+def render_report(
+    series: pd.DataFrame,
+    table: pd.DataFrame,
+    accuracy: pd.DataFrame,
+    figures: Mapping[str, Sequence[Path]] | None = None,
+    relative_to: str | os.PathLike | None = None,
+    context: Sequence[str] = (),
+    majority_accuracy: float | None = None,
+) -> str:
+    """The markdown text of report.md.
+
+    Args:
+        series: :func:`~dora_analysis.analyze_series`.
+        table: :func:`~dora_analysis.analysis.correlations` of ``series``.
+        accuracy: :func:`accuracy_table`.
+        figures: ``{name: [paths]}`` from :func:`dora_analysis.views.figures.write_figures`; PNGs are embedded.
+        relative_to: the report's folder, so figure links are relative to it.
+        context: lines describing the run (model, task, steps, time), shown as a list.
+        majority_accuracy: the held-out accuracy of always answering the commonest label.
+    """
+    out: list[str] = ["# DoRA weight-decomposition analysis", ""]
+    if context:
+        out += [f"- {line}" for line in context] + [""]
+
+    out += ["## Accuracy per method", ""]
+    if accuracy.empty:
+        out += ["(no evaluation was logged)", ""]
+    else:
+        shown = accuracy.assign(method=accuracy["method"].map(method_label))
+        out += [_markdown(shown, {c: ".3f" for c in ("untrained", "final", "best")}), ""]
+        if majority_accuracy is not None:
+            out += [f"Always answering the commonest label scores {majority_accuracy:.3f}.", ""]
+
+    out += [
+        "## Correlation of magnitude and direction change",
+        "",
+        "One point per weight matrix per checkpoint: x = ΔD (mean 1 - cos per output unit), y = ΔM (mean "
+        "|m - m0| per output unit). `r` is Pearson's r pooled over all layers and steps, with a 95% "
+        "percentile bootstrap interval (2000 resamples, seed 0); `slope` is the least-squares slope of ΔM "
+        "on ΔD; `r within step` / `r within layer` are r after centring both on their per-step / "
+        "per-layer means (between-layer differences vs. joint movement over training).",
+        "",
+        _correlation_markdown(table),
+        "",
+    ]
+    comparison = paper_comparison(table)
+    if not comparison.empty:
+        out += ["### Against the paper (query matrices, Figure 2)", ""]
+        for row in comparison.itertuples(index=False):
+            if row.verdict == "no data":
+                out.append(f"- {method_label(row.method)}: paper r = {row.paper_r:+.2f}; no data here.")
+                continue
+            out.append(
+                f"- {method_label(row.method)}: paper r = {row.paper_r:+.2f}, ours r = {row.our_r:+.2f} "
+                f"[{row.r_low:+.2f}, {row.r_high:+.2f}]: **{row.verdict}**."
+            )
+        out.append("")
+
+    modules = sorted(set(table["module"])) if not table.empty else []
+    paper_modules = [m for m in ("query", "value") if m in modules] or modules
+    if len(series) and paper_modules:
+        out += [
+            "## Change at the final step (Figure 3 / 8)",
+            "",
+            _final_step_markdown(series, paper_modules),
+            "",
+        ]
+
+    if figures:
+        out += ["## Figures", ""]
+        base = Path(relative_to) if relative_to is not None else None
+        for name, paths in figures.items():
+            png = [p for p in paths if Path(p).suffix == ".png"]
+            if not png:
+                continue
+            link = Path(png[0])
+            if base is not None:
+                link = Path(os.path.relpath(link, base))
+            out += [f"### {name.replace('_', ' ')}", "", f"![{name}]({link.as_posix()})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_report(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:
+    """Write ``text`` to ``path`` atomically; refuses to replace a file unless ``overwrite``."""
+    from dora_analysis.views.tables import atomic_write
+
+    return atomic_write(path, text, overwrite=overwrite)

