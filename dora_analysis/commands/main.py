@@ -13,7 +13,7 @@ import sys
 
 from dora_analysis.errors import DoraAnalysisError
 
-COMMANDS = ("compare", "series", "figures", "train", "demo")
+COMMANDS = ("compare", "series", "figures", "train", "demo", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:

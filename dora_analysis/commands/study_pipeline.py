@@ -1,0 +1,328 @@
+"""When does the paper's sign appear? Train a grid of runs, analyse each series every way, summarise.
+
+The grid varies one factor at a time from a base configuration (all on the default MiniLM task):
+training length and the checkpoint window, learning rate, weight decay, optimizer, targets and rank,
+each for FT, LoRA and DoRA (targets and rank only concern LoRA/DoRA) and for several seeds. Every
+run's checkpoints are measured in each convention of :mod:`dora_analysis.analysis.conventions`, and
+the correlation of ΔM on ΔD is reported per configuration, method, module, convention and window.
+
+Layout of the output folder::
+
+    OUT/runs/<cell>/<method>-seed<k>/   one training run (run.json + checkpoint-<step>/)
+    OUT/points.csv                      one row per (cell, run, convention, step, tensor): ΔM, ΔD
+    OUT/study.csv                       one row per (cell, window, method, module, convention)
+    OUT/figures/sign_map_<module>.png   r by configuration and convention, one panel per method
+    OUT/report.md                       the summary
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dora_analysis.errors import InputError
+from dora_analysis.schema import METHODS
+
+__all__ = ["Cell", "StudyConfig", "StudyPlan", "study_plan", "run_study", "RESULT_FILES"]
+
+RESULT_FILES = ("report.md", "study.csv", "points.csv", "figures")
+MODULES = ("query", "value")  # the paper's Figures 2 and 7
+ADAPTER_METHODS = ("lora", "dora")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the grid: a factor at one value, everything else as in the base."""
+
+    name: str  # a short folder-safe name, e.g. "wd-0.1"
+    factor: str  # what varies: "base", "learning rate", "weight decay", "optimizer", "targets", "rank"
+    value: str  # its value, as shown in the report
+    overrides: dict = field(default_factory=dict)  # TrainConfig fields that differ from the base
+    methods: tuple[str, ...] = METHODS
+    lr_by_method: dict = field(default_factory=dict)  # a learning rate per method, where it differs
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """The grid and schedule the study trains and the checkpoint windows it analyses."""
+
+    cells: tuple[Cell, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    save_every: int
+    windows: dict[str, tuple[int, ...]]  # name -> steps; "paper" (3 intermediate + final) for every cell
+    base_only_windows: tuple[str, ...]  # windows analysed for the base cell only
+    train: dict  # TrainConfig fields shared by every run (max_length, example limits)
+
+
+@dataclass
+class StudyConfig:
+    """The study job."""
+
+    out: Path = Path("dora_study")
+    quick: bool = False  # a small grid of short runs (a few minutes), to try it or test it
+    overwrite: bool = False  # replace the results (not the runs) of an earlier study in ``out``
+    model: Path | None = None  # local encoder folder; None: the packaged all-MiniLM-L6-v2
+    device: str | None = None  # where the analysis runs (e.g. "cuda"); training stays as configured
+    seeds: tuple[int, ...] | None = None  # None: the plan's
+    threads: int | None = None  # torch CPU threads while training
+
+
+def study_plan(quick: bool = False, seeds: tuple[int, ...] | None = None) -> StudyPlan:
+    """The grid: the base configuration and one cell per factor value.
+
+    The full grid is 11 cells (66 runs of 160 steps with 8 checkpoints each); ``quick`` is the base
+    and one weight-decay cell, 2 seeds, 8 steps.
+    """
+    base = Cell("base", "base", "AdamW, default lr, wd 0, query/value, r 8")
+    if quick:
+        cells = (base, Cell("wd-0.1", "weight decay", "0.1", {"weight_decay": 0.1}))
+        steps, every = 8, 2
+        windows = {"paper": (2, 4, 6, 8), "early": (2, 4), "late": (6, 8)}
+        train = {"max_length": 16, "max_train_examples": 48, "max_eval_examples": 24}
+        return StudyPlan(cells, seeds or (0, 1), steps, every, windows, ("early", "late"), train)
+    all_linear = ("query", "key", "value", "dense")  # every Linear of BERT's blocks (and the pooler)
+    cells = (
+        base,
+        Cell("lr-x0.3", "learning rate", "x0.3", lr_by_method={"ft": 3e-5, "lora": 1e-3, "dora": 1e-3}),
+        Cell("lr-x3", "learning rate", "x3", lr_by_method={"ft": 3e-4, "lora": 1e-2, "dora": 1e-2}),
+        Cell("wd-0.01", "weight decay", "0.01", {"weight_decay": 0.01}),
+        Cell("wd-0.1", "weight decay", "0.1", {"weight_decay": 0.1}),
+        Cell(
+            "sgd",
+            "optimizer",
+            "SGD, momentum 0.9",
+            {"optimizer": "sgd"},
+            lr_by_method={"ft": 0.01, "lora": 0.1, "dora": 0.1},
+        ),
+        Cell("targets-all", "targets", "all linear", {"targets": all_linear}, ADAPTER_METHODS),
+        Cell("rank-32", "rank", "32 (alpha 64)", {"rank": 32, "alpha": 64.0}, ADAPTER_METHODS),
+    )
+    windows = {"paper": (40, 80, 120, 160), "early": (20, 40, 60, 80), "late": (100, 120, 140, 160)}
+    return StudyPlan(cells, seeds or (0, 1, 2), 160, 20, windows, ("early", "late"), {"max_length": 32})
+
+
+def _check_out(config: StudyConfig) -> None:
+    if config.out.exists() and not config.out.is_dir():
+        raise InputError.of(config.out, "exists and is not a folder")
+    existing = [config.out / n for n in RESULT_FILES if (config.out / n).exists()]
+    if existing and not config.overwrite:
+        raise InputError.of(
+            config.out,
+            f"already holds study results ({existing[0].name}, ...); pass --overwrite to replace them",
+        )
+
+
+def _run_dir(out: Path, cell: Cell, method: str, seed: int) -> Path:
+    return out / "runs" / cell.name / f"{method}-seed{seed}"
+
+
+def _completed(run: Path, steps: int) -> bool:
+    """A run an earlier (interrupted) study finished: reused, so the study can be resumed."""
+    try:
+        record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return record.get("status") == "completed" and record.get("config", {}).get("steps") == steps
+
+
+def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
+    """Train the grid (reusing completed runs), analyse it, write study.csv, figures and report.md.
+
+    Returns:
+        The study table (``study.csv``).
+    Raises:
+        InputError: ``config.out`` already holds results and ``config.overwrite`` is False.
+    """
+    from tqdm.auto import tqdm
+
+    from dora_analysis.training import TrainConfig, train
+
+    config = dataclasses.replace(config, out=Path(config.out))
+    plan = study_plan(config.quick, config.seeds)
+    _check_out(config)
+    started = time.perf_counter()
+    jobs = [(c, m, s) for c in plan.cells for m in c.methods for s in plan.seeds]
+    bar = tqdm(
+        total=len(jobs) * plan.steps, desc="study: train", unit="step", file=sys.stderr, disable=not progress
+    )
+    runs: list[tuple[Cell, str, int, Path]] = []
+    try:
+        for cell, method, seed in jobs:
+            run = _run_dir(config.out, cell, method, seed)
+            if not _completed(run, plan.steps):
+                fields = {**plan.train, **cell.overrides}
+                train(
+                    TrainConfig(
+                        method=method,
+                        out=run,
+                        model=config.model,
+                        steps=plan.steps,
+                        save_every=plan.save_every,
+                        seed=seed,
+                        threads=config.threads,
+                        lr=cell.lr_by_method.get(method),
+                        overwrite=True,  # only an incomplete run of ours is ever here
+                        **fields,
+                    ),
+                    progress=bar.update,
+                )
+            else:
+                bar.update(plan.steps)
+            runs.append((cell, method, seed, run))
+    finally:
+        bar.close()
+    points = study_points(runs, plan, device=config.device, progress=progress)
+    table = study_table(points, plan)
+    _write_results(config, plan, points, table, time.perf_counter() - started)
+    return table
+
+
+def study_points(
+    runs: list[tuple[Cell, str, int, Path]],
+    plan: StudyPlan,
+    device: str | None = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """ΔM and ΔD of every run's checkpoints in every convention, one row per (run, convention, step, tensor).
+
+    The ``paper`` convention comes from the toolkit's own analysis (:func:`~dora_analysis.analyze_series`);
+    the others are measured on the same merged weights, in float64, by
+    :func:`~dora_analysis.analysis.conventions.convention_deltas`.
+    """
+    from dora_analysis.analysis.series import analyze_series
+
+    frames = []
+    for cell, method, seed, run in runs:
+        series = analyze_series(None, [run], method=method, include=_module_pattern(), device=device)
+        series = series[series["module"].isin(MODULES)]
+        series = series.assign(cell=cell.name, factor=cell.factor, value=cell.value, seed=seed)
+        frames.append(series.assign(convention="paper"))
+        frames.append(_other_conventions(series, run))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _module_pattern() -> str:
+    return r"(^|\.)(" + "|".join(MODULES) + r")\.weight$"
+
+
+def _other_conventions(series: pd.DataFrame, run: Path) -> pd.DataFrame:
+    """The non-paper conventions for every row of one run's ``series`` (same steps and tensors)."""
+    from dora_analysis.analysis.comparison import select_tensors
+    from dora_analysis.analysis.conventions import CONVENTIONS, MERGE_SCALED, convention_deltas
+    from dora_analysis.readers import open_checkpoint
+    from dora_analysis.readers.merge import merge_low_rank
+
+    base = _base_of(run)
+    rows = []
+    with open_checkpoint(base) as base_reader:
+        for checkpoint, part in series.groupby("checkpoint", sort=False):
+            with open_checkpoint(Path(checkpoint), base=base_reader) as tuned:
+                pairs = select_tensors(base_reader, tuned, include=_module_pattern()).pairs
+                for row in part.itertuples(index=False):
+                    tuned_name = pairs[row.tensor]  # ``tensor`` is the base's name
+                    w0 = base_reader.get(row.tensor)
+                    update = tuned.low_rank(tuned_name)
+                    scaled = tuned.get(tuned_name)
+                    for convention in CONVENTIONS[1:]:
+                        w = scaled
+                        if update is not None and not MERGE_SCALED[convention]:
+                            w = merge_low_rank(w0, dataclasses.replace(update, scale=1.0))
+                        dm, dd = convention_deltas(w0, w, convention)
+                        rows.append(
+                            {
+                                **row._asdict(),
+                                "convention": convention,
+                                "delta_magnitude": dm,
+                                "delta_direction": dd,
+                            }
+                        )
+    return pd.DataFrame(rows, columns=[*series.columns, "convention"])
+
+
+def _base_of(run: Path) -> Path:
+    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    return Path(record["base_model"])
+
+
+def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
+    """One row per (cell, window, method, module, convention): pooled r over seeds and its spread.
+
+    ``r``, ``r_low``/``r_high`` (the interval), ``slope``, ``r_within_step`` and ``r_within_layer``
+    come from :func:`~dora_analysis.correlations` over the seeds' points together; ``r_seed_min``,
+    ``r_seed_mean`` and ``r_seed_max`` are each seed's own r, so the spread across seeds stands
+    beside the interval. ``accuracy`` is the mean held-out accuracy at the window's last step.
+    """
+    from dora_analysis.analysis.correlation import correlations
+
+    rows = []
+    for (cell, convention), group in points.groupby(["cell", "convention"], sort=False):
+        windows = ["paper"] + (list(plan.base_only_windows) if cell == "base" else [])
+        for window in windows:
+            steps = plan.windows[window]
+            part = group[group["step"].isin(steps)]
+            if part.empty:
+                continue
+            pooled = correlations(part)
+            per_seed = pd.concat(
+                [correlations(p).assign(seed=s) for s, p in part.groupby("seed")], ignore_index=True
+            )
+            last = part[part["step"] == max(steps)]
+            for stats in pooled.itertuples(index=False):
+                seeds = per_seed[(per_seed["method"] == stats.method) & (per_seed["module"] == stats.module)][
+                    "r"
+                ]
+                accuracy = last[last["method"] == stats.method].groupby("seed")["eval_metric"].first()
+                first = group.iloc[0]
+                rows.append(
+                    {
+                        "cell": cell,
+                        "factor": first["factor"],
+                        "value": first["value"],
+                        "window": window,
+                        "steps": " ".join(str(s) for s in steps),
+                        "method": stats.method,
+                        "module": stats.module,
+                        "convention": convention,
+                        "n": stats.n,
+                        "seeds": int(seeds.size),
+                        "r": stats.r,
+                        "r_low": stats.r_low,
+                        "r_high": stats.r_high,
+                        "r_seed_min": seeds.min(),
+                        "r_seed_mean": seeds.mean(),
+                        "r_seed_max": seeds.max(),
+                        "slope": stats.slope,
+                        "r_within_step": stats.r_within_step,
+                        "r_within_layer": stats.r_within_layer,
+                        "accuracy": accuracy.mean() if accuracy.size else float("nan"),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _write_results(
+    config: StudyConfig, plan: StudyPlan, points: pd.DataFrame, table: pd.DataFrame, seconds: float
+) -> None:
+    from dora_analysis.views.study import render_study_report, write_sign_maps
+    from dora_analysis.views.tables import atomic_write
+
+    out, overwrite = config.out, config.overwrite
+    atomic_write(out / "points.csv", points.to_csv(index=False), overwrite=overwrite)
+    atomic_write(out / "study.csv", table.to_csv(index=False), overwrite=overwrite)
+    figures = write_sign_maps(table, out / "figures", overwrite=overwrite)
+    context = [
+        f"Grid: {len(plan.cells)} configurations x FT/LoRA/DoRA x {len(plan.seeds)} seeds "
+        f"({len(points.groupby(['cell', 'method', 'seed']))} runs), {plan.steps} steps each, a checkpoint "
+        f"every {plan.save_every}" + (" (quick)" if config.quick else ""),
+        "Windows: " + "; ".join(f"{k} = steps {', '.join(map(str, v))}" for k, v in plan.windows.items()),
+        f"Whole job {seconds / 60:.1f} min",
+    ]
+    text = render_study_report(table, figures, relative_to=out, context=context)
+    atomic_write(out / "report.md", text, overwrite=overwrite)

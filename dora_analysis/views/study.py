@@ -1,0 +1,182 @@
+"""The study's views: the sign map (r by configuration and convention, per method) and report.md.
+
+Both consume the study table (``study.csv``, see ``commands/study_pipeline.py``); nothing here
+computes a statistic.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dora_analysis.schema import method_label, method_order
+from dora_analysis.views.figures import _pyplot, figure_style, save_figure
+from dora_analysis.views.report import _markdown
+
+__all__ = ["configuration_labels", "sign_map_figure", "write_sign_maps", "sign_flips", "render_study_report"]
+
+
+def configuration_labels(table: pd.DataFrame) -> pd.Series:
+    """One label per row: ``base (paper window)``, ``weight decay: 0.1``, ... in the table's order."""
+    base = table["cell"] == "base"
+    return pd.Series(
+        np.where(base, "base, " + table["window"] + " window", table["factor"] + ": " + table["value"]),
+        index=table.index,
+    )
+
+
+def sign_map_figure(table: pd.DataFrame, module: str = "query"):
+    """r of ΔM on ΔD for one module: rows = configurations, columns = conventions, a panel per method.
+
+    Each cell shows the r pooled over seeds and, below it, the range of the seeds' own r. Red is
+    positive (LoRA's sign in the paper), blue negative (FT's and DoRA's).
+    """
+    plt = _pyplot()
+    data = table[table["module"] == module].assign(configuration=lambda t: configuration_labels(t))
+    methods = method_order(data["method"])
+    rows = list(dict.fromkeys(data["configuration"]))
+    conventions = list(dict.fromkeys(data["convention"]))
+    with figure_style():
+        fig, axes = plt.subplots(
+            1,
+            len(methods),
+            figsize=(1.6 + 1.9 * len(conventions) * len(methods), 1.4 + 0.55 * len(rows)),
+            squeeze=False,
+            sharey=True,
+        )
+        for ax, method in zip(axes[0], methods, strict=True):
+            part = data[data["method"] == method].set_index(["configuration", "convention"])
+            grid = np.full((len(rows), len(conventions)), np.nan)
+            for i, row in enumerate(rows):
+                for j, convention in enumerate(conventions):
+                    if (row, convention) in part.index:
+                        stats = part.loc[(row, convention)]
+                        grid[i, j] = stats["r"]
+                        label = f"{stats['r']:+.2f}"
+                        if stats["seeds"] > 1 and np.isfinite(stats["r_seed_min"]):
+                            label += f"\n{stats['r_seed_min']:+.2f}..{stats['r_seed_max']:+.2f}"
+                        dark = abs(stats["r"]) > 0.55  # the colour map is dark at both ends
+                        ax.text(
+                            j,
+                            i,
+                            label,
+                            ha="center",
+                            va="center",
+                            fontsize=8,
+                            color="white" if dark else "black",
+                        )
+            image = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+            ax.set_xticks(
+                range(len(conventions)), [c.replace("_", " ") for c in conventions], rotation=30, ha="right"
+            )
+            ax.set_yticks(range(len(rows)), rows)
+            ax.grid(False)
+            ax.set_title(method_label(method))
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Pearson r of ΔM on ΔD")
+        fig.suptitle(f"When does the paper's sign appear? ({module})", y=1.06)
+    return fig
+
+
+def write_sign_maps(
+    table: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = ("png", "pdf"),
+    overwrite: bool = False,
+) -> dict[str, list[Path]]:
+    """``sign_map_<module>`` for every module in ``table``; returns ``{name: [paths]}``."""
+    written = {}
+    for module in dict.fromkeys(table["module"]):
+        fig = sign_map_figure(table, module)
+        written[f"sign_map_{module}"] = save_figure(
+            fig, Path(out_dir) / f"sign_map_{module}", formats, overwrite
+        )
+        _pyplot().close(fig)
+    return written
+
+
+def sign_flips(table: pd.DataFrame, module: str = "query", convention: str = "paper") -> pd.DataFrame:
+    """Configurations whose r has the other sign than the base's (paper window), with their intervals.
+
+    ``decided`` is True where the interval of the configuration excludes zero, so the flip is not
+    within the noise.
+    """
+    data = table[(table["module"] == module) & (table["convention"] == convention)]
+    base = data[(data["cell"] == "base") & (data["window"] == "paper")].set_index("method")["r"]
+    rows = []
+    for row in data.itertuples(index=False):
+        if row.method not in base.index or (row.cell == "base" and row.window == "paper"):
+            continue
+        if np.sign(row.r) != np.sign(base[row.method]):
+            rows.append(
+                {
+                    "method": row.method,
+                    "configuration": configuration_labels(pd.DataFrame([row._asdict()])).iloc[0],
+                    "base r": base[row.method],
+                    "r": row.r,
+                    "interval": f"[{row.r_low:+.2f}, {row.r_high:+.2f}]",
+                    "decided": bool(row.r_low > 0 or row.r_high < 0),
+                }
+            )
+    return pd.DataFrame(rows, columns=["method", "configuration", "base r", "r", "interval", "decided"])
+
+
+def _with_spread(row: pd.Series) -> str:
+    if not math.isfinite(row["r"]):
+        return "-"
+    text = f"{row['r']:+.2f} [{row['r_low']:+.2f}, {row['r_high']:+.2f}]"
+    if row["seeds"] > 1:
+        text += f" (seeds {row['r_seed_min']:+.2f}..{row['r_seed_max']:+.2f})"
+    return text
+
+
+def render_study_report(
+    table: pd.DataFrame,
+    figures: Mapping[str, Sequence[Path]] | None = None,
+    relative_to: str | os.PathLike | None = None,
+    context: Sequence[str] = (),
+) -> str:
+    """report.md of the study: the summary table, the sign flips, the conventions, the sign maps."""
+    lines = ["# When does the paper's sign appear?", ""]
+    lines += [f"- {line}" for line in context] + [""]
+    lines += [
+        "Paper (VL-BART, query): FT r = -0.62, LoRA +0.83, DoRA -0.31. Each cell below: Pearson r of ΔM",
+        "on ΔD pooled over layers, checkpoints and seeds [95% interval] (the range of the seeds' own r).",
+        "",
+    ]
+    for module in dict.fromkeys(table["module"]):
+        paper = table[(table["module"] == module) & (table["convention"] == "paper")].copy()
+        paper["configuration"] = configuration_labels(paper)
+        paper["text"] = paper.apply(_with_spread, axis=1)
+        wide = paper.pivot_table(
+            index="configuration", columns="method", values="text", aggfunc="first", sort=False
+        )
+        wide = wide[[m for m in method_order(wide.columns)]].rename(columns=method_label).reset_index()
+        lines += [f"## {module}: the paper's convention", "", _markdown(wide), ""]
+        flips = sign_flips(table, module)
+        lines += [f"### {module}: configurations whose sign differs from the base's", ""]
+        lines += [
+            _markdown(flips) if not flips.empty else "None: every configuration keeps the base's sign.",
+            "",
+        ]
+        base = table[
+            (table["module"] == module) & (table["cell"] == "base") & (table["window"] == "paper")
+        ].copy()
+        base["text"] = base.apply(_with_spread, axis=1)
+        conventions = base.pivot_table(
+            index="convention", columns="method", values="text", aggfunc="first", sort=False
+        )
+        conventions = conventions[[m for m in method_order(conventions.columns)]].rename(columns=method_label)
+        lines += [f"### {module}: the same base runs measured the ways public scripts did", ""]
+        lines += [_markdown(conventions.reset_index()), ""]
+    for name, paths in (figures or {}).items():
+        png = [p for p in paths if Path(p).suffix == ".png"]
+        if png:
+            target = Path(png[0])
+            shown = os.path.relpath(target, relative_to) if relative_to else str(target)
+            lines += [f"![{name}]({shown})", ""]
+    return "\n".join(lines)

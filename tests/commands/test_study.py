@@ -1,0 +1,83 @@
+"""study --quick on a tiny encoder: the grid is trained, measured every way, summarised; runs are reused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from tiny_models import save_tiny_encoder
+
+from dora_analysis.analysis.conventions import convention_deltas
+from dora_analysis.commands.main import main
+from dora_analysis.readers import open_checkpoint
+from dora_analysis.readers.merge import merge_low_rank
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    model = save_tiny_encoder(root / "tiny")
+    out = root / "study"
+    assert (
+        main(["study", "--quick", "--out", str(out), "--model", str(model), "--quiet", "--threads", "1"]) == 0
+    )
+    return out
+
+
+def test_quick_study_writes_the_table_figures_and_report(quick_study):
+    table = pd.read_csv(quick_study / "study.csv")
+    assert set(table["method"]) == {"ft", "lora", "dora"}
+    assert set(table["convention"]) == {"paper", "column_cosine", "signed_magnitude", "no_scale"}
+    assert set(table["module"]) == {"query", "value"}
+    base = table[table["cell"] == "base"]
+    assert set(base["window"]) == {"paper", "early", "late"}
+    assert set(table[table["cell"] != "base"]["window"]) == {"paper"}
+    assert (table["seeds"] == 2).all()
+    assert (table["r_seed_min"] <= table["r_seed_max"] + 1e-12).all()
+    assert table["accuracy"].between(0, 1).all()
+    assert (quick_study / "figures" / "sign_map_query.png").stat().st_size > 10_000
+    report = (quick_study / "report.md").read_text()
+    assert "## query: the paper's convention" in report and "sign_map_query.png" in report
+
+
+def test_every_convention_is_measured_on_the_same_merged_weights(quick_study):
+    points = pd.read_csv(quick_study / "points.csv")
+    paper = points[points["convention"] == "paper"].set_index(["run", "step", "tensor"])
+    for convention in ("column_cosine", "signed_magnitude", "no_scale"):
+        other = points[points["convention"] == convention].set_index(["run", "step", "tensor"])
+        assert sorted(other.index) == sorted(paper.index)
+    # An independent recomputation of a few points: the toolkit's own path (paper) and the
+    # conventions module (every other) read the same checkpoint.
+    checked = 0
+    for row in points.groupby("convention").head(3).itertuples(index=False):
+        base = json.loads((Path(row.checkpoint).parent / "run.json").read_text())["base_model"]
+        with open_checkpoint(base) as b, open_checkpoint(Path(row.checkpoint), base=b) as tuned:
+            name = next(n for n in tuned.names() if n.endswith(row.tensor))
+            w0, w, update = b.get(row.tensor), tuned.get(name), tuned.low_rank(name)
+            if row.convention == "no_scale" and update is not None:
+                w = merge_low_rank(w0, dataclasses.replace(update, scale=1.0))
+            expected = convention_deltas(w0, w, "paper" if row.convention == "no_scale" else row.convention)
+        assert (row.delta_magnitude, row.delta_direction) == pytest.approx(expected, rel=1e-6, abs=1e-12)
+        checked += 1
+    assert checked == 12
+    # FT has no scale to drop; LoRA merged without alpha/r = 16/8 = 2 moves half as far.
+    ft = points[points["method"] == "ft"].pivot_table(
+        index=["run", "step", "tensor"], columns="convention", values="delta_direction"
+    )
+    assert ft["no_scale"].to_numpy() == pytest.approx(ft["paper"].to_numpy(), rel=1e-6)
+    lora = points[(points["method"] == "lora") & (points["delta_direction"] > 0)]
+    lora = lora.pivot_table(index=["run", "step", "tensor"], columns="convention", values="delta_direction")
+    assert (lora["no_scale"] < lora["paper"]).mean() > 0.9
+
+
+def test_a_second_study_reuses_the_runs_and_refuses_to_overwrite_results(quick_study, capsys):
+    model = str(quick_study.parent / "tiny")
+    args = ["study", "--quick", "--out", str(quick_study), "--model", model, "--quiet"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    stamps = {p: p.stat().st_mtime_ns for p in (quick_study / "runs").rglob("run.json")}
+    assert main([*args, "--overwrite"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (quick_study / "runs").rglob("run.json")} == stamps
