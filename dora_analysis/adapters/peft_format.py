@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from dora_analysis.adapters.inject import (
     inject_adapters,
     matches_target,
 )
-from dora_analysis.atomic import atomic_path
+from dora_analysis.atomic import fsync, temporary_name
 from dora_analysis.errors import InputError
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
@@ -80,9 +81,34 @@ def _in_module_to_save(name: str, module_to_save: str) -> bool:
     return re.match(rf"(^|.*\.){re.escape(module_to_save)}($|\..*)", name) is not None
 
 
-def _atomic_write(path: Path, write) -> None:
-    with atomic_path(path) as temporary:
-        write(str(temporary))
+def _write_adapter_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write the weights and the config into a temporary folder, then rename it to ``folder`` once.
+
+    Where ``folder`` already holds other files (a rename cannot replace a non-empty folder), the
+    config is the commit mark: the old config goes first, the new weights next, the new config last,
+    so a crash leaves no config (not an adapter) or a matching pair, never new weights with an old
+    config.
+    """
+    from safetensors.torch import save_file
+
+    staging = folder.parent / temporary_name()
+    os.mkdir(staging, 0o777)  # the umask applies, as for a plain mkdir
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            fsync(staging / name)
+        if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+            os.replace(staging, folder)  # one rename: both files appear together
+        else:
+            (folder / CONFIG_NAME).unlink(missing_ok=True)
+            os.replace(staging / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+            fsync(folder, folder=True)
+            os.replace(staging / CONFIG_NAME, folder / CONFIG_NAME)
+            fsync(folder, folder=True)
+        fsync(folder.parent, folder=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_adapter(
@@ -103,7 +129,6 @@ def save_adapter(
         base_model_name_or_path: recorded in the config for PEFT.
         task_type: PEFT's task type to record (default None, see the module docstring).
     """
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     wrappers = adapter_modules(model)
@@ -162,12 +187,8 @@ def save_adapter(
         "exclude_modules": None,
         "revision": None,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    # Weights first: a folder with a config always has its weights.
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(
-        folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True))
-    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _write_adapter_folder(folder, tensors, config)
     return folder
 
 

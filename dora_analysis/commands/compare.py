@@ -11,6 +11,14 @@ import sys
 
 import pandas as pd
 
+from dora_analysis.commands.options import (
+    add_device_argument,
+    add_output_arguments,
+    add_selection_arguments,
+    prepare_output,
+    write_output,
+)
+
 __all__ = ["add_arguments", "run", "summary_line"]
 
 
@@ -18,25 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("base", help="pre-trained checkpoint (file or folder)")
     parser.add_argument("tuned", help="fine-tuned checkpoint, checkpoint-<step> folder or adapter folder")
     add_output_arguments(parser)
-    parser.add_argument(
-        "--include", metavar="REGEX", help="analyse tensors whose name matches (default: 2-D linear weights)"
-    )
-    parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
+    add_selection_arguments(parser)
     add_device_argument(parser)
-
-
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """``--device``, shared by the commands that analyse checkpoints."""
-    parser.add_argument(
-        "--device", metavar="DEVICE", help="analyse on this torch device, e.g. cuda or cuda:1 (default: CPU)"
-    )
-
-
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--format``, ``--output`` and ``--overwrite``, shared by the commands that print a table."""
-    parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    parser.add_argument("--output", metavar="FILE", help="write here (atomically) instead of stdout")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
 
 
 def summary_line(frame: pd.DataFrame) -> str:
@@ -60,12 +51,12 @@ def summary_line(frame: pd.DataFrame) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.comparison import compare
-    from dora_analysis.views.tables import write_frame
 
+    prepare_output(args, [args.base, args.tuned])
     frame = compare(
         args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True, device=args.device
     )
-    write_frame(frame, args.format, args.output, overwrite=args.overwrite)
+    write_output(frame, args)
     # Keep stdout parseable for csv/json: the summary goes to stderr there.
     stream = sys.stdout if args.format == "table" and args.output is None else sys.stderr
     print(summary_line(frame), file=stream)

@@ -120,6 +120,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
 
     from dora_analysis.analysis.correlation import correlations
     from dora_analysis.analysis.series import analyze_series, training_history
+    from dora_analysis.commands.interrupts import raise_if_interrupted
     from dora_analysis.training import TrainConfig, train
     from dora_analysis.views.figures import figure_modules, write_figures
     from dora_analysis.views.report import accuracy_table, render_report, write_report
@@ -167,6 +168,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
         history = training_history(list(runs.values()))
         accuracy = accuracy_table(history)
         overwrite = config.overwrite
+        raise_if_interrupted()  # a Ctrl-C swallowed during the kernel compile stops here
         files = [
             atomic_write(config.out / "series.csv", series.to_csv(index=False), overwrite=overwrite),
             atomic_write(config.out / "correlations.csv", table.to_csv(index=False), overwrite=overwrite),
@@ -175,6 +177,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
         bar.set_description("demo: figures")
         modules = figure_modules(series)
         bar.total = len(config.methods) * config.steps + n_tensors + 2 * len(modules) + 1
+        (config.out / "figures").mkdir(exist_ok=True)
         figures = write_figures(
             series,
             config.out / "figures",
