@@ -209,6 +209,8 @@ def prepare_output(args: argparse.Namespace, inputs: Iterable[str | os.PathLike]
     from dora_analysis.views.tables import format_for
 
     args.format = format_for(args.output, args.format)
+    if args.format == "parquet":
+        require_module("pyarrow")  # the [parquet] extra: say so before the analysis
     args.inputs = [str(p) for p in inputs]
     if args.output is not None:
         check_target(args.output, args.overwrite, args.inputs, what="--output")

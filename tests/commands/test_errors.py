@@ -194,18 +194,25 @@ def _python(code: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-WITHOUT_TRAIN_EXTRA = (
-    "import sys; sys.modules['transformers'] = None  # as if the [train] extra were not installed\n"
+WITHOUT = (
+    "import sys; sys.modules[sys.argv.pop(1)] = None  # as if the extra were not installed\n"
     "from dora_analysis.commands.main import main; sys.exit(main(sys.argv[1:]))"
 )
 
 
-@pytest.mark.parametrize("command", ["train --method ft --out run", "demo --out run --quick"])
-def test_a_missing_extra_says_which_to_install(tmp_path: Path, command: str) -> None:
-    done = _python(WITHOUT_TRAIN_EXTRA, *command.split(), cwd=tmp_path)
+@pytest.mark.parametrize(
+    ("module", "command", "extra"),
+    [
+        ("transformers", "train --method ft --out run", "train"),
+        ("transformers", "demo --out run --quick", "train"),
+        ("pyarrow", "compare {root}/base {root}/tuned --output deltas.parquet", "parquet"),
+    ],
+)
+def test_a_missing_extra_says_which_to_install(root, tmp_path: Path, module, command, extra) -> None:
+    done = _python(WITHOUT, module, *command.format(root=root).split(), cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [
-        'error: this needs transformers, which the [train] extra installs: pip install "dora-analysis[train]"'
+        f'error: this needs {module}, which the [{extra}] extra installs: pip install "dora-analysis[{extra}]"'
     ]
     assert list(tmp_path.iterdir()) == []
 
