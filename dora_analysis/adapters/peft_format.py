@@ -134,6 +134,8 @@ def save_adapter(
     wrappers = adapter_modules(model)
     if not wrappers:
         raise InputError.of(folder, "the model holds no LoRALinear/DoRALinear modules to save")
+    if folder.exists() and not folder.is_dir():
+        raise InputError.of(folder, "exists and is not a folder")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if (folder / name).exists() and not overwrite:
             raise InputError.of(folder / name, "exists already; pass overwrite=True to replace it")

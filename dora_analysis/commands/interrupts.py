@@ -36,7 +36,9 @@ def _in_ctypes_callback(frame) -> bool:
 def _handler(signum: int, frame) -> None:
     _received.append(signum)
     if _in_ctypes_callback(frame):  # raising here would be swallowed: ask again in a moment
-        threading.Timer(_RETRY_SECONDS, _thread.interrupt_main, (signum,)).start()
+        retry = threading.Timer(_RETRY_SECONDS, _thread.interrupt_main, (signum,))
+        retry.daemon = True
+        retry.start()
         return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 

@@ -18,7 +18,7 @@ import os
 import sys
 import warnings
 
-from dora_analysis.commands.interrupts import exit_status, handle_signals
+from dora_analysis.commands.interrupts import exit_status, handle_signals, raise_if_interrupted
 from dora_analysis.errors import DoraAnalysisError, one_line
 
 COMMANDS = ("compare", "series", "figures", "train", "demo")
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = build_parser().parse_args(argv)
             code = int(args._run(args) or 0)
+            raise_if_interrupted()  # a signal that landed where it could not be raised
             sys.stdout.flush()  # a closed pipe shows here, not at exit
         except BrokenPipeError:
             _silence_stdout()
