@@ -76,6 +76,7 @@ CASES = [
     ("figures {root}/tuned --base {root}/base --formats gif", "--formats"),
     ("figures {root}/tuned --base {root}/base --out {root}/afile", "--out"),
     ("figures {root}/tuned --base {root}/base --out {cwd}/missing/figs", "does not exist"),
+    ("figures {root}/tuned --base {root}/base --out {cwd}/figs --modules nosuch", "--modules"),
     # train: every number has its range, checked before anything is read or written
     ("train --method ft --out {cwd}/run --max-train-examples 0", "--max-train-examples"),
     ("train --method ft --out {cwd}/run --max-eval-examples 0", "--max-eval-examples"),
