@@ -93,8 +93,8 @@ def _user_error(error: Exception) -> str | None:
         if extra:
             return f'this needs {error.name}, which the [{extra}] extra installs: pip install "dora-analysis[{extra}]"'
     if isinstance(error, OSError) and error.errno is not None:  # full disk, no permission, ...
-        where = error.filename if error.filename is not None else "output"
-        return f"{where}: {error.strerror or error}"
+        problem = error.strerror or str(error)
+        return problem if error.filename is None else f"{error.filename}: {problem}"
     return None
 
 

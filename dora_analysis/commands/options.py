@@ -43,8 +43,8 @@ DEVICE_TYPES = ("cpu", "cuda", "mps")  # where the analysis can run; meta and ot
 # ------------------------------------------------------------------------------ value checks
 
 
-def at_least(minimum: int):
-    """An ``int`` option that must be ``>= minimum``."""
+def at_least(minimum: int, maximum: int | None = None):
+    """An ``int`` option that must be ``>= minimum`` (and ``<= maximum``)."""
 
     def check(value: str) -> int:
         try:
@@ -53,6 +53,8 @@ def at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
         if number < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        if maximum is not None and number > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {number}")
         return number
 
     check.__name__ = f"int >= {minimum}"
@@ -178,7 +180,8 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_seed_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=at_least(0), default=0, help="default 0")
+    # torch.manual_seed takes at most 2**64 - 1.
+    parser.add_argument("--seed", type=at_least(0, 2**64 - 1), default=0, help="default 0")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:

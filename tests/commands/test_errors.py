@@ -91,6 +91,7 @@ CASES = [
     ("train --method ft --out {cwd}/run --batch-size 0", "--batch-size"),
     ("train --method ft --out {cwd}/run --max-length 0", "--max-length"),
     ("train --method ft --out {cwd}/run --seed -1", "--seed"),
+    ("train --method ft --out {cwd}/run --seed 99999999999999999999", "--seed"),
     ("train --method ft --out {cwd}/run --threads 0", "--threads"),
     ("train --method lora --out {cwd}/run --targets ,", "--targets"),
     ("train --method xyz --out {cwd}/run", "--method"),
