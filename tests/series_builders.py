@@ -35,6 +35,48 @@ def synthetic_series(seed: int = 0, slopes=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+BART_MODULES = (
+    ("encoder", "self_attn.q_proj"),
+    ("decoder", "self_attn.q_proj"),
+    ("decoder", "encoder_attn.q_proj"),
+)
+
+
+def bart_like_series(seed: int = 0, slopes=None, layers: int = 3, steps=(10, 20, 30)) -> pd.DataFrame:
+    """A series like analyze_series returns for a BART-like encoder-decoder, one run per method.
+
+    Columns ``run``, ``method``, ``stack``, ``step``, ``layer`` (nullable Int64), ``module``: the same
+    module name (``self_attn.q_proj``) in the encoder and the decoder, plus the decoder's cross-attention.
+    Each (stack, module) has its own level and slope, so pooling them would mix different clouds.
+    """
+    slopes = slopes or {"ft": -0.6, "lora": 2.0, "dora": -0.3}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, slope in slopes.items():
+        for k, (stack, module) in enumerate(BART_MODULES):
+            for step in steps:
+                for layer in range(layers):
+                    x = (k + 1) * 0.01 * step / 10 + 0.002 * layer + rng.normal(0, 0.003)
+                    prefix = f"model.{stack}.layers.{layer}"
+                    rows.append(
+                        {
+                            "run": f"{method}-run",
+                            "method": method,
+                            "stack": stack,
+                            "step": step,
+                            "layer": layer,
+                            "module": module,
+                            "tensor": f"{prefix}.{module}.weight",
+                            "delta_direction": x,
+                            "delta_magnitude": 0.5 * k + (1 - k) * slope * x + rng.normal(0, 0.004),
+                        }
+                    )
+    df = pd.DataFrame(rows)
+    df["layer"] = df["layer"].astype("Int64")
+    df["step"] = df["step"].astype("Int64")
+    return df
+
+
 STEPS = (10, 20, 30)
 
 
@@ -42,17 +84,25 @@ def tiny_config():
     return tiny_bert_config(num_labels=3)
 
 
-def _state(step: int, accuracy: float) -> dict:
+def _state(step: int, accuracy: float, eval_accuracy: bool = True) -> dict:
+    """A Trainer's ``trainer_state.json``; ``eval_accuracy=False``: only ``eval_loss`` is logged."""
     history = [{"step": 0, "eval_accuracy": 0.3, "eval_loss": 1.1}]
     for s in range(5, step + 1, 5):
         history.append({"step": s, "loss": 1.2 - s / 100, "epoch": s / 10})
         if s % 10 == 0:
             history.append({"step": s, "eval_accuracy": accuracy - (step - s) / 100, "eval_loss": 0.9})
+    if not eval_accuracy:
+        for entry in history:
+            entry.pop("eval_accuracy", None)
     return {"global_step": step, "log_history": history}
 
 
-def make_runs(root: Path, methods=("ft", "lora", "dora"), steps=STEPS, run_json: bool = True):
+def make_runs(
+    root: Path, methods=("ft", "lora", "dora"), steps=STEPS, run_json: bool = True, eval_accuracy: bool = True
+):
     """A tiny base encoder and, per method, a run folder of checkpoint-<step>/ folders like the trainer's.
+
+    ``eval_accuracy=False``: the runs logged only ``eval_loss`` (a Trainer run without ``compute_metrics``).
 
     FT checkpoints are full classifier weights; LoRA/DoRA ones are real PEFT adapter folders
     (query/value adapted, classifier in modules_to_save). Returns ``(base_dir, runs, merged)`` where
@@ -100,7 +150,9 @@ def make_runs(root: Path, methods=("ft", "lora", "dora"), steps=STEPS, run_json:
                             p.add_(step / 100 * torch.randn(p.shape, generator=generator))
                 peft_model.save_pretrained(folder)
                 state = peft_model.merge_and_unload().state_dict()
-            (folder / "trainer_state.json").write_text(json.dumps(_state(step, 0.5 + k / 10 + step / 100)))
+            (folder / "trainer_state.json").write_text(
+                json.dumps(_state(step, 0.5 + k / 10 + step / 100, eval_accuracy))
+            )
             merged[(method, step)] = {n.removeprefix("bert."): v.detach().clone() for n, v in state.items()}
         runs[method] = run
     return base_dir, runs, merged
