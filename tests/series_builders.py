@@ -68,7 +68,7 @@ def bart_like_series(seed: int = 0, slopes=None, layers: int = 3, steps=(10, 20,
                             "module": module,
                             "tensor": f"{prefix}.{module}.weight",
                             "delta_direction": x,
-                            "delta_magnitude": 0.5 * k + (1 - k) * slope * x + rng.normal(0, 0.004),
+                            "delta_magnitude": 0.5 + 0.5 * k + (1 - k) * slope * x + rng.normal(0, 0.004),
                         }
                     )
     df = pd.DataFrame(rows)
