@@ -84,25 +84,17 @@ def tiny_config():
     return tiny_bert_config(num_labels=3)
 
 
-def _state(step: int, accuracy: float, eval_accuracy: bool = True) -> dict:
-    """A Trainer's ``trainer_state.json``; ``eval_accuracy=False``: only ``eval_loss`` is logged."""
+def _state(step: int, accuracy: float) -> dict:
     history = [{"step": 0, "eval_accuracy": 0.3, "eval_loss": 1.1}]
     for s in range(5, step + 1, 5):
         history.append({"step": s, "loss": 1.2 - s / 100, "epoch": s / 10})
         if s % 10 == 0:
             history.append({"step": s, "eval_accuracy": accuracy - (step - s) / 100, "eval_loss": 0.9})
-    if not eval_accuracy:
-        for entry in history:
-            entry.pop("eval_accuracy", None)
     return {"global_step": step, "log_history": history}
 
 
-def make_runs(
-    root: Path, methods=("ft", "lora", "dora"), steps=STEPS, run_json: bool = True, eval_accuracy: bool = True
-):
+def make_runs(root: Path, methods=("ft", "lora", "dora"), steps=STEPS, run_json: bool = True):
     """A tiny base encoder and, per method, a run folder of checkpoint-<step>/ folders like the trainer's.
-
-    ``eval_accuracy=False``: the runs logged only ``eval_loss`` (a Trainer run without ``compute_metrics``).
 
     FT checkpoints are full classifier weights; LoRA/DoRA ones are real PEFT adapter folders
     (query/value adapted, classifier in modules_to_save). Returns ``(base_dir, runs, merged)`` where
@@ -150,9 +142,7 @@ def make_runs(
                             p.add_(step / 100 * torch.randn(p.shape, generator=generator))
                 peft_model.save_pretrained(folder)
                 state = peft_model.merge_and_unload().state_dict()
-            (folder / "trainer_state.json").write_text(
-                json.dumps(_state(step, 0.5 + k / 10 + step / 100, eval_accuracy))
-            )
+            (folder / "trainer_state.json").write_text(json.dumps(_state(step, 0.5 + k / 10 + step / 100)))
             merged[(method, step)] = {n.removeprefix("bert."): v.detach().clone() for n, v in state.items()}
         runs[method] = run
     return base_dir, runs, merged
