@@ -253,8 +253,9 @@ def correlations(
         x = group["delta_direction"].to_numpy(np.float64)
         y = group["delta_magnitude"].to_numpy(np.float64)
         runs = group["_run"].to_numpy()
-        steps = group["step"].astype("float64").fillna(-1).to_numpy()
-        layers = group["layer"].astype("float64").fillna(-1).to_numpy()
+        # -1: no step / no layer (a lone checkpoint, a matrix outside the blocks), one group of its own
+        steps = pd.to_numeric(group["step"]).astype("float64").fillna(-1).to_numpy()
+        layers = pd.to_numeric(group["layer"]).astype("float64").fillna(-1).to_numpy()
         if bootstrap == "layers":
             low, high = cluster_bootstrap_interval(
                 x, y, layers, strata=runs, resamples=resamples, level=level, seed=seed

@@ -30,7 +30,7 @@ import pandas as pd
 
 from dora_analysis.atomic import atomic_path, refuse_existing
 from dora_analysis.errors import InputError
-from dora_analysis.schema import default_metric, method_label, method_order, points
+from dora_analysis.schema import default_metric, method_label, method_order, module_is, module_mask, points
 
 __all__ = [
     "figure_style",
@@ -114,9 +114,11 @@ def _matches(column: pd.Series, value) -> pd.Series:
 
 
 def _select(df: pd.DataFrame, module: str, stack: str | None) -> pd.DataFrame:
-    """The rows of one module in one stack. A module found in several stacks needs ``stack``:
-    pooling the encoder's and the decoder's matrices into one cloud would be wrong."""
-    data = df[df["module"] == module]
+    """The rows of one module in one stack. ``module`` is a full module path or its last parts
+    (``query`` for ``attention.self.query``, see :func:`~dora_analysis.schema.module_mask`). A module
+    found in several stacks needs ``stack``: pooling the encoder's and the decoder's matrices into one
+    cloud would be wrong."""
+    data = df[module_mask(df["module"], module)]
     if "stack" not in data.columns:
         return data
     present = _stacks(points(data))
@@ -168,6 +170,14 @@ def _panel_title(label: str, stats: pd.Series | None) -> str:
         interval = f" [{stats['r_low']:+.2f}, {stats['r_high']:+.2f}]"
     pooled = " pooled" if stats.get("runs", 1) > 1 else ""
     return f"{label}: r{pooled} = {stats['r']:+.2f}{interval}"
+
+
+def _stack_of(rows: pd.DataFrame, stack: str | None):
+    """The stack of ``rows`` (all in one): ``stack`` when given, else theirs (None without a column)."""
+    if stack is not None or "stack" not in rows.columns:
+        return stack
+    value = rows["stack"].iloc[0]
+    return None if pd.isna(value) else value
 
 
 def _where(module: str, stack: str | None) -> str:
@@ -223,7 +233,7 @@ def direction_magnitude_figure(
                 )
             x = panel["delta_direction"].to_numpy(np.float64)
             y = panel["delta_magnitude"].to_numpy(np.float64)
-            stats = _table_row(table, method, run, stack, module)
+            stats = _table_row(table, method, run, _stack_of(panel, stack), panel["module"].iloc[0])
             if stats is not None and np.isfinite(stats["slope"]):
                 line_x = np.linspace(x.min(), x.max(), 50)
                 ax.plot(
@@ -449,20 +459,25 @@ def save_figure(
     return targets
 
 
-#: The last part of a module name that marks the paper's query and value matrices (BERT, BART/LLaMA, T5).
+#: The paper's query and value matrices, by the last part of the module path (BERT ``query``,
+#: BART/LLaMA ``q_proj``, T5 ``q``), in the order the figures are drawn.
 PAPER_MODULE_NAMES = ("query", "value", "q_proj", "v_proj", "q", "v")
 
 
 def figure_modules(df: pd.DataFrame) -> list[str]:
     """The modules to draw by default: the query and value matrices as in the paper, else every module.
 
-    A module is a query or value matrix when the last dotted part of its name is in
-    :data:`PAPER_MODULE_NAMES` (``query``, ``self_attn.q_proj``, ``encoder_attn.v_proj``, ...). This
-    only chooses which figures to draw; every module is in the correlation table.
+    A paper name that ends exactly one module is given as that name (``query`` for
+    ``attention.self.query``, so the files stay ``direction_magnitude_query``); one that ends several
+    (BART's ``q_proj``: ``self_attn.q_proj`` and ``encoder_attn.q_proj``) as each full module path.
+    This only chooses which figures to draw; every module is in the correlation table.
     """
     present = list(dict.fromkeys(points(df)["module"]))
-    paper = [m for m in present if str(m).rsplit(".", 1)[-1] in PAPER_MODULE_NAMES]
-    return paper or present
+    chosen: list[str] = []
+    for name in PAPER_MODULE_NAMES:
+        found = [m for m in present if module_is(m, name)]
+        chosen += [name] if len(found) == 1 else [m for m in found if m not in chosen]
+    return chosen or present
 
 
 def _file_part(name: str) -> str:
@@ -473,19 +488,18 @@ def _file_part(name: str) -> str:
 def figure_panels(series: pd.DataFrame, modules: Sequence[str]) -> list[tuple[str | None, str]]:
     """``(stack, module)`` of every figure to draw: each module in each stack where it has points.
 
-    ``stack`` is None for a series without stacks (one figure per module, as before).
+    ``module`` as given (a full path or its last parts); ``stack`` is None for a series without stacks.
     """
     data = points(series)
     pairs = []
     for module in modules:
-        rows = data[data["module"] == module]
-        for stack in _stacks(rows) or [None]:
-            pairs.append((stack, module))
+        rows = data[module_mask(data["module"], module)]
+        pairs += [(stack, module) for stack in _stacks(rows)]
     return pairs
 
 
-def _figure_name(kind: str, stack: str | None, module: str) -> str:
-    parts = [kind] + ([stack] if stack is not None else []) + [module]
+def _figure_name(kind: str, stack: str | None, module: str, with_stack: bool) -> str:
+    parts = [kind] + ([stack] if with_stack and stack is not None else []) + [module]
     return "_".join(_file_part(p) for p in parts)
 
 
@@ -504,7 +518,8 @@ def write_figures(
     and ``training_curves`` (when ``history`` is given), each in ``formats``. In a series with
     stacks (BART, T5, vision-language models) each stack holding the module gets its own files,
     ``direction_magnitude_<stack>_<module>`` and ``final_layers_<stack>_<module>``: the encoder's
-    and the decoder's matrices are never one cloud. ``table`` (:func:`~dora_analysis.correlations`
+    and the decoder's matrices are never one cloud (the stack is in the file names when the figures
+    span more than one stack). ``table`` (:func:`~dora_analysis.correlations`
     of ``series``) puts r and the fitted line on the panels.
 
     Returns:
@@ -515,8 +530,9 @@ def write_figures(
     out = Path(out_dir)
     modules = list(modules) if modules is not None else figure_modules(series)
     panels = figure_panels(series, modules)
-    names = [_figure_name("direction_magnitude", st, m) for st, m in panels]
-    names += [_figure_name("final_layers", st, m) for st, m in panels]
+    with_stack = len({stack for stack, _ in panels}) > 1  # the stack is in the names when they differ
+    names = [_figure_name("direction_magnitude", st, m, with_stack) for st, m in panels]
+    names += [_figure_name("final_layers", st, m, with_stack) for st, m in panels]
     if history is not None and not history.empty:
         names.append("training_curves")
     if not overwrite:
@@ -528,12 +544,12 @@ def write_figures(
                     )
     written: dict[str, list[Path]] = {}
     for stack, module in panels:
-        fig = direction_magnitude_figure(series, module, table, stack=stack)
-        name = _figure_name("direction_magnitude", stack, module)
+        fig = direction_magnitude_figure(series, module, table, stack=stack if with_stack else None)
+        name = _figure_name("direction_magnitude", stack, module, with_stack)
         written[name] = save_figure(fig, out / name, formats, overwrite=True)
     for stack, module in panels:
-        fig = final_layers_figure(series, module, stack=stack)
-        name = _figure_name("final_layers", stack, module)
+        fig = final_layers_figure(series, module, stack=stack if with_stack else None)
+        name = _figure_name("final_layers", stack, module, with_stack)
         written[name] = save_figure(fig, out / name, formats, overwrite=True)
     if "training_curves" in names:
         written["training_curves"] = save_figure(

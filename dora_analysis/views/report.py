@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dora_analysis.schema import method_label, method_order
+from dora_analysis.schema import method_label, method_order, module_is, module_mask
 
 __all__ = ["PAPER_R", "accuracy_table", "paper_comparison", "render_report", "write_report"]
 
@@ -64,7 +64,7 @@ def paper_comparison(table: pd.DataFrame, module: str = "query") -> pd.DataFrame
     """
     rows = []
     for method, paper in PAPER_R.items():
-        ours = table[(table["method"] == method) & (table["module"] == module)]
+        ours = table[(table["method"] == method) & module_mask(table["module"], module)]
         ours = ours[np.isfinite(ours["r"].astype("float64"))]
         if ours.empty:
             rows.append(
@@ -110,15 +110,15 @@ def _value(row: pd.Series, column: str):
 
 
 def _shown_columns(frame: pd.DataFrame) -> list[str]:
-    """Which of ``run`` and ``stack`` a table needs: ``stack`` when any row has one, ``run`` when a
-    method has several runs (or pooled ones); one run per method is named by the method."""
+    """Which of ``run`` and ``stack`` a table needs: ``stack`` when its rows span several stacks,
+    ``run`` when a method has several runs (or pooled ones); one run per method is named by the method."""
     shown = []
     if "run" in frame.columns and frame["run"].notna().any():
         per_method = frame.dropna(subset=["run"]).groupby("method")["run"].nunique()
         pooled = frame["run"].fillna("").astype(str).str.contains("+", regex=False).any()
         if (per_method > 1).any() or pooled:
             shown.append("run")
-    if "stack" in frame.columns and frame["stack"].notna().any():
+    if "stack" in frame.columns and frame["stack"].notna().any() and frame["stack"].nunique(dropna=False) > 1:
         shown.append("stack")
     return shown
 
@@ -173,7 +173,7 @@ def _correlation_markdown(table: pd.DataFrame) -> str:
             "r within step": table["r_within_step"],
             "r within layer": table["r_within_layer"],
             "paper r": [
-                PAPER_R.get(m, math.nan) if mod == "query" else math.nan
+                PAPER_R.get(m, math.nan) if module_is(mod, "query") else math.nan
                 for m, mod in zip(table["method"], table["module"], strict=True)
             ],
         }
@@ -211,7 +211,7 @@ def _interval_text(table: pd.DataFrame) -> str:
 def _final_step_markdown(series: pd.DataFrame, modules: Sequence[str]) -> str:
     key = "run" if "run" in series.columns else "method"
     last = series[series["step"] == series.groupby(key)["step"].transform("max")]
-    last = last[last["module"].isin(modules)]
+    last = last[np.logical_or.reduce([module_mask(last["module"], m) for m in modules])]
     by = ["method"]
     if "run" in last.columns:
         by.append("run")
@@ -294,13 +294,13 @@ def render_report(
     if not comparison.empty:
         out += ["### Against the paper (query matrices, Figure 2)", ""]
         several = comparison["method"].value_counts()
+        stacks = comparison.loc[comparison["verdict"] != "no data", "stack"].nunique(dropna=False)
         for row in comparison.itertuples(index=False):
             if row.verdict == "no data":
                 out.append(f"- {method_label(row.method)}: paper r = {row.paper_r:+.2f}; no data here.")
                 continue
-            where = [
-                str(p) for p in (row.run if several[row.method] > 1 else None, row.stack) if p is not None
-            ]
+            run = row.run if several[row.method] > 1 else None
+            where = [str(p) for p in (run, row.stack if stacks > 1 else None) if p is not None]
             label = method_label(row.method) + (f" ({', '.join(where)})" if where else "")
             out.append(
                 f"- {label}: paper r = {row.paper_r:+.2f}, ours r = {row.our_r:+.2f} "
@@ -309,7 +309,7 @@ def render_report(
         out.append("")
 
     modules = sorted(set(table["module"])) if not table.empty else []
-    paper_modules = [m for m in ("query", "value") if m in modules] or modules
+    paper_modules = [m for m in ("query", "value") if any(module_is(x, m) for x in modules)] or modules
     if len(series) and paper_modules:
         out += [
             "## Change at the final step (Figure 3 / 8)",

@@ -141,3 +141,32 @@ def test_training_curves_fall_back_to_held_out_loss():
     metric_axis, loss_axis = fig.axes
     assert metric_axis.get_visible() and metric_axis.get_ylabel() == "held-out loss"
     assert list(metric_axis.lines[0].get_ydata()) == pytest.approx([0.9, 0.85, 0.8])
+
+
+def minilm_like() -> pd.DataFrame:
+    """The demo's shape with full module paths: query/value in the encoder, the pooler in its own stack."""
+    df = synthetic_series()
+    df = df.assign(module="attention.self." + df.module, stack="encoder")
+    pooler = df[df.module == "attention.self.query"].drop_duplicates("step")
+    pooler = pooler.assign(module="pooler.dense", stack="model", layer=pd.NA)
+    both = pd.concat([df, pooler], ignore_index=True)
+    return both.assign(layer=both.layer.astype("Int64"))
+
+
+def test_short_paper_names_select_full_module_paths_in_one_stack():
+    df = minilm_like()
+    table = correlations(df)
+    assert figure_modules(df) == ["query", "value"]  # so the demo's files keep their names
+    assert figure_panels(df, ["query", "value"]) == [("encoder", "query"), ("encoder", "value")]
+    fig = direction_magnitude_figure(df, "value", table)
+    lora = table[(table.method == "lora") & (table.module == "attention.self.value")].iloc[0]
+    assert (
+        fig.axes[1].get_title().startswith(f"LoRA: r = {lora.r:+.2f} [{lora.r_low:+.2f}, {lora.r_high:+.2f}]")
+    )
+    text = render_report(df, table, pd.DataFrame())
+    assert "| FT | encoder | attention.self.query | 24 | 4 x 6 |" in text  # two stacks: the column shows
+    assert "| FT | model | pooler.dense |" in text and "- FT: paper r = -0.62, ours r = " in text
+    assert "| LoRA | attention.self.value |" in text  # the final-step table: one stack, no column
+    bart = bart_like_series()
+    with pytest.raises(InputError, match="several modules"):
+        direction_magnitude_figure(bart, "q_proj", correlations(bart), stack="decoder")
