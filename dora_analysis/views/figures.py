@@ -217,7 +217,9 @@ def direction_magnitude_figure(
     markers = {s: STEP_MARKERS[i % len(STEP_MARKERS)] for i, s in enumerate(steps)}
 
     with figure_style():
-        fig, axes = plt.subplots(1, len(runs), figsize=(3.9 * len(runs) + 1.5, 3.9), squeeze=False)
+        width = 3.9 * len(runs) + 1.6  # inches: the panels, then 1.6 in on the right for the two legends
+        fig, axes = plt.subplots(1, len(runs), figsize=(width, 3.9), squeeze=False)
+        legends_at = 1 - 1.6 / width  # the legends' left edge as a fraction of the width
         for ax, (method, run) in zip(axes[0], runs, strict=True):
             panel = _run_rows(data, method, run)
             for (step, layer), group in panel.groupby(["step", "layer"], dropna=False):
@@ -276,7 +278,11 @@ def direction_magnitude_figure(
             for layer in layers
         ]
         top = fig.legend(
-            handles=step_handles, title="step", loc="upper left", bbox_to_anchor=(0.885, 0.93), frameon=False
+            handles=step_handles,
+            title="step",
+            loc="upper left",
+            bbox_to_anchor=(legends_at, 0.93),
+            frameon=False,
         )
         fig.add_artist(top)
         fig.legend(
@@ -284,7 +290,7 @@ def direction_magnitude_figure(
             title="layer",
             loc="upper left",
             ncols=1 if len(layers) <= 8 else 2,
-            bbox_to_anchor=(0.945, 0.93),
+            bbox_to_anchor=(legends_at + 0.8 / width, 0.93),
             frameon=False,
         )
         fig.suptitle(
@@ -292,7 +298,7 @@ def direction_magnitude_figure(
             "dashed = least-squares fit)",
             fontsize="medium",
         )
-        fig.tight_layout(rect=(0, 0, 0.88, 0.97))
+        fig.tight_layout(rect=(0, 0, legends_at - 0.005, 0.97))
     return fig
 
 
