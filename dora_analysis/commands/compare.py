@@ -23,6 +23,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
     add_device_argument(parser)
+    add_cluster_argument(parser)
+
+
+def add_cluster_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cluster [ADDRESS]``, shared by the commands that analyse checkpoints."""
+    parser.add_argument(
+        "--cluster",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray (pip install 'dora-analysis[cluster]'): alone, a local Ray for this command; "
+        "'auto' or HOST:PORT joins a running cluster. Paths must be visible to every worker",
+    )
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from dora_analysis.views.tables import write_frame
 
     frame = compare(
-        args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True, device=args.device
+        args.base,
+        args.tuned,
+        include=args.include,
+        exclude=args.exclude,
+        progress=True,
+        device=args.device,
+        cluster=args.cluster,
     )
     write_frame(frame, args.format, args.output, overwrite=args.overwrite)
     # Keep stdout parseable for csv/json: the summary goes to stderr there.
