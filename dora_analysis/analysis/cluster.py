@@ -516,7 +516,10 @@ def _run(
                     config.on_task(result.report)
     except BaseException:
         for ref in pending:
-            ray.cancel(ref, force=True)
+            try:
+                ray.cancel(ref, force=True)  # stops the worker running it: nothing more is read
+            except Exception:  # noqa: BLE001 - never mask the error or Ctrl-C that brought us here
+                pass
         raise
     finally:
         bar.close()

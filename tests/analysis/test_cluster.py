@@ -30,6 +30,7 @@ from dora_analysis.analysis.comparison import compare_many
 from dora_analysis.analysis.series import analyze_series
 from dora_analysis.commands.main import build_parser, main
 from dora_analysis.errors import InputError
+from dora_analysis.readers import open_checkpoint
 
 ray = pytest.importorskip("ray", reason="the cluster extra (ray) is part of the dev install")
 
@@ -164,6 +165,8 @@ def test_cli_options_and_their_errors(tiny_runs, monkeypatch, capsys):
     assert parse(["compare", "b", "t"]).cluster is None
     with pytest.raises(InputError, match="not a Ray address"):
         cl.as_cluster("runs/ft")  # `series --cluster BASE RUN...` would take BASE as the address
+    with open_checkpoint(base_dir) as reader, pytest.raises(InputError, match="not an open reader"):
+        analyze_series(reader, runs, cluster=True)  # workers open the files: they need paths
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
     assert main(["series", str(base_dir), str(runs[0]), "--cluster"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
