@@ -174,6 +174,18 @@ def test_cli_options_and_their_errors(tiny_runs, monkeypatch, capsys):
     assert "dora-analysis[cluster]" in err[0]
 
 
+def test_groups_are_contiguous_and_bounded_and_a_missing_file_is_named(tiny_runs, tmp_path):
+    sizes = {"a": 4, "b": 4, "c": 9, "d": 1, "e": 2}
+    assert cl.plan_groups(list(sizes), sizes, 8) == [["a", "b"], ["c"], ["d", "e"]]
+    assert cl.plan_groups(list(sizes), sizes, 1) == [[n] for n in sizes]
+    base_dir, _ = tiny_runs
+    gone = tmp_path / "not-on-this-worker"
+    job = cl.GroupJob(0, str(base_dir), ((0, str(gone)),), ("encoder.layer.0.attention.self.query.weight",))
+    with pytest.raises(InputError, match="every worker sees") as caught:
+        cl.analyse_group(job)  # what a worker on another file system meets
+    assert str(caught.value).startswith(f"{gone}: ")
+
+
 def test_ctrl_c_cancels_the_tasks_and_writes_nothing(tiny_runs, local_ray, monkeypatch, tmp_path):
     """Last of the local-Ray tests: cancelling kills the workers that run tasks."""
     started, finished = tmp_path / "started", tmp_path / "finished"
