@@ -8,14 +8,12 @@ and joins it by address from another process. Ray starts slowly: keep the Ray-us
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -68,6 +66,92 @@ def local_ray():
 
 def one_tensor_per_task(**kwargs) -> cl.Cluster:
     return cl.Cluster(group_bytes=1, **kwargs)
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_joins_a_cluster_started_with_the_ray_cli(tiny_runs, in_process):
+    """`ray start --head` on 127.0.0.1 in its own processes, joined by address (first in the module: a
+    process holds one Ray connection at a time, and the module's local Ray starts after this test).
+
+    The head runs with --block and is stopped by signalling that process: `ray stop` would stop
+    every Ray on the machine, this module's local one included.
+    """
+    assert not ray.is_initialized()
+    temp = _short_tmp("drh")
+    port, *others = _free_ports(8)
+    log = temp / "head.log"
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli)] if ray_cli.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    head = subprocess.Popen(
+        [
+            *command,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            f"--temp-dir={temp}",
+            *(
+                f"--{flag}={p}"
+                for flag, p in zip(
+                    (
+                        "node-manager-port",
+                        "object-manager-port",
+                        "ray-client-server-port",
+                        "dashboard-agent-listen-port",
+                        "dashboard-agent-grpc-port",
+                        "metrics-export-port",
+                        "runtime-env-agent-port",
+                    ),
+                    others,
+                    strict=True,
+                )
+            ),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("wb"),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not (temp / "ray_current_cluster").exists():
+            assert head.poll() is None, log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.2)
+        base_dir, runs = tiny_runs
+        reports = []
+        # one task (the tiny model is far below GROUP_BYTES): one worker to start, on a slow machine
+        config = cl.Cluster(address=f"127.0.0.1:{port}", on_task=reports.append)
+        df = analyze_series(base_dir, runs, cluster=config)
+        assert not ray.is_initialized()  # left the cluster again
+        pd.testing.assert_frame_equal(df, in_process, check_exact=True)
+        reads: dict[str, int] = {}
+        for report in reports:
+            for name, count in report.base_reads.items():
+                reads[name] = reads.get(name, 0) + count
+        assert len(reports) == 1 and reads == dict.fromkeys(dict.fromkeys(in_process.tensor), 1)
+        assert head.poll() is None  # the cluster outlives its driver
+    finally:
+        head.send_signal(signal.SIGTERM)  # only the head this test started (and its children)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_series_on_ray_is_the_in_process_frame_and_reads_each_base_tensor_once(
@@ -214,100 +298,3 @@ def test_ctrl_c_cancels_the_tasks_and_writes_nothing(tiny_runs, local_ray, monke
     time.sleep(4)  # long enough for a task that escaped cancellation to finish
     assert len(list(finished.iterdir())) == 0
     assert len(list(started.iterdir())) <= 4  # the rest were never started
-
-
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def test_joins_a_cluster_started_with_the_ray_cli(tiny_runs, in_process, tmp_path):
-    """`ray start --head` on 127.0.0.1, joined by address from a separate driver process.
-
-    The head runs with --block and is stopped by signalling that process: `ray stop` would stop
-    every Ray on the machine, this module's local one included.
-    """
-    temp = _short_tmp("drh")
-    port, *others = _free_ports(8)
-    ray_cli = Path(sys.executable).with_name("ray")
-    command = [str(ray_cli)] if ray_cli.exists() else [sys.executable, "-m", "ray.scripts.scripts"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    head = subprocess.Popen(
-        [
-            *command,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=2",
-            "--include-dashboard=false",
-            f"--temp-dir={temp}",
-            *(
-                f"--{flag}={p}"
-                for flag, p in zip(
-                    (
-                        "node-manager-port",
-                        "object-manager-port",
-                        "ray-client-server-port",
-                        "dashboard-agent-listen-port",
-                        "dashboard-agent-grpc-port",
-                        "metrics-export-port",
-                        "runtime-env-agent-port",
-                    ),
-                    others,
-                    strict=True,
-                )
-            ),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while not (temp / "ray_current_cluster").exists():
-            assert head.poll() is None, head.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(0.2)
-        base_dir, runs = tiny_runs
-        result = tmp_path / "result.pkl"
-        driver = textwrap.dedent(
-            f"""
-            import pickle, ray
-            from dora_analysis.analysis.cluster import Cluster
-            from dora_analysis.analysis.series import analyze_series
-            reports = []
-            config = Cluster(address="127.0.0.1:{port}", group_bytes=1, on_task=reports.append)
-            df = analyze_series({str(base_dir)!r}, {[str(r) for r in runs]!r}, cluster=config)
-            assert not ray.is_initialized()  # left the cluster again
-            with open({str(result)!r}, "wb") as f:
-                pickle.dump((df, reports), f)
-            """
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=180
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        df, reports = pickle.loads(result.read_bytes())
-        pd.testing.assert_frame_equal(df, in_process, check_exact=True)
-        reads: dict[str, int] = {}
-        for report in reports:
-            for name, count in report.base_reads.items():
-                reads[name] = reads.get(name, 0) + count
-        assert reads == dict.fromkeys(dict.fromkeys(in_process.tensor), 1)
-        assert head.poll() is None  # the cluster outlives its driver
-    finally:
-        head.send_signal(signal.SIGTERM)  # only the head this test started (and its children)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(temp, ignore_errors=True)
