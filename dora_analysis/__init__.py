@@ -28,6 +28,7 @@ _EXPORTS = {
     "compare": "dora_analysis.analysis.comparison",
     "compare_many": "dora_analysis.analysis.comparison",
     "analyze_series": "dora_analysis.analysis.series",
+    "Cluster": "dora_analysis.analysis.cluster",
     "correlations": "dora_analysis.analysis.correlation",
     "magnitude": "dora_analysis.analysis.decomposition",
     "tensor_delta": "dora_analysis.analysis.decomposition",

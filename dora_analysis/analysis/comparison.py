@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -37,6 +38,9 @@ from dora_analysis.readers.names import (
     module_name,
     row_layout,
 )
+
+if TYPE_CHECKING:  # only for the annotation: Ray code loads when a cluster is asked for
+    from dora_analysis.analysis.cluster import Cluster
 
 __all__ = ["COLUMNS", "Selection", "select_tensors", "resolve_device", "compare", "compare_many"]
 
@@ -260,6 +264,7 @@ def compare_many(
     exclude: str | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    cluster: Cluster | str | bool | None = None,
 ) -> list[pd.DataFrame]:
     """Compare ``base`` against every checkpoint in ``tuned``, reading each base tensor once.
 
@@ -269,10 +274,16 @@ def compare_many(
         include, exclude: regular expressions on tensor names (see :func:`select_tensors`).
         progress: show a progress bar on stderr (only where stderr is a terminal).
         device: where the tensors are analysed (e.g. ``"cuda"``); default: where the reader puts them.
+        cluster: run on Ray (``True``: a local Ray for the call; ``"auto"``/``"HOST:PORT"``: join a
+            cluster; see :mod:`dora_analysis.analysis.cluster`); the frames are the same, bit for bit.
     Returns:
         One DataFrame per tuned checkpoint, columns :data:`COLUMNS`, one row per analysed tensor;
         ``df.attrs`` holds ``base_only`` and ``tuned_only`` (names found on one side only).
     """
+    if cluster is not None and cluster is not False:
+        from dora_analysis.analysis.cluster import compare_many_on_cluster
+
+        return compare_many_on_cluster(base, tuned, include, exclude, progress, device, cluster)
     device = resolve_device(device)
     with ExitStack() as stack:
         base_reader = _open(base, stack)
@@ -301,6 +312,7 @@ def compare(
     exclude: str | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    cluster: Cluster | str | bool | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor of ``tuned`` against ``base``; see :func:`compare_many`.
 
@@ -308,7 +320,9 @@ def compare(
         >>> df = compare("base/model.safetensors", "run/checkpoint-200")  # doctest: +SKIP
         >>> df[["tensor", "delta_magnitude", "delta_direction"]]            # doctest: +SKIP
     """
-    return compare_many(base, [tuned], include=include, exclude=exclude, progress=progress, device=device)[0]
+    return compare_many(
+        base, [tuned], include=include, exclude=exclude, progress=progress, device=device, cluster=cluster
+    )[0]
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
@@ -33,6 +34,9 @@ import torch
 from dora_analysis.errors import InputError
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.schema import default_metric
+
+if TYPE_CHECKING:  # only for the annotation: Ray code loads when a cluster is asked for
+    from dora_analysis.analysis.cluster import Cluster
 
 __all__ = [
     "SERIES_COLUMNS",
@@ -288,6 +292,7 @@ def analyze_series(
     exclude: str | None = None,
     progress: Progress = False,
     device: str | torch.device | None = None,
+    cluster: Cluster | str | bool | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor at every checkpoint of every run.
 
@@ -299,6 +304,8 @@ def analyze_series(
         include, exclude: regular expressions on tensor names (default: 2-D linear weights).
         progress: True for a bar on stderr, or a callable given 1 per base tensor done.
         device: where the tensors are analysed (e.g. ``"cuda"``); default: where the readers put them.
+        cluster: run on Ray (``True``: a local Ray for the call; ``"auto"``/``"HOST:PORT"``: join a
+            cluster; see :mod:`dora_analysis.analysis.cluster`); the same frame, bit for bit.
     Returns:
         One row per (run, step, tensor), columns :data:`SERIES_COLUMNS`, sorted by run, step and
         tensor order; ``step`` is a nullable integer (missing for a lone checkpoint with no step).
@@ -316,6 +323,12 @@ def analyze_series(
         raise InputError.of(runs, "no checkpoint found")
     if base is None:
         base = _base_from_runs(checkpoints)
+    if cluster is not None and cluster is not False:
+        from dora_analysis.analysis.cluster import compare_many_on_cluster
+
+        paths = [c.path for c in checkpoints]
+        frames = compare_many_on_cluster(base, paths, include, exclude, progress, device, cluster)
+        return _assemble(checkpoints, frames)
     on_new = progress if callable(progress) else None
     owned = None
     if isinstance(base, CheckpointReader):

@@ -12,6 +12,7 @@ import sys
 import pandas as pd
 
 from dora_analysis.commands.options import (
+    add_cluster_argument,
     add_device_argument,
     add_output_arguments,
     add_selection_arguments,
@@ -28,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
     add_selection_arguments(parser)
     add_device_argument(parser)
+    add_cluster_argument(parser)
 
 
 def summary_line(frame: pd.DataFrame) -> str:
@@ -54,7 +56,13 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_output(args, [args.base, args.tuned])
     frame = compare(
-        args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True, device=args.device
+        args.base,
+        args.tuned,
+        include=args.include,
+        exclude=args.exclude,
+        progress=True,
+        device=args.device,
+        cluster=args.cluster,
     )
     write_output(frame, args)
     # Keep stdout parseable for csv/json: the summary goes to stderr there.

@@ -161,6 +161,18 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cluster_argument(parser: argparse.ArgumentParser) -> None:
+    """``--cluster [ADDRESS]``, shared by the commands that analyse checkpoints."""
+    parser.add_argument(
+        "--cluster",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on Ray (pip install 'dora-analysis[cluster]'): alone, a local Ray for this command; "
+        "'auto' or HOST:PORT joins a running cluster. Paths must be visible to every worker",
+    )
+
+
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     """``--method`` of every run analysed (series, figures)."""
     parser.add_argument(

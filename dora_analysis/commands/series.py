@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from dora_analysis.commands.options import (
+    add_cluster_argument,
     add_device_argument,
     add_method_argument,
     add_output_arguments,
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_argument(parser)
     add_selection_arguments(parser)
     add_device_argument(parser)
+    add_cluster_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         progress=True,
         device=args.device,
+        cluster=args.cluster,
     )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame
