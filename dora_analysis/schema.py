@@ -19,6 +19,8 @@ __all__ = [
     "NOT_METRICS",
     "default_metric",
     "points",
+    "module_is",
+    "module_mask",
 ]
 
 #: The methods, in the order the paper's figures show them.
@@ -57,3 +59,14 @@ def points(df: pd.DataFrame) -> pd.DataFrame:
     finite = np.isfinite(df["delta_direction"]) & np.isfinite(df["delta_magnitude"])
     moved = (df["delta_direction"] != 0) | (df["delta_magnitude"] != 0)
     return df[finite & moved]
+
+
+def module_is(module: str, wanted: str) -> bool:
+    """``module`` (a path inside a block, ``attention.self.query``) is ``wanted``, given whole or by its
+    last parts (``query``, ``self.query``): the paper's names select our full module paths."""
+    return module == wanted or str(module).endswith("." + wanted)
+
+
+def module_mask(modules: pd.Series, wanted: str) -> pd.Series:
+    """:func:`module_is` for each entry of ``modules`` (a boolean Series)."""
+    return modules.map(lambda m: module_is(m, wanted)).astype(bool)

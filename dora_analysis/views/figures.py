@@ -25,7 +25,7 @@ import pandas as pd
 
 from dora_analysis.atomic import atomic_path, refuse_existing
 from dora_analysis.errors import InputError
-from dora_analysis.schema import default_metric, method_label, method_order, points
+from dora_analysis.schema import default_metric, method_label, method_order, module_is, module_mask, points
 
 __all__ = [
     "figure_style",
@@ -120,7 +120,7 @@ def direction_magnitude_figure(df: pd.DataFrame, module: str = "query", table: p
 
     plt = _pyplot()
 
-    data = points(df[df["module"] == module])
+    data = points(df[module_mask(df["module"], module)])
     if data.empty:
         raise InputError.of(module, "no analysed points for this module in the series")
     methods = _methods(data)
@@ -148,7 +148,7 @@ def direction_magnitude_figure(df: pd.DataFrame, module: str = "query", table: p
             y = panel["delta_magnitude"].to_numpy(np.float64)
             stats = None
             if table is not None:
-                found = table[(table["method"] == method) & (table["module"] == module)]
+                found = table[(table["method"] == method) & module_mask(table["module"], module)]
                 stats = found.iloc[0] if len(found) else None
             if stats is not None and np.isfinite(stats["slope"]):
                 line_x = np.linspace(x.min(), x.max(), 50)
@@ -226,7 +226,7 @@ def final_layers_figure(df: pd.DataFrame, module: str = "query"):
     learning rate moves far less than the adapters), so every method stays visible.
     """
     plt = _pyplot()
-    data = _final_step(df[df["module"] == module])
+    data = _final_step(df[module_mask(df["module"], module)])
     data = data[np.isfinite(data["delta_direction"]) & np.isfinite(data["delta_magnitude"])]
     if data.empty:
         raise InputError.of(module, "no analysed points for this module in the series")
@@ -361,7 +361,7 @@ def save_figure(
 def figure_modules(df: pd.DataFrame) -> list[str]:
     """The modules to draw: query and value as in the paper, else every module in ``df``."""
     present = list(dict.fromkeys(points(df)["module"]))
-    paper = [m for m in ("query", "value") if m in present]
+    paper = [m for m in ("query", "value") if any(module_is(p, m) for p in present)]
     return paper or present
 
 

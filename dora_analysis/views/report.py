@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dora_analysis.schema import method_label, method_order
+from dora_analysis.schema import method_label, method_order, module_is, module_mask
 
 __all__ = ["PAPER_R", "accuracy_table", "paper_comparison", "render_report", "write_report"]
 
@@ -62,7 +62,7 @@ def paper_comparison(table: pd.DataFrame, module: str = "query") -> pd.DataFrame
     """
     rows = []
     for method, paper in PAPER_R.items():
-        ours = table[(table["method"] == method) & (table["module"] == module)]
+        ours = table[(table["method"] == method) & module_mask(table["module"], module)]
         if ours.empty or not np.isfinite(ours["r"].iloc[0]):
             rows.append(
                 {
@@ -130,7 +130,7 @@ def _correlation_markdown(table: pd.DataFrame) -> str:
             "r within step": table["r_within_step"],
             "r within layer": table["r_within_layer"],
             "paper r": [
-                PAPER_R.get(m, math.nan) if mod == "query" else math.nan
+                PAPER_R.get(m, math.nan) if module_is(mod, "query") else math.nan
                 for m, mod in zip(table["method"], table["module"], strict=True)
             ],
         }
@@ -143,7 +143,7 @@ def _correlation_markdown(table: pd.DataFrame) -> str:
 def _final_step_markdown(series: pd.DataFrame, modules: Sequence[str]) -> str:
     key = "run" if "run" in series.columns else "method"
     last = series[series["step"] == series.groupby(key)["step"].transform("max")]
-    last = last[last["module"].isin(modules)]
+    last = last[np.logical_or.reduce([module_mask(last["module"], m) for m in modules])]
     summary = (
         last.groupby(["method", "module"], sort=False)[["delta_magnitude", "delta_direction"]]
         .mean()
@@ -217,7 +217,7 @@ def render_report(
         out.append("")
 
     modules = sorted(set(table["module"])) if not table.empty else []
-    paper_modules = [m for m in ("query", "value") if m in modules] or modules
+    paper_modules = [m for m in ("query", "value") if any(module_is(x, m) for x in modules)] or modules
     if len(series) and paper_modules:
         out += [
             "## Change at the final step (Figure 3 / 8)",
