@@ -12,7 +12,8 @@ although named like an embedding. So when a ``config.json`` is beside the weight
    sources); any other model type has none. ``layout_source`` = ``config-table``.
 3. A bare file (no config): the name rule of :func:`~dora_analysis.readers.names.name_layout`,
    ``layout_source`` = ``name``, or ``name-ambiguous`` where the name could be either.
-4. ``layout=`` (CLI ``--layout``) overrides all of these for every 2-D weight: ``override``.
+4. ``layout=`` (CLI ``--layout``) overrides all of these for every 2-D weight (except names only
+   embeddings have: ``embed_tokens``, ``word_embeddings``, ``wte``...): ``override``.
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ class ModelLayout:
         if len(shape) < 2:
             return TensorLayout(None, "shape")
         if self.override is not None and len(shape) == 2:
-            return TensorLayout(self.override, "override")
+            guess, ambiguous = name_layout(name, shape)
+            if guess != "embedding" or ambiguous:  # a name only embeddings have stays an embedding
+                return TensorLayout(self.override, "override")
+            return TensorLayout(guess, "name")
         module = canonical_name(name).rsplit(".", 1)[0] if name.endswith(".weight") else None
         if module is not None and self.modules is not None:
             found = self._lookup(module)
