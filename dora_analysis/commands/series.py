@@ -14,7 +14,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dora_analysis.commands.compare import add_device_argument, add_output_arguments
+    from dora_analysis.commands.compare import add_device_argument, add_layout_argument, add_output_arguments
 
     parser.add_argument("base", help="pre-trained checkpoint (file or folder)")
     parser.add_argument(
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
     add_device_argument(parser)
+    add_layout_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         progress=True,
         device=args.device,
+        layout=args.layout,
     )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame

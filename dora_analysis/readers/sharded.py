@@ -120,7 +120,13 @@ class ShardedReader(ReaderMixin):
 
     def _meta_of(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if name not in self._meta:
-            self._shard(name)
+            path = self._shard_of.get(name)
+            if path is not None and path.suffix == ".safetensors":
+                # the header alone: asking shapes in index order must not open shards out of turn
+                for n, entry in read_safetensors_header(path).items():
+                    self._meta.setdefault(n, (entry.shape, entry.dtype))
+            if name not in self._meta:
+                self._shard(name)
         return self._meta[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
