@@ -68,5 +68,22 @@ def module_is(module: str, wanted: str) -> bool:
 
 
 def module_mask(modules: pd.Series, wanted: str) -> pd.Series:
-    """:func:`module_is` for each entry of ``modules`` (a boolean Series)."""
-    return modules.map(lambda m: module_is(m, wanted)).astype(bool)
+    """The entries of ``modules`` that are ``wanted`` (a boolean Series): the exact module where
+    present, else the one module whose path ends with it.
+
+    Raises:
+        InputError: ``wanted`` ends several different modules (``q_proj``: ``self_attn.q_proj`` and
+            ``encoder_attn.q_proj``), which must never be pooled.
+    """
+    exact = modules == wanted
+    if exact.any():
+        return exact
+    mask = modules.map(lambda m: module_is(m, wanted)).astype(bool)
+    found = sorted(set(modules[mask]))
+    if len(found) > 1:
+        from dora_analysis.errors import InputError
+
+        raise InputError.of(
+            "--modules", f"{wanted!r} names several modules ({', '.join(found)}): give the full name"
+        )
+    return mask
