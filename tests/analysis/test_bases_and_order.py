@@ -139,3 +139,32 @@ def test_a_sharded_checkpoint_is_read_shard_by_shard(tmp_path: Path, monkeypatch
     base_opens = [p for p in opened if p.parent.name == "base"]
     assert len(base_opens) == len(set(base_opens))  # each base shard opened once
     assert frame["layer"].dropna().is_monotonic_increasing and frame["layer"].max() == 11
+
+
+def test_series_holds_one_group_of_unmappable_pickles_at_a_time(tmp_path: Path, monkeypatch) -> None:
+    """Old (non-zip) pickles are read whole: a series compares them in groups under a byte budget,
+    with the same rows as one pass."""
+    from dora_analysis.analysis import comparison, series
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 4, generator=g) for i in range(3)}
+    save_file(base, tmp_path / "base.safetensors")
+    run = tmp_path / "run"
+    for step in (1, 2, 3, 4):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        tuned = {n: w + 0.01 * step * torch.randn(8, 4, generator=g) for n, w in base.items()}
+        torch.save(
+            tuned, run / f"checkpoint-{step}" / "pytorch_model.bin", _use_new_zipfile_serialization=False
+        )
+    whole = analyze_series(tmp_path / "base.safetensors", [run])
+    size = (run / "checkpoint-1" / "pytorch_model.bin").stat().st_size
+    monkeypatch.setattr(series, "RESIDENT_BYTES", 2 * size)
+    groups: list[int] = []
+    real = comparison.compare_many
+    monkeypatch.setattr(
+        comparison, "compare_many", lambda b, t, **kw: groups.append(len(t)) or real(b, t, **kw)
+    )
+    grouped = analyze_series(tmp_path / "base.safetensors", [run])
+    assert groups == [2, 2]
+    pd.testing.assert_frame_equal(whole, grouped)
+    assert grouped["step"].tolist() == [s for s in (1, 2, 3, 4) for _ in range(3)]
