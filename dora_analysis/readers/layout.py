@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -79,6 +80,7 @@ class ModelLayout:
     model_type: str | None = None
     override: RowLayout | None = None
     modules: dict[str, RowLayout] | None = None
+    rename: Callable[[str], str] | None = None  # a stored key -> the model's name for it
     _by_suffix: dict[str, set[RowLayout]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -112,6 +114,9 @@ class ModelLayout:
         module = canonical_name(name).rsplit(".", 1)[0] if name.endswith(".weight") else None
         if module is not None and self.modules is not None:
             found = self._lookup(module)
+            if found is None and self.rename is not None:
+                renamed = self.rename(canonical_name(name))
+                found = self._lookup(renamed.rsplit(".", 1)[0]) if renamed.endswith(".weight") else None
             if found is not None:
                 return TensorLayout(found, "config")
         if len(shape) > 2:
@@ -170,13 +175,18 @@ def model_layout(sources: list[Path | str], override: str | None = None) -> Mode
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(model_type, str):
         return ModelLayout(config=config)
-    return ModelLayout(config=config, model_type=model_type, modules=_module_layouts(text))
+    built = _module_layouts(text)
+    if built is None:
+        return ModelLayout(config=config, model_type=model_type)
+    return ModelLayout(config=config, model_type=model_type, modules=built[0], rename=built[1])
 
 
 @lru_cache(maxsize=8)
-def _module_layouts(config_text: str) -> dict[str, RowLayout] | None:
-    """``{module path: layout}`` of the model ``config_text`` describes, built on the meta device;
-    None where transformers cannot build it."""
+def _module_layouts(config_text: str) -> tuple[dict[str, RowLayout], Callable[[str], str]] | None:
+    """``({module path: layout}, rename)`` of the model ``config_text`` describes, built on the meta
+    device; ``rename`` maps a stored key to the model's own name (transformers 5 loads some families
+    from older names: GPT-NeoX's ``embed_out`` is the module ``lm_head``). None where transformers
+    cannot build the model."""
     try:
         import torch
         import transformers
@@ -207,4 +217,26 @@ def _module_layouts(config_text: str) -> dict[str, RowLayout] | None:
             layouts[path] = "linear"
         elif isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
             layouts[path] = "conv"
-    return layouts
+    return layouts, _renamer(model)
+
+
+def _renamer(model: object) -> Callable[[str], str]:
+    """transformers' own key renamings for ``model`` (plain renames only; a key that a converter fuses
+    or splits keeps its name and falls back to the name rule)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    except Exception:  # an older transformers: stored names are the module names
+        return lambda key: key
+    if not renamings:
+        return lambda key: key
+
+    def rename(key: str) -> str:
+        try:
+            return rename_source_key(key, renamings, [])[0]
+        except Exception:
+            return key
+
+    return rename

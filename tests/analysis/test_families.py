@@ -273,3 +273,40 @@ def test_per_row_output_matches_float64_rows(tmp_path: Path) -> None:
         summary_row = summary[summary["tensor"] == tensor].iloc[0]
         assert summary_row.delta_direction == pytest.approx(group["delta_direction"].mean(), rel=1e-9)
         assert set(group["stack"]) == {summary_row.stack} and set(group["module"]) == {summary_row.module}
+
+
+@pytest.mark.parametrize(
+    ("config_class", "fields", "model_class"),
+    [
+        ("GPTNeoXConfig", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                               vocab_size=50, tie_word_embeddings=False), "GPTNeoXForCausalLM"),
+        ("ViTConfig", dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                           image_size=8, patch_size=4), "ViTModel"),
+    ],
+)  # fmt: skip
+def test_families_saved_under_older_names_still_get_the_models_layout(
+    config_class: str, fields: dict, model_class: str, tmp_path: Path
+) -> None:
+    """transformers 5 saves GPT-NeoX's output Linear as ``embed_out`` (an embedding-like name) and ViT
+    as ``encoder.layer.0.attention.attention.query``: the model's own renamings find their modules."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**fields)).eval()
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(1 + torch.rand(module.weight.shape[0])[:, None])
+    model.save_pretrained(tmp_path / "tuned")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayoutWarning)
+        frame = compare(
+            tmp_path / "base", tmp_path / "tuned", include=r"(embed_out|query|value|dense)\.weight$"
+        )
+    assert (
+        len(frame) >= 3 and set(frame["layout_source"]) == {"config"} and set(frame["layout"]) == {"linear"}
+    )
+    assert (frame["delta_direction"].abs() < 1e-12).all()
+    if model_class == "GPTNeoXForCausalLM":
+        assert frame.set_index("tensor").loc["embed_out.weight", "rows"] == 50  # vocabulary rows
