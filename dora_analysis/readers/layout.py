@@ -193,15 +193,20 @@ def _module_layouts(config_text: str) -> tuple[dict[str, RowLayout], Callable[[s
         from transformers.pytorch_utils import Conv1D
 
         raw = json.loads(config_text)
-        config = transformers.AutoConfig.for_model(**raw)
-        architectures = raw.get("architectures") or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            if model_class is not None:
-                model = model_class(config)
-            else:
-                model = transformers.AutoModel.from_config(config)
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # the model's own config checks are not ours to print
+        try:
+            config = transformers.AutoConfig.for_model(**raw)
+            architectures = raw.get("architectures") or []
+            model_class = getattr(transformers, architectures[0], None) if architectures else None
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                if model_class is not None:
+                    model = model_class(config)
+                else:
+                    model = transformers.AutoModel.from_config(config)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
     except Exception:  # remote code, an unknown model type, a config this transformers rejects
         return None
     layouts: dict[str, RowLayout] = {}
