@@ -55,6 +55,11 @@ _EXPORTS = {
     "run_demo": "dora_analysis.commands.demo_pipeline",
     "DoraAnalysisError": "dora_analysis.errors",
     "InputError": "dora_analysis.errors",
+    "LayoutWarning": "dora_analysis.analysis.comparison",
+    "sort_rows": "dora_analysis.analysis.comparison",
+    "split_name": "dora_analysis.readers.names",
+    "model_layout": "dora_analysis.readers.layout",
+    "resolve_model": "dora_analysis.readers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -33,6 +33,7 @@ import torch
 
 from dora_analysis.errors import DoraAnalysisError, InputError
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.hub import resolve_model
 
 __all__ = [
     "GROUP_BYTES",
@@ -87,6 +88,7 @@ class GroupJob:
     names: tuple[str, ...]
     device: str | None = None
     measure_memory: bool = False
+    layout: str | None = None  # as compare_many's ``layout=`` (None: the config.json decides)
 
 
 @dataclass(frozen=True)
@@ -177,19 +179,23 @@ def plan_groups(order: Sequence[str], sizes: dict[str, int], group_bytes: int) -
 
 
 def _plan(
-    base: Path, tuned: Sequence[Path], include: str | None, exclude: str | None
-) -> tuple[list, list[str], dict[str, int]]:
-    """The in-process run's selections and tensor order, and each base tensor's stored bytes."""
-    from dora_analysis.analysis.comparison import select_tensors
+    base: Path, tuned: Sequence[Path], include: str | None, exclude: str | None, layout: str | None
+) -> tuple[list, list[str], dict[str, int], str, list[str]]:
+    """The in-process run's selections and tensor order, each base tensor's stored bytes, the rule
+    that decided the layouts and the tensors whose layout only the name suggested (warned once, here)."""
+    from dora_analysis.analysis.comparison import _layout_sources, _warn_ambiguous, select_tensors
     from dora_analysis.readers import open_checkpoint
+    from dora_analysis.readers.layout import model_layout
 
     with ExitStack() as stack:
         base_reader = stack.enter_context(open_checkpoint(base))
         readers = [stack.enter_context(open_checkpoint(t, base=base_reader)) for t in tuned]
-        selections = [select_tensors(base_reader, r, include, exclude) for r in readers]
+        layouts = model_layout(_layout_sources(base_reader, readers), layout)
+        selections = [select_tensors(base_reader, r, include, exclude, layouts) for r in readers]
+        ambiguous = _warn_ambiguous(selections)
         order = list(dict.fromkeys(name for s in selections for name in s.pairs))
         sizes = {name: _numel(base_reader.shape(name)) * _itemsize(base_reader.dtype(name)) for name in order}
-    return selections, order, sizes
+    return selections, order, sizes, layouts.rule, ambiguous
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -307,7 +313,7 @@ def analyse_group(job: GroupJob) -> GroupResult:
         base = _Metered(stack.enter_context(open_checkpoint(Path(job.base))))
         shared = ReusingReader(base)  # adapters merging over the base reuse the tensor just read
         tuned = [_Metered(stack.enter_context(open_checkpoint(Path(p), base=shared))) for _, p in job.tuned]
-        frames = compare_many(shared, tuned, include=_exact(job.names), device=job.device)
+        frames = compare_many(shared, tuned, include=_exact(job.names), device=job.device, layout=job.layout)
         rows = [
             (index, frame.to_dict("records")) for (index, _), frame in zip(job.tuned, frames, strict=True)
         ]
@@ -343,12 +349,14 @@ def compare_many_on_cluster(
     progress: Progress = False,
     device: str | torch.device | None = None,
     cluster: Cluster | str | bool = True,
+    *,
+    layout: str | None = None,
 ) -> list[pd.DataFrame]:
     """:func:`~dora_analysis.analysis.comparison.compare_many` on Ray: the same frames, bit for bit.
 
     Args:
         base, tuned: checkpoint paths every Ray worker can read (open readers cannot travel).
-        include, exclude, device: as for ``compare_many`` (``cuda`` asks one GPU per task).
+        include, exclude, device, layout: as for ``compare_many`` (``cuda`` asks one GPU per task).
         progress: True for a bar over tasks on stderr, or a callable given the number of base
             tensors each finished task analysed.
         cluster: see :func:`as_cluster`.
@@ -356,13 +364,13 @@ def compare_many_on_cluster(
         InputError: as ``compare_many`` (from any worker, unwrapped from Ray's error), a reader
             given instead of a path, Ray missing, or no cluster at the address.
     """
-    from dora_analysis.analysis.comparison import COLUMNS
+    from dora_analysis.analysis.comparison import COLUMNS, sort_rows
 
     config = as_cluster(cluster) or Cluster()
     base_path, tuned_paths = _paths(base, tuned)
     device_name = _device_name(device)
     ray = import_ray()  # before any planning: a missing extra is the first thing to say
-    selections, order, sizes = _plan(base_path, tuned_paths, include, exclude)
+    selections, order, sizes, rule, ambiguous = _plan(base_path, tuned_paths, include, exclude, layout)
     groups = plan_groups(order, sizes, config.group_bytes or GROUP_BYTES)
     jobs = []
     for index, names in enumerate(groups):
@@ -373,7 +381,7 @@ def compare_many_on_cluster(
             if not wanted.isdisjoint(selection.pairs)
         )
         jobs.append(
-            GroupJob(index, str(base_path), members, tuple(names), device_name, config.measure_memory)
+            GroupJob(index, str(base_path), members, tuple(names), device_name, config.measure_memory, layout)
         )
     with _connected(ray, config):
         results = _run(ray, jobs, config, progress, device_name)
@@ -383,9 +391,12 @@ def compare_many_on_cluster(
             records[index].extend(rows)
     frames = []
     for rows, selection in zip(records, selections, strict=True):
-        frame = pd.DataFrame(rows, columns=COLUMNS)
+        # Sorted by stack, layer, module and tensor, as in-process: the task order does not matter.
+        frame = sort_rows(pd.DataFrame(rows, columns=COLUMNS))
         frame.attrs["base_only"] = selection.base_only
         frame.attrs["tuned_only"] = selection.tuned_only
+        frame.attrs["layout_rule"] = rule
+        frame.attrs["layout_ambiguous"] = [n for n in ambiguous if n in selection.pairs]
         frames.append(frame)
     return frames
 
@@ -401,7 +412,7 @@ def _paths(
                 source.source,
                 "--cluster needs checkpoint paths that every Ray worker can open, not an open reader",
             )
-        out.append(Path(os.path.abspath(source)))
+        out.append(Path(os.path.abspath(resolve_model(source))))  # a cached model id becomes its folder
     return out[0], out[1:]
 
 

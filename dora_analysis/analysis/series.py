@@ -14,7 +14,13 @@ Where things come from:
 - the step: the folder name ``checkpoint-<step>``, else ``trainer_state.json``'s ``global_step``;
 - the held-out metric: ``trainer_state.json``'s ``log_history`` entry at that step
   (``eval_accuracy`` where logged, else the first other ``eval_*`` value);
-- the base (when ``base`` is None): ``run.json``'s ``base_model``.
+- the base (when ``base`` is None): ``run.json``'s ``base_model``, else (Hugging Face Trainer runs
+  write no run.json) an adapter checkpoint's ``adapter_config.json`` ``base_model_name_or_path``, else
+  an FT checkpoint's ``config.json`` ``_name_or_path``: a local path or a model id in the local
+  Hugging Face cache. All the runs must name the same base.
+
+Rows are ordered by run (as given), step, then stack, layer (a nullable integer) and module. A run
+(or checkpoint) given twice is an error, not doubled rows.
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ __all__ = [
     "analyze_series",
     "training_history",
     "ReusingReader",
+    "base_of_checkpoint",
 ]
 
 SERIES_COLUMNS = [
     "run",
     "method",
     "step",
+    "stack",
     "layer",
     "module",
     "tensor",
@@ -66,6 +74,8 @@ SERIES_COLUMNS = [
     "rows",
     "rows_excluded",
     "status",
+    "layout",
+    "layout_source",
     "checkpoint",
 ]
 
@@ -159,6 +169,15 @@ def run_checkpoints(runs: PathLike | Sequence[PathLike], method: str | None = No
             found.append(
                 Checkpoint(label, run_dir, _step_of(path), method or run_method(path, run_dir), path)
             )
+    seen: dict[Path, Path] = {}
+    for checkpoint in found:
+        key = checkpoint.path.resolve()
+        if key in seen:
+            raise InputError.of(
+                checkpoint.path,
+                "given twice (as a run or inside one); each checkpoint may appear once in a series",
+            )
+        seen[key] = checkpoint.path
     return found
 
 
@@ -172,21 +191,34 @@ def _labels(paths: list[Path]) -> list[str]:
     return [names[k] for k in keys]
 
 
+def base_of_checkpoint(checkpoint: Checkpoint) -> str | None:
+    """The base model a checkpoint names: ``run.json``'s ``base_model``, else ``adapter_config.json``'s
+    ``base_model_name_or_path``, else ``config.json``'s ``_name_or_path`` (None where none does)."""
+    record = _read_json(checkpoint.run_dir / RUN_FILE) if checkpoint.run_dir else None
+    if record and record.get("base_model"):
+        return str(record["base_model"])
+    folder = checkpoint.path if checkpoint.path.is_dir() else checkpoint.path.parent
+    for file, key in ((ADAPTER_CONFIG, "base_model_name_or_path"), ("config.json", "_name_or_path")):
+        value = (_read_json(folder / file) or {}).get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def _base_from_runs(checkpoints: list[Checkpoint]) -> Path:
-    bases = set()
-    for checkpoint in checkpoints:
-        record = _read_json(checkpoint.run_dir / RUN_FILE) if checkpoint.run_dir else None
-        if record and record.get("base_model"):
-            bases.add(str(record["base_model"]))
+    """The one base all ``checkpoints`` name, resolved to a local folder (a path or a cached model id)."""
+    from dora_analysis.readers import resolve_model
+
+    bases = {base for base in map(base_of_checkpoint, checkpoints) if base is not None}
     if len(bases) != 1:
         where = checkpoints[0].path if checkpoints else "runs"
         problem = (
-            "no run.json names its base model"
+            "no run.json, adapter_config.json or config.json names its base model"
             if not bases
             else f"the runs name different bases: {sorted(bases)}"
         )
         raise InputError.of(where, f"{problem}; give the base checkpoint explicitly")
-    return Path(bases.pop())
+    return resolve_model(bases.pop())
 
 
 # ------------------------------------------------------------------------------------ metrics, log
@@ -274,6 +306,11 @@ class ReusingReader:
     def low_rank(self, name: str) -> LowRankUpdate | None:
         return self._reader.low_rank(name)
 
+    def read_order(self, names: list[str]) -> list[str]:
+        """The wrapped reader's own reading order of ``names`` (see :class:`ShardedReader`)."""
+        inner = getattr(self._reader, "read_order", None)
+        return inner(names) if callable(inner) else list(names)
+
     def close(self) -> None:
         self._last = None
 
@@ -293,11 +330,15 @@ def analyze_series(
     progress: Progress = False,
     device: str | torch.device | None = None,
     cluster: Cluster | str | bool | None = None,
+    *,
+    layout: str | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor at every checkpoint of every run.
 
     Args:
-        base: the pre-trained checkpoint (path or open reader); None: ``run.json``'s ``base_model``.
+        base: the pre-trained checkpoint (path, cached Hugging Face model id, or open reader); None:
+            the base the runs name (``run.json``, ``adapter_config.json``, ``config.json``; see the
+            module docstring).
         runs: run folders with ``checkpoint-<step>/`` folders, or single checkpoints (FT weights or
             LoRA/DoRA adapter folders over ``base``).
         method: the method of every run (default: read from each run, see the module docstring).
@@ -306,9 +347,10 @@ def analyze_series(
         device: where the tensors are analysed (e.g. ``"cuda"``); default: where the readers put them.
         cluster: run on Ray (``True``: a local Ray for the call; ``"auto"``/``"HOST:PORT"``: join a
             cluster; see :mod:`dora_analysis.analysis.cluster`); the same frame, bit for bit.
+        layout: force every 2-D weight's layout (see :func:`~dora_analysis.analysis.comparison.compare_many`).
     Returns:
-        One row per (run, step, tensor), columns :data:`SERIES_COLUMNS`, sorted by run, step and
-        tensor order; ``step`` is a nullable integer (missing for a lone checkpoint with no step).
+        One row per (run, step, tensor), columns :data:`SERIES_COLUMNS`, sorted by run, step, stack,
+        layer and module; ``step`` and ``layer`` are nullable integers (``<NA>`` where there is none).
     Raises:
         InputError: a missing run, no checkpoint, or an unusable checkpoint (see the readers).
 
@@ -327,7 +369,9 @@ def analyze_series(
         from dora_analysis.analysis.cluster import compare_many_on_cluster
 
         paths = [c.path for c in checkpoints]
-        frames = compare_many_on_cluster(base, paths, include, exclude, progress, device, cluster)
+        frames = compare_many_on_cluster(
+            base, paths, include, exclude, progress, device, cluster, layout=layout
+        )
         return _assemble(checkpoints, frames)
     on_new = progress if callable(progress) else None
     owned = None
@@ -337,20 +381,59 @@ def analyze_series(
         from dora_analysis.readers import open_checkpoint
 
         reader = owned = open_checkpoint(Path(base))
+    frames: list[pd.DataFrame] = []
     try:
-        reusing = ReusingReader(reader, on_new)
-        frames = compare_many(
-            reusing,
-            [c.path for c in checkpoints],
-            include=include,
-            exclude=exclude,
-            progress=progress is True,
-            device=device,
-        )
+        # Checkpoints whose files cannot be memory-mapped (old non-zip pickles) are loaded whole:
+        # compare them in groups so that only one group's copies are in memory at a time.
+        for group in _memory_groups(checkpoints):
+            reusing = ReusingReader(reader, on_new)
+            frames += compare_many(
+                reusing,
+                [c.path for c in group],
+                include=include,
+                exclude=exclude,
+                progress=progress is True,
+                device=device,
+                layout=layout,
+            )
     finally:
         if owned is not None:
             owned.close()
     return _assemble(checkpoints, frames)
+
+
+#: Bytes of loaded-whole checkpoint files one pass of a series may hold at once.
+RESIDENT_BYTES = 1 << 30
+
+
+def _memory_groups(checkpoints: list[Checkpoint]) -> list[list[Checkpoint]]:
+    """``checkpoints`` in consecutive groups, each holding at most :data:`RESIDENT_BYTES` of files that
+    are read into memory whole (non-zip pickles); memory-mapped formats cost nothing here."""
+    groups: list[list[Checkpoint]] = [[]]
+    held = 0
+    for checkpoint in checkpoints:
+        size = _resident_bytes(checkpoint.path)
+        if groups[-1] and held + size > RESIDENT_BYTES:
+            groups.append([])
+            held = 0
+        groups[-1].append(checkpoint)
+        held += size
+    return groups
+
+
+def _resident_bytes(path: Path) -> int:
+    import zipfile
+
+    from dora_analysis.readers._common import is_training_state_file
+
+    files = [path] if path.is_file() else [p for p in path.iterdir() if p.is_file()]
+    return sum(
+        p.stat().st_size
+        for p in files
+        if p.suffix.lower() in (".bin", ".pt", ".pth")
+        and not is_training_state_file(p)
+        and not zipfile.is_zipfile(p)
+    )
 
 
 def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -368,7 +451,14 @@ def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.D
                 checkpoint=str(checkpoint.path),
             )
         )
+    from dora_analysis.analysis.comparison import sort_rows
+
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SERIES_COLUMNS)
     df["step"] = df["step"].astype("Int64")
-    df["layer"] = df["layer"].astype("Int64")
+    df = sort_rows(df, first=["run", "step"])
+    if frames:
+        df.attrs["layout_rule"] = frames[0].attrs.get("layout_rule")
+        df.attrs["layout_ambiguous"] = sorted(
+            {n for f in frames for n in f.attrs.get("layout_ambiguous", [])}
+        )
     return df[SERIES_COLUMNS]

@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.correlation import correlations
     from dora_analysis.analysis.series import analyze_series, training_history
-    from dora_analysis.schema import points
+    from dora_analysis.schema import module_mask, points
     from dora_analysis.views.figures import write_figures
     from dora_analysis.views.tables import render
 
@@ -62,11 +62,11 @@ def run(args: argparse.Namespace) -> int:
         raise
     table = correlations(series)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
-    present = set(points(series)["module"])
-    missing = [m for m in modules or () if m not in present]
+    present = points(series)["module"]
+    missing = [m for m in modules or () if not module_mask(present, m).any()]  # short names select paths
     if missing:
         raise InputError.of(
-            "--modules", f"{missing[0]!r} has no analysed points; the series has {', '.join(sorted(present))}"
+            "--modules", f"{missing[0]!r} has no analysed points; the series has {', '.join(sorted(set(present)))}"
         )
     args.out.mkdir(exist_ok=True)  # after the analysis: a failed one leaves no empty folder
     written = write_figures(

@@ -173,6 +173,19 @@ def add_cluster_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_layout_argument(parser: argparse.ArgumentParser) -> None:
+    """``--layout``, shared by the commands that analyse checkpoints."""
+    from dora_analysis.readers.layout import LAYOUT_CHOICES
+
+    parser.add_argument(
+        "--layout",
+        choices=tuple(LAYOUT_CHOICES),
+        default="auto",
+        help="which axis holds the output units of every 2-D weight (default auto: the config.json "
+        "beside the weights decides, else the tensor names, with a warning where they are a guess)",
+    )
+
+
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     """``--method`` of every run analysed (series, figures)."""
     parser.add_argument(

@@ -13,6 +13,7 @@ import sys
 from dora_analysis.commands.options import (
     add_cluster_argument,
     add_device_argument,
+    add_layout_argument,
     add_method_argument,
     add_output_arguments,
     add_selection_arguments,
@@ -32,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_method_argument(parser)
     add_selection_arguments(parser)
     add_device_argument(parser)
+    add_layout_argument(parser)
     add_cluster_argument(parser)
 
 
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
         device=args.device,
         cluster=args.cluster,
+        layout=args.layout,
     )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame

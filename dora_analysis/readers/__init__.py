@@ -19,6 +19,7 @@ from dora_analysis.readers._common import WEIGHT_SUFFIXES, is_training_state_fil
 from dora_analysis.readers.adapter_config import read_adapter_config
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.readers.files import open_weight_file
+from dora_analysis.readers.hub import adapter_base, cached_model, resolve_model
 from dora_analysis.readers.nvlabs_dora import has_nvlabs_keys, open_nvlabs_dora
 from dora_analysis.readers.peft_adapter import ADAPTER_FILES, adapter_weights_file, open_peft_adapter
 from dora_analysis.readers.sharded import ShardedReader
@@ -31,6 +32,8 @@ __all__ = [
     "find_weights",
     "open_checkpoint",
     "find_checkpoints",
+    "adapter_base",
+    "resolve_model",
 ]
 
 # Looked for in this order inside a model or checkpoint folder.
@@ -89,19 +92,19 @@ def open_checkpoint(
     """Open the checkpoint at ``path`` as a :class:`CheckpointReader` (use it as a context manager).
 
     Args:
-        path: a weights file, a model folder, a Trainer ``checkpoint-<step>`` folder, or an adapter.
-        base: the pre-trained checkpoint an adapter is merged over (a path, or an open reader that the
-            caller keeps owning). For a PEFT adapter, None means ``adapter_config.json``'s
-            ``base_model_name_or_path`` when that is a local path.
+        path: a weights file, a model folder, a Trainer ``checkpoint-<step>`` folder, an adapter, or
+            a Hugging Face model id in the local cache (offline, see :mod:`dora_analysis.readers.hub`).
+        base: the pre-trained checkpoint an adapter is merged over (a path, a cached model id, or an
+            open reader that the caller keeps owning). For a PEFT adapter, None means
+            ``adapter_config.json``'s ``base_model_name_or_path`` when that is a local path or a
+            cached model id.
         lora_alpha: the LoRA alpha of an NVlabs DoRA state dict (it is not stored in the weights);
             overrides an ``adapter_config.json`` beside the file. Ignored for other formats.
 
     Raises:
         InputError: one line naming the file (and tensor) and the problem.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError.of(path, "no such file or folder")
+    path = resolve_model(path)
     if path.is_dir():
         found = find_weights(path)
     elif path.name.endswith(".index.json"):
@@ -182,12 +185,12 @@ def _resolve_base(
     if base is not None and not isinstance(base, (str, Path)):
         return base, []
     if base is None:
-        if hint and Path(hint).exists():
+        if hint and (Path(hint).exists() or cached_model(hint) is not None):
             base = hint
         elif required:
             raise InputError.of(
                 adapter,
-                f"an adapter needs a base checkpoint: pass base (adapter_config.json's base_model_name_or_path {hint!r} is not a local path)",
+                f"an adapter needs a base checkpoint: pass base (adapter_config.json's base_model_name_or_path {hint!r} is neither a local path nor in the local Hugging Face cache)",
             )
         else:
             return None, []

@@ -43,7 +43,7 @@ def test_demo_writes_series_figures_and_report(demo):
     assert set(result.runs) == {"ft", "lora", "dora"}
     series = pd.read_csv(out / "series.csv")
     assert set(series.method) == {"ft", "lora", "dora"} and set(series.step) == {2, 4}
-    assert set(series[series.method == "lora"].module) == {"query", "value"}
+    assert set(series[series.method == "lora"].module) == {"attention.self.query", "attention.self.value"}
     # correlations.csv is correlations() of the written series
     written = pd.read_csv(out / "correlations.csv")
     recomputed = correlations(series)
@@ -64,7 +64,7 @@ def test_demo_writes_series_figures_and_report(demo):
     for text in (
         "## Accuracy per method",
         "| FT | ft | 4 |",
-        "| LoRA | query |",
+        "| LoRA | attention.self.query |",
         "paper r = -0.62",
         "![direction_magnitude_query](figures/direction_magnitude_query.png)",
         f"on the pre-trained weights in `{config.model.resolve()}`",  # not the packaged model: its path

@@ -62,7 +62,7 @@ CASES = [
     ("compare {root}/base {root}/tuned --output {root}/tuned/config.json --overwrite", "one of the inputs"),
     ("compare {root}/base {root}/tuned --output {root}/base/model.safetensors --overwrite", "inputs"),
     ("compare {root}/base {root}/missing", "no such file"),
-    ("compare {root}/base", "required: tuned"),
+    ("compare {root}/base", "not an adapter"),  # TUNED may be omitted only for an adapter
     ("compare {root}/base {root}/tuned --bogus", "unrecognized"),
     # series
     ("series {root}/base {root}/tuned --include [", "--include"),

@@ -111,7 +111,9 @@ def test_output_file_is_written_once_and_not_overwritten(tmp_path: Path, capsys)
     args = ["compare", tmp_path / "base", tmp_path / "tuned", "--format", "csv", "--output", out]
     assert _run(capsys, *args)[0] == 0
     first = out.read_text()
-    assert first.splitlines()[0].startswith("tensor,layer,module,shape,rows,delta_magnitude,delta_direction")
+    assert first.splitlines()[0].startswith(
+        "tensor,stack,layer,module,shape,rows,delta_magnitude,delta_direction"
+    )
     code, _, err = _run(capsys, *args, "--include", "query")
     assert code == 2 and "already exists" in err and str(out) in err
     assert out.read_text() == first
