@@ -27,6 +27,14 @@ from dora_analysis.analysis.decomposition import (
 from dora_analysis.analysis.fused_rows import single_threaded_torch
 from dora_analysis.analysis.low_rank import fits as low_rank_fits
 from dora_analysis.analysis.low_rank import low_rank_row_changes
+from dora_analysis.analysis.spectrum import (
+    INTRUDER_COLUMNS,
+    METRIC_GROUPS,
+    SPECTRUM_COLUMNS,
+    SUBSPACE_COLUMN,
+    SpectrumOptions,
+    tensor_spectra,
+)
 from dora_analysis.errors import InputError
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.readers.names import (
@@ -38,7 +46,16 @@ from dora_analysis.readers.names import (
     row_layout,
 )
 
-__all__ = ["COLUMNS", "Selection", "select_tensors", "resolve_device", "compare", "compare_many"]
+__all__ = [
+    "COLUMNS",
+    "Selection",
+    "select_tensors",
+    "resolve_device",
+    "parse_metrics",
+    "metric_columns",
+    "compare",
+    "compare_many",
+]
 
 COLUMNS = [
     "tensor",
@@ -144,6 +161,7 @@ def _deltas(
     tuned: Sequence[CheckpointReader],
     selections: Sequence[Selection],
     device: str | torch.device | None = None,
+    spectral: _Spectral | None = None,
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(index into tuned, record)``; each base tensor is read once for all of ``tuned``.
 
@@ -155,7 +173,7 @@ def _deltas(
     """
     order = list(dict.fromkeys(name for s in selections for name in s.pairs))
     with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
-        yield from _deltas_in_order(base, tuned, selections, order, device)
+        yield from _deltas_in_order(base, tuned, selections, order, device, spectral)
 
 
 def _deltas_in_order(
@@ -164,6 +182,7 @@ def _deltas_in_order(
     selections: Sequence[Selection],
     order: list[str],
     device: str | torch.device | None,
+    spectral: _Spectral | None = None,
 ) -> Iterator[tuple[int, dict]]:
     for base_name in order:
         shape = tuple(base.shape(base_name))
@@ -194,6 +213,7 @@ def _deltas_in_order(
             for (index, _, _), delta in zip(group, summarize_many(changes), strict=True):
                 deltas[index] = delta
             del tuned_rows, changes
+        extra = _spectral_records(spectral, base_rows, wanted, layout, device) if spectral else {}
         # What the name says is the same for every tuned checkpoint: work it out once.
         about = {
             "tensor": base_name,
@@ -214,9 +234,76 @@ def _deltas_in_order(
                     "tuned_magnitude_mean": delta.tuned_magnitude_mean,
                     "rows_excluded": delta.rows_excluded,
                     "status": delta.status,
+                    **extra.get(index, {}),
                 },
             )
         del base_rows
+
+
+@dataclass(frozen=True)
+class _Spectral:
+    """What the spectral hook computes: the metric groups, options, and per tuned index the index
+    of its φ reference (None: none)."""
+
+    metrics: frozenset[str]
+    options: SpectrumOptions
+    references: tuple[int | None, ...] | None
+
+
+def _spectral_records(
+    spectral: _Spectral,
+    base_rows: torch.Tensor,
+    wanted: list[tuple[int, CheckpointReader, str]],
+    layout: str | None,
+    device: str | torch.device | None,
+) -> dict[int, dict]:
+    """Spectrum/intruder/φ columns of one base tensor for every tuned checkpoint that has it.
+
+    LoRA/DoRA updates come from their factors where they fit (:mod:`dora_analysis.analysis.spectrum`);
+    other tuned tensors are read again, one at a time, when their turn comes.
+    """
+    updates = []
+    for _, reader, name in wanted:
+        update = reader.low_rank(name)
+        if update is not None and _factored_fits(layout, base_rows, update):
+            updates.append(update)
+        else:
+            updates.append(lambda reader=reader, name=name: _to(as_rows(reader.get(name), layout), device))
+    position = {index: k for k, (index, _, _) in enumerate(wanted)}
+    references = None
+    if spectral.references is not None:
+        references = [position.get(spectral.references[index]) for index, _, _ in wanted]
+    records = tensor_spectra(base_rows, updates, spectral.metrics, spectral.options, references)
+    return {index: record for (index, _, _), record in zip(wanted, records, strict=True)}
+
+
+def parse_metrics(metrics: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"decomposition,spectrum"`` (or a list) as the metric groups, in :data:`METRIC_GROUPS` order.
+
+    ``decomposition`` (ΔM/ΔD, the default) is always included: its columns carry each tensor's
+    rows and status, and it costs one pass over the weights.
+
+    Raises:
+        InputError: an unknown group.
+    """
+    if metrics is None:
+        return ("decomposition",)
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in names if n not in METRIC_GROUPS]
+    if unknown:
+        raise InputError.of(
+            "--metrics", f"unknown metric group {unknown[0]!r}; expected {', '.join(METRIC_GROUPS)}"
+        )
+    return tuple(g for g in METRIC_GROUPS if g in names or g == "decomposition")
+
+
+def metric_columns(metrics: Sequence[str], reference: bool = False) -> list[str]:
+    """The columns the groups ``metrics`` add after :data:`COLUMNS` (and φ's where ``reference``)."""
+    columns = (SPECTRUM_COLUMNS if "spectrum" in metrics else []) + (
+        INTRUDER_COLUMNS if "intruders" in metrics else []
+    )
+    return columns + ([SUBSPACE_COLUMN] if reference else [])
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -260,6 +347,9 @@ def compare_many(
     exclude: str | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    metrics: str | Sequence[str] | None = None,
+    spectrum: SpectrumOptions | None = None,
+    references: Sequence[int | None] | None = None,
 ) -> list[pd.DataFrame]:
     """Compare ``base`` against every checkpoint in ``tuned``, reading each base tensor once.
 
@@ -269,11 +359,31 @@ def compare_many(
         include, exclude: regular expressions on tensor names (see :func:`select_tensors`).
         progress: show a progress bar on stderr (only where stderr is a terminal).
         device: where the tensors are analysed (e.g. ``"cuda"``); default: where the reader puts them.
+        metrics: metric groups, ``"decomposition,spectrum,intruders"`` or a list (see
+            :func:`parse_metrics`; default ``decomposition``): ``spectrum`` adds the update's
+            singular-spectrum columns, ``intruders`` ``intruder_dimensions``
+            (:mod:`dora_analysis.analysis.spectrum`).
+        spectrum: options of those columns (k, ε, φ's i = j, a randomised SVD).
+        references: per tuned checkpoint, the index (into ``tuned``) of another one whose update
+            its own is compared with by the LoRA paper's subspace similarity φ
+            (column ``subspace_to_reference``), or None.
     Returns:
-        One DataFrame per tuned checkpoint, columns :data:`COLUMNS`, one row per analysed tensor;
-        ``df.attrs`` holds ``base_only`` and ``tuned_only`` (names found on one side only).
+        One DataFrame per tuned checkpoint, columns :data:`COLUMNS` and then those ``metrics`` add,
+        one row per analysed tensor; ``df.attrs`` holds ``base_only`` and ``tuned_only`` (names
+        found on one side only).
     """
     device = resolve_device(device)
+    groups = parse_metrics(metrics)
+    if references is not None and len(references) != len(tuned):
+        raise ValueError(f"references has {len(references)} entries for {len(tuned)} checkpoints")
+    spectral = None
+    if len(groups) > 1 or references is not None:
+        spectral = _Spectral(
+            frozenset(groups),
+            spectrum or SpectrumOptions(),
+            tuple(references) if references is not None else None,
+        )
+    columns = COLUMNS + metric_columns(groups, reference=references is not None)
     with ExitStack() as stack:
         base_reader = _open(base, stack)
         readers = [_open(t, stack, base=base_reader) for t in tuned]
@@ -281,13 +391,13 @@ def compare_many(
         records: list[list[dict]] = [[] for _ in readers]
         total = sum(len(s.pairs) for s in selections)
         bar = _progress_bar(total, progress)
-        for index, record in _deltas(base_reader, readers, selections, device):
+        for index, record in _deltas(base_reader, readers, selections, device, spectral):
             records[index].append(record)
             bar.update(1)
         bar.close()
     frames = []
     for rows, selection in zip(records, selections, strict=True):
-        frame = pd.DataFrame(rows, columns=COLUMNS)
+        frame = pd.DataFrame(rows, columns=columns)
         frame.attrs["base_only"] = selection.base_only
         frame.attrs["tuned_only"] = selection.tuned_only
         frames.append(frame)
@@ -301,14 +411,32 @@ def compare(
     exclude: str | None = None,
     progress: bool = False,
     device: str | torch.device | None = None,
+    metrics: str | Sequence[str] | None = None,
+    spectrum: SpectrumOptions | None = None,
+    reference: PathOrReader | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor of ``tuned`` against ``base``; see :func:`compare_many`.
+
+    ``reference``: a second fine-tuned checkpoint of the same ``base``: the column
+    ``subspace_to_reference`` holds φ(ΔW_tuned, ΔW_reference) per tensor (both updates taken from
+    ``base``); the other columns are ``tuned``'s against ``base``, as without it.
 
     Example:
         >>> df = compare("base/model.safetensors", "run/checkpoint-200")  # doctest: +SKIP
         >>> df[["tensor", "delta_magnitude", "delta_direction"]]            # doctest: +SKIP
     """
-    return compare_many(base, [tuned], include=include, exclude=exclude, progress=progress, device=device)[0]
+    others = [tuned] if reference is None else [tuned, reference]
+    return compare_many(
+        base,
+        others,
+        include=include,
+        exclude=exclude,
+        progress=progress,
+        device=device,
+        metrics=metrics,
+        spectrum=spectrum,
+        references=None if reference is None else [1, None],
+    )[0]
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dora_analysis.analysis.spectrum import SUBSPACE_COLUMN, SpectrumOptions
 from dora_analysis.errors import InputError
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.schema import default_metric
@@ -42,6 +43,7 @@ __all__ = [
     "analyze_series",
     "training_history",
     "ReusingReader",
+    "base_of_runs",
 ]
 
 SERIES_COLUMNS = [
@@ -64,6 +66,9 @@ SERIES_COLUMNS = [
     "status",
     "checkpoint",
 ]
+
+#: φ of each checkpoint's update with its run's final one (``metrics`` with ``spectrum``).
+FINAL_COLUMN = "subspace_to_final"
 
 RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.json"
@@ -166,6 +171,15 @@ def _labels(paths: list[Path]) -> list[str]:
     if len(set(names.values())) < len(names):
         names = {k: str(k) for k in keys}
     return [names[k] for k in keys]
+
+
+def base_of_runs(runs: PathLike | Sequence[PathLike]) -> Path:
+    """The one base model the runs' ``run.json`` name.
+
+    Raises:
+        InputError: none names one, or they name different bases.
+    """
+    return _base_from_runs(run_checkpoints(runs))
 
 
 def _base_from_runs(checkpoints: list[Checkpoint]) -> Path:
@@ -288,6 +302,8 @@ def analyze_series(
     exclude: str | None = None,
     progress: Progress = False,
     device: str | torch.device | None = None,
+    metrics: str | Sequence[str] | None = None,
+    spectrum: SpectrumOptions | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor at every checkpoint of every run.
 
@@ -299,9 +315,15 @@ def analyze_series(
         include, exclude: regular expressions on tensor names (default: 2-D linear weights).
         progress: True for a bar on stderr, or a callable given 1 per base tensor done.
         device: where the tensors are analysed (e.g. ``"cuda"``); default: where the readers put them.
+        metrics: metric groups (``"decomposition,spectrum,intruders"``; see
+            :func:`~dora_analysis.analysis.comparison.compare_many`). With ``spectrum``, also
+            ``subspace_to_final``: φ of each checkpoint's update with its run's final (highest-step)
+            checkpoint's update (1 at the final step; NaN for a zero update).
+        spectrum: options of the spectral columns (:class:`~dora_analysis.analysis.spectrum.SpectrumOptions`).
     Returns:
-        One row per (run, step, tensor), columns :data:`SERIES_COLUMNS`, sorted by run, step and
-        tensor order; ``step`` is a nullable integer (missing for a lone checkpoint with no step).
+        One row per (run, step, tensor), columns :data:`SERIES_COLUMNS` and then those ``metrics``
+        add, sorted by run, step and tensor order; ``step`` is a nullable integer (missing for a
+        lone checkpoint with no step).
     Raises:
         InputError: a missing run, no checkpoint, or an unusable checkpoint (see the readers).
 
@@ -309,7 +331,7 @@ def analyze_series(
         >>> df = analyze_series(None, ["runs/ft", "runs/lora", "runs/dora"])  # doctest: +SKIP
         >>> df.groupby(["method", "step"])[["delta_magnitude", "delta_direction"]].mean()  # doctest: +SKIP
     """
-    from dora_analysis.analysis.comparison import compare_many
+    from dora_analysis.analysis.comparison import compare_many, metric_columns, parse_metrics
 
     checkpoints = run_checkpoints(runs, method)
     if not checkpoints:
@@ -333,14 +355,33 @@ def analyze_series(
             exclude=exclude,
             progress=progress is True,
             device=device,
+            metrics=metrics,
+            spectrum=spectrum,
+            references=_finals(checkpoints) if "spectrum" in parse_metrics(metrics) else None,
         )
     finally:
         if owned is not None:
             owned.close()
-    return _assemble(checkpoints, frames)
+    extra = metric_columns(parse_metrics(metrics), reference="spectrum" in parse_metrics(metrics))
+    frames = [f.rename(columns={SUBSPACE_COLUMN: FINAL_COLUMN}) for f in frames]
+    return _assemble(checkpoints, frames, [FINAL_COLUMN if c == SUBSPACE_COLUMN else c for c in extra])
 
 
-def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.DataFrame:
+def _finals(checkpoints: list[Checkpoint]) -> list[int]:
+    """Per checkpoint, the index of its run's final (highest-step) checkpoint (itself when unnumbered)."""
+    last: dict[str, int] = {}
+    for index, c in enumerate(checkpoints):
+        if c.step is None:
+            continue
+        best = last.get(c.run)
+        if best is None or c.step >= checkpoints[best].step:
+            last[c.run] = index
+    return [last.get(c.run, index) if c.step is not None else index for index, c in enumerate(checkpoints)]
+
+
+def _assemble(
+    checkpoints: list[Checkpoint], frames: list[pd.DataFrame], extra: Sequence[str] = ()
+) -> pd.DataFrame:
     parts = []
     for checkpoint, frame in zip(checkpoints, frames, strict=True):
         name, metric, loss = _eval_at(checkpoint.path, checkpoint.step)
@@ -355,7 +396,8 @@ def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.D
                 checkpoint=str(checkpoint.path),
             )
         )
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SERIES_COLUMNS)
+    columns = SERIES_COLUMNS + list(extra)
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     df["step"] = df["step"].astype("Int64")
     df["layer"] = df["layer"].astype("Int64")
-    return df[SERIES_COLUMNS]
+    return df[columns]

@@ -11,7 +11,7 @@ import sys
 
 import pandas as pd
 
-__all__ = ["add_arguments", "run", "summary_line"]
+__all__ = ["add_arguments", "add_metrics_arguments", "spectrum_options", "run", "summary_line"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
     add_device_argument(parser)
+    add_metrics_arguments(parser)
+    parser.add_argument(
+        "--relative",
+        action="store_true",
+        help="BASE and TUNED are then two fine-tuned checkpoints A and B of one base (--base, else "
+        "their run.json's base_model): B's rows against that base, plus subspace_to_reference, the "
+        "LoRA paper's subspace similarity of B's and A's updates",
+    )
+    parser.add_argument("--base", dest="relative_base", metavar="BASE", help="the base of --relative")
+
+
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics`` and the spectral options, shared by compare and series."""
+    parser.add_argument(
+        "--metrics",
+        default="decomposition",
+        metavar="GROUPS",
+        help="comma-separated: decomposition (ΔM/ΔD, always included), spectrum (the update's "
+        "singular spectrum), intruders (intruder dimensions); default decomposition",
+    )
+    parser.add_argument(
+        "--intruder-k", type=int, default=10, metavar="K", help="top singular vectors examined (default 10)"
+    )
+    parser.add_argument(
+        "--intruder-eps", type=float, default=0.5, metavar="EPS", help="cosine threshold (default 0.5)"
+    )
+    parser.add_argument(
+        "--svd-rank",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="randomised top-Q SVD of dense updates instead of the exact one (large matrices)",
+    )
+
+
+def spectrum_options(args: argparse.Namespace):
+    """The :class:`~dora_analysis.analysis.spectrum.SpectrumOptions` of the parsed options."""
+    from dora_analysis.analysis.spectrum import SpectrumOptions
+    from dora_analysis.errors import InputError
+
+    try:
+        return SpectrumOptions(
+            intruder_k=args.intruder_k, intruder_eps=args.intruder_eps, svd_rank=args.svd_rank
+        )
+    except ValueError as error:
+        raise InputError.of("--intruder-k/--intruder-eps/--svd-rank", str(error)) from None
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
@@ -62,11 +108,35 @@ def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.comparison import compare
     from dora_analysis.views.tables import write_frame
 
+    base, tuned, reference = args.base, args.tuned, None
+    if args.relative:
+        base, tuned, reference = _relative_base(args), args.tuned, args.base
+    elif args.relative_base:
+        from dora_analysis.errors import InputError
+
+        raise InputError.of("--base", "only used with --relative (the base is the first argument)")
     frame = compare(
-        args.base, args.tuned, include=args.include, exclude=args.exclude, progress=True, device=args.device
+        base,
+        tuned,
+        include=args.include,
+        exclude=args.exclude,
+        progress=True,
+        device=args.device,
+        metrics=args.metrics,
+        spectrum=spectrum_options(args),
+        reference=reference,
     )
     write_frame(frame, args.format, args.output, overwrite=args.overwrite)
     # Keep stdout parseable for csv/json: the summary goes to stderr there.
     stream = sys.stdout if args.format == "table" and args.output is None else sys.stderr
     print(summary_line(frame), file=stream)
     return 0
+
+
+def _relative_base(args: argparse.Namespace) -> str:
+    """``--base``, else the one base model A's and B's run.json name."""
+    if args.relative_base:
+        return args.relative_base
+    from dora_analysis.analysis.series import base_of_runs
+
+    return str(base_of_runs([args.base, args.tuned]))

@@ -14,7 +14,11 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dora_analysis.commands.compare import add_device_argument, add_output_arguments
+    from dora_analysis.commands.compare import (
+        add_device_argument,
+        add_metrics_arguments,
+        add_output_arguments,
+    )
 
     parser.add_argument("base", help="pre-trained checkpoint (file or folder)")
     parser.add_argument(
@@ -29,10 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
     add_device_argument(parser)
+    add_metrics_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.series import analyze_series
+    from dora_analysis.commands.compare import spectrum_options
     from dora_analysis.views.tables import write_frame
 
     frame = analyze_series(
@@ -43,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         progress=True,
         device=args.device,
+        metrics=args.metrics,
+        spectrum=spectrum_options(args),
     )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame
