@@ -94,6 +94,8 @@ SUBSPACE_COLUMN = "subspace_to_reference"
 
 # Oversampling of the randomised range finder (Halko et al. recommend 5-10).
 OVERSAMPLE = 10
+# Matrices with at least this many elements (a 2048 x 2048 weight) are decomposed on every core.
+PARALLEL_ELEMENTS = 1 << 22
 # Tolerance of "the top q capture all of ||ΔW||_F^2" (randomised path, effective rank).
 COMPLETE = 1e-12
 
@@ -332,7 +334,7 @@ def tensor_spectra(
     }
     records: list[dict[str, float]] = []
     left: dict[int, torch.Tensor] = {}
-    with _all_threads():
+    with _all_threads(base_rows.numel() >= PARALLEL_ELEMENTS):
         base = BaseSpectrum(base_rows)
         finite_base = bool(torch.isfinite(base.rows).all())
         for index, update in enumerate(updates):
@@ -401,10 +403,14 @@ def _nan_record(spectrum: bool, intruders: bool) -> dict[str, float]:
 
 
 @contextmanager
-def _all_threads() -> Iterator[None]:
-    """Dense SVDs use every core, also inside the comparison's single-threaded region (entered once
-    per tensor: an SVD is long enough that the thread switch costs nothing next to it)."""
-    workers = fused_rows._WORKERS.get() or torch.get_num_threads()
+def _all_threads(enabled: bool = True) -> Iterator[None]:
+    """SVDs of large matrices use every core, also inside the comparison's single-threaded region.
+
+    Only large ones (:data:`PARALLEL_ELEMENTS`): an SVD is hundreds of BLAS calls, and on a loaded
+    machine each multi-threaded call stalls until all its threads get a core (measured: a series of
+    384 x 384 SVDs took 18x longer with 2 threads than with 1 at load 15 on 2 cores).
+    """
+    workers = (fused_rows._WORKERS.get() or torch.get_num_threads()) if enabled else torch.get_num_threads()
     previous = torch.get_num_threads()
     if workers != previous:
         torch.set_num_threads(workers)
