@@ -123,3 +123,22 @@ def test_bad_metric_options_are_one_line_errors(tiny_runs, capsys):
         main(["series", str(base_dir), str(runs["ft"]), "--metrics", "intruders", "--intruder-eps", "2"]) == 2
     )
     assert "intruder_eps must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_the_base_svd_is_computed_once_per_tensor_for_a_whole_series(tiny_runs, monkeypatch):
+    import dora_analysis.analysis.spectrum as spectrum
+
+    base_dir, runs, _ = tiny_runs
+    computed = []
+    original = spectrum.BaseSpectrum.left.fget
+
+    def counting(self):
+        if self._left is None:
+            computed.append(self.rows.shape)
+        return original(self)
+
+    monkeypatch.setattr(spectrum.BaseSpectrum, "left", property(counting))
+    df = analyze_series(
+        base_dir, [runs[m] for m in ("ft", "lora", "dora")], metrics="intruders", include="query"
+    )
+    assert len(df) == 2 * 3 * len(STEPS) and len(computed) == df["tensor"].nunique() == 2
