@@ -94,6 +94,8 @@ def spectrum_layers_figure(df: pd.DataFrame, module: str = "query"):
 def intruders_figure(df: pd.DataFrame, modules: Sequence[str] = ("query", "value")):
     """Intruder dimensions (Shuttleworth et al. 2024) per layer at the final step, one panel per module."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     data = _final(df[df["module"].isin(modules)], None, ["intruder_dimensions"])
     modules = [m for m in modules if m in set(data["module"])]
     methods = method_order(data["method"])
@@ -104,6 +106,7 @@ def intruders_figure(df: pd.DataFrame, modules: Sequence[str] = ("query", "value
             _per_layer(ax, data[data["module"] == module], "intruder_dimensions", methods, palette)
             ax.set_ylabel("intruder dimensions")
             ax.set_ylim(bottom=-0.3)
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
             ax.set_title(module)
         axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
         fig.suptitle("top-k singular vectors of $W_t$ unlike every one of $W_0$", fontsize="medium")

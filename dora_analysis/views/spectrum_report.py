@@ -21,7 +21,7 @@ _MEANS = {
     "update_effective_rank": "effective rank",
     "update_rank90": "rank90",
     "update_top_singular": "σ1",
-    "intruder_dimensions": "intruders",
+    "intruder_dimensions": "intruders per matrix",
 }
 
 
@@ -91,7 +91,7 @@ def spectrum_section(series: pd.DataFrame, modules: Sequence[str] = ("query", "v
                 "effective rank": ".3g",
                 "rank90": ".3g",
                 "σ1": ".3g",
-                "intruders": ".2f",
+                "intruders per matrix": ".2f",
                 "φ first→final": ".2f",
             },
         ),
