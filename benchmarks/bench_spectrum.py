@@ -18,6 +18,7 @@ of W_0 and W_t (the base's would be shared by every checkpoint of a series).
     python benchmarks/bench_spectrum.py                       # 4096 x 4096, several minutes on 2 cores
     python benchmarks/bench_spectrum.py --size 1024 --repeats 3
     python benchmarks/bench_spectrum.py --device cuda
+    python benchmarks/bench_spectrum.py --variants decomposition,spectrum,spectrum-randomized  # no W_0 SVD
 """
 
 from __future__ import annotations
@@ -91,6 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--svd-rank", type=int, default=64)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--methods", default="ft,lora,dora", help="which tuned checkpoints (default all)")
+    parser.add_argument(
+        "--variants",
+        default="decomposition,spectrum,intruders,intruders-randomized",
+        help="comma-separated from decomposition, spectrum, spectrum-randomized, intruders, "
+        "intruders-randomized (the first given is the ratio's baseline)",
+    )
     args = parser.parse_args(argv)
 
     from dora_analysis.analysis.comparison import compare
@@ -104,12 +112,19 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.size}x{args.size} bf16, rank {RANK} adapters, device {args.device or 'cpu'}, "
             f"torch threads {torch.get_num_threads()}, median of {args.repeats}"
         )
-        variants = [
-            ("decomposition", "decomposition", None),
-            ("spectrum", "spectrum", None),
-            ("spectrum,intruders", "spectrum,intruders", None),
-            (f"spectrum,intruders --svd-rank {args.svd_rank}", "spectrum,intruders", args.svd_rank),
-        ]
+        known = {
+            "decomposition": ("decomposition", None),
+            "spectrum": ("spectrum", None),
+            "spectrum-randomized": ("spectrum", args.svd_rank),
+            "intruders": ("spectrum,intruders", None),
+            "intruders-randomized": ("spectrum,intruders", args.svd_rank),
+        }
+        variants = []
+        for name in args.variants.split(","):
+            metrics, rank = known[name]
+            label = metrics + (f" --svd-rank {rank}" if rank else "")
+            variants.append((label, metrics, rank))
+        paths = {m: paths[m] for m in args.methods.split(",")}
         for tuned in paths.values():  # warm-up: imports, numba compilation of the dense and factored paths
             compare(base, tuned, device=args.device)
         print(f"{'':>5} {'metrics':<36} {'wall s':>8} {'cpu s':>8} {'cpu ratio':>9}")
