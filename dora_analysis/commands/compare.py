@@ -138,5 +138,9 @@ def _relative_base(args: argparse.Namespace) -> str:
     if args.relative_base:
         return args.relative_base
     from dora_analysis.analysis.series import base_of_runs
+    from dora_analysis.errors import InputError
 
-    return str(base_of_runs([args.base, args.tuned]))
+    try:
+        return str(base_of_runs([args.base, args.tuned]))
+    except InputError as error:
+        raise InputError(f"{error} (with --relative: pass --base BASE)") from None

@@ -111,6 +111,23 @@ def test_relative_compares_two_checkpoints_updates(tiny_runs, capsys):
 
     cli = pd.read_csv(io.StringIO(capsys.readouterr().out))
     np.testing.assert_allclose(cli["subspace_to_reference"], frame["subspace_to_reference"], rtol=1e-9)
+    args = [
+        "compare",
+        str(a),
+        str(b),
+        "--relative",
+        "--base",
+        str(base_dir),
+        "--format",
+        "csv",
+        "--include",
+        "value",
+    ]
+    assert main(args) == 0
+    given = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    np.testing.assert_allclose(
+        given["subspace_to_reference"], frame["subspace_to_reference"][1::2], rtol=1e-9
+    )
     swapped = compare(base_dir, a, include="query|value", reference=b)
     np.testing.assert_allclose(swapped["subspace_to_reference"], frame["subspace_to_reference"], rtol=1e-9)
 
