@@ -16,6 +16,9 @@ row math, compare, series, correlations) -> ``views`` (figures, report, tables),
   :func:`save_adapter`, :func:`load_adapter`
 - training: :class:`TrainConfig`, :func:`train`, :func:`load_trained_model`, :func:`default_model_path`
 - the demo: :class:`DemoConfig`, :func:`run_demo`
+- the update's shape (``metrics="spectrum,intruders"``): :class:`SpectrumOptions`,
+  :func:`spectrum_layers_figure`, :func:`intruders_figure`, :func:`subspace_figure`,
+  :func:`write_spectrum_figures`, :func:`spectrum_table`
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ _EXPORTS = {
     "default_model_path": "dora_analysis.training",
     "DemoConfig": "dora_analysis.commands.demo_pipeline",
     "run_demo": "dora_analysis.commands.demo_pipeline",
+    "SpectrumOptions": "dora_analysis.analysis.spectrum",
+    "spectrum_layers_figure": "dora_analysis.views.spectrum_figures",
+    "intruders_figure": "dora_analysis.views.spectrum_figures",
+    "subspace_figure": "dora_analysis.views.spectrum_figures",
+    "write_spectrum_figures": "dora_analysis.views.spectrum_figures",
+    "spectrum_table": "dora_analysis.views.spectrum_report",
     "DoraAnalysisError": "dora_analysis.errors",
     "InputError": "dora_analysis.errors",
     "LayoutWarning": "dora_analysis.analysis.comparison",

@@ -75,6 +75,7 @@ def test_notebooks_are_saved_without_outputs():
         "01_compare_two_checkpoints.ipynb",
         "02_training_dynamics.ipynb",
         "03_peft_adapters.ipynb",
+        "04_update_spectrum.ipynb",
     }
 
 
@@ -141,3 +142,16 @@ def test_peft_adapter_notebook(tiny, tmp_path, kernel_dirs):
     text = outputs_text(nb)
     assert "'use_dora': True" in text and "value" in text
     assert images(nb) == 1
+
+
+def test_update_spectrum_notebook(tiny, tmp_path, kernel_dirs):
+    base, runs, _ = tiny
+    nb = run_notebook(
+        "04_update_spectrum.ipynb",
+        {"RUNS": [str(runs[m]) for m in ("ft", "lora", "dora")], "BASE": None, "MODULE": "value"},
+        tmp_path,
+        kernel_dirs,
+    )
+    text = outputs_text(nb)
+    assert "effective_rank" in text.replace("update_", "") and "subspace_to_final" in text
+    assert images(nb) == 3

@@ -30,6 +30,14 @@ from dora_analysis.analysis.decomposition import (
 from dora_analysis.analysis.fused_rows import single_threaded_torch
 from dora_analysis.analysis.low_rank import fits as low_rank_fits
 from dora_analysis.analysis.low_rank import low_rank_row_changes
+from dora_analysis.analysis.spectrum import (
+    INTRUDER_COLUMNS,
+    METRIC_GROUPS,
+    SPECTRUM_COLUMNS,
+    SUBSPACE_COLUMN,
+    SpectrumOptions,
+    tensor_spectra,
+)
 from dora_analysis.errors import InputError
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.readers.layout import ModelLayout, TensorLayout, model_layout
@@ -48,6 +56,8 @@ __all__ = [
     "compare",
     "compare_many",
     "sort_rows",
+    "parse_metrics",
+    "metric_columns",
 ]
 
 COLUMNS = [
@@ -187,6 +197,7 @@ def _deltas(
     selections: Sequence[Selection],
     device: str | torch.device | None = None,
     per_row: bool = False,
+    spectral: _Spectral | None = None,
 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(index into tuned, record)``; each base tensor is read once for all of ``tuned``.
 
@@ -205,7 +216,7 @@ def _deltas(
     if callable(read_order):
         order = read_order(order)
     with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
-        yield from _deltas_in_order(base, tuned, selections, order, device, per_row)
+        yield from _deltas_in_order(base, tuned, selections, order, device, per_row, spectral)
 
 
 def _deltas_in_order(
@@ -215,6 +226,7 @@ def _deltas_in_order(
     order: list[str],
     device: str | torch.device | None,
     per_row: bool = False,
+    spectral: _Spectral | None = None,
 ) -> Iterator[tuple[int, dict]]:
     for base_name in order:
         shape = tuple(base.shape(base_name))
@@ -251,6 +263,7 @@ def _deltas_in_order(
                 if per_row:
                     per_row_changes[index] = _row_of(changes, i)
             del tuned_rows, changes
+        extra = _spectral_records(spectral, base_rows, wanted, layout, device) if spectral else {}
         # What the name says is the same for every tuned checkpoint: work it out once.
         parts = split_name(base_name)
         about = {
@@ -275,6 +288,7 @@ def _deltas_in_order(
                     "tuned_magnitude_mean": delta.tuned_magnitude_mean,
                     "rows_excluded": delta.rows_excluded,
                     "status": delta.status,
+                    **extra.get(index, {}),
                     **({"changes": per_row_changes[index]} if per_row else {}),
                 },
             )
@@ -285,6 +299,72 @@ def _row_of(changes: RowChanges, i: int) -> RowChanges:
     """Row ``i`` of a series' ``(T, k)`` changes as ``(k,)`` CPU tensors (kept for per-row output)."""
     fields = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
     return RowChanges(*(getattr(changes, f)[i].cpu() for f in fields))
+
+
+@dataclass(frozen=True)
+class _Spectral:
+    """What the spectral hook computes: the metric groups, options, and per tuned index the index
+    of its φ reference (None: none)."""
+
+    metrics: frozenset[str]
+    options: SpectrumOptions
+    references: tuple[int | None, ...] | None
+
+
+def _spectral_records(
+    spectral: _Spectral,
+    base_rows: torch.Tensor,
+    wanted: list[tuple[int, CheckpointReader, str]],
+    layout: str | None,
+    device: str | torch.device | None,
+) -> dict[int, dict]:
+    """Spectrum/intruder/φ columns of one base tensor for every tuned checkpoint that has it.
+
+    LoRA/DoRA updates come from their factors where they fit (:mod:`dora_analysis.analysis.spectrum`);
+    other tuned tensors are read again, one at a time, when their turn comes.
+    """
+    updates = []
+    for _, reader, name in wanted:
+        update = reader.low_rank(name)
+        if update is not None and _factored_fits(layout, base_rows, update):
+            updates.append(update)
+        else:
+            updates.append(lambda reader=reader, name=name: _to(as_rows(reader.get(name), layout), device))
+    position = {index: k for k, (index, _, _) in enumerate(wanted)}
+    references = None
+    if spectral.references is not None:
+        references = [position.get(spectral.references[index]) for index, _, _ in wanted]
+    records = tensor_spectra(base_rows, updates, spectral.metrics, spectral.options, references)
+    return {index: record for (index, _, _), record in zip(wanted, records, strict=True)}
+
+
+def parse_metrics(metrics: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"decomposition,spectrum"`` (or a list) as the metric groups, in :data:`METRIC_GROUPS` order.
+
+    ``decomposition`` (ΔM/ΔD, the default) is always included: its columns carry each tensor's
+    rows and status, and it costs one pass over the weights.
+
+    Raises:
+        InputError: an unknown group.
+    """
+    if metrics is None:
+        return ("decomposition",)
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in names if n not in METRIC_GROUPS]
+    if unknown:
+        raise InputError.of(
+            "--metrics", f"unknown metric group {unknown[0]!r}; expected {', '.join(METRIC_GROUPS)}"
+        )
+    return tuple(g for g in METRIC_GROUPS if g in names or g == "decomposition")
+
+
+def metric_columns(metrics: Sequence[str], reference: bool = False) -> list[str]:
+    """The columns the groups ``metrics`` add after :data:`COLUMNS` (and φ's where ``reference``)."""
+    columns = (SPECTRUM_COLUMNS if "spectrum" in metrics else []) + (
+        INTRUDER_COLUMNS if "intruders" in metrics else []
+    )
+    return columns + ([SUBSPACE_COLUMN] if reference else [])
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
@@ -332,6 +412,9 @@ def compare_many(
     *,
     layout: str | None = None,
     per_row: bool = False,
+    metrics: str | Sequence[str] | None = None,
+    spectrum: SpectrumOptions | None = None,
+    references: Sequence[int | None] | None = None,
 ) -> list[pd.DataFrame]:
     """Compare ``base`` against every checkpoint in ``tuned``, reading each base tensor once.
 
@@ -349,6 +432,14 @@ def compare_many(
             :mod:`dora_analysis.readers.layout`), or ``"linear"``, ``"conv1d-transposed"``,
             ``"embedding"`` for every 2-D weight.
         per_row: one row per output unit instead of one per tensor (columns :data:`PER_ROW_COLUMNS`).
+        metrics: metric groups, ``"decomposition,spectrum,intruders"`` or a list (see
+            :func:`parse_metrics`; default ``decomposition``): ``spectrum`` adds the update's
+            singular-spectrum columns, ``intruders`` ``intruder_dimensions``
+            (:mod:`dora_analysis.analysis.spectrum`).
+        spectrum: options of those columns (k, ε, φ's i = j, a randomised SVD).
+        references: per tuned checkpoint, the index (into ``tuned``) of another one whose update
+            its own is compared with by the LoRA paper's subspace similarity φ
+            (column ``subspace_to_reference``), or None.
     Returns:
         One DataFrame per tuned checkpoint, columns :data:`COLUMNS`, one row per analysed tensor,
         ordered by stack, layer (a nullable integer) and module (:func:`sort_rows`); ``df.attrs``
@@ -357,11 +448,24 @@ def compare_many(
     """
     if base is None:
         base = _base_of(tuned)
+    groups = parse_metrics(metrics)
+    if references is not None and len(references) != len(tuned):
+        raise ValueError(f"references has {len(references)} entries for {len(tuned)} checkpoints")
+    spectral = None
+    if len(groups) > 1 or references is not None:
+        spectral = _Spectral(
+            frozenset(groups),
+            spectrum or SpectrumOptions(),
+            tuple(references) if references is not None else None,
+        )
+    columns = COLUMNS + metric_columns(groups, reference=references is not None)
     if cluster is not None and cluster is not False:
         from dora_analysis.analysis.cluster import compare_many_on_cluster
 
         if per_row:
             raise InputError.of("--per-row", "is not available with --cluster: run it in one process")
+        if spectral is not None:
+            raise InputError.of("--metrics", "only decomposition is available with --cluster so far")
         return compare_many_on_cluster(
             base, tuned, include, exclude, progress, device, cluster, layout=layout
         )
@@ -375,13 +479,13 @@ def compare_many(
         records: list[list[dict]] = [[] for _ in readers]
         total = sum(len(s.pairs) for s in selections)
         bar = _progress_bar(total, progress)
-        for index, record in _deltas(base_reader, readers, selections, device, per_row):
+        for index, record in _deltas(base_reader, readers, selections, device, per_row, spectral):
             records[index].append(record)
             bar.update(1)
         bar.close()
     frames = []
     for rows, selection in zip(records, selections, strict=True):
-        frame = _per_row_frame(rows) if per_row else sort_rows(pd.DataFrame(rows, columns=COLUMNS))
+        frame = _per_row_frame(rows) if per_row else sort_rows(pd.DataFrame(rows, columns=columns))
         frame.attrs["base_only"] = selection.base_only
         frame.attrs["tuned_only"] = selection.tuned_only
         frame.attrs["layout_rule"] = layouts.rule
@@ -401,8 +505,15 @@ def compare(
     *,
     layout: str | None = None,
     per_row: bool = False,
+    metrics: str | Sequence[str] | None = None,
+    spectrum: SpectrumOptions | None = None,
+    reference: PathOrReader | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor of ``tuned`` against ``base``; see :func:`compare_many`.
+
+    ``reference``: a second fine-tuned checkpoint of the same ``base``: the column
+    ``subspace_to_reference`` holds φ(ΔW_tuned, ΔW_reference) per tensor (both updates taken from
+    ``base``); the other columns are ``tuned``'s against ``base``, as without it.
 
     ``base`` None: an adapter's own ``base_model_name_or_path`` (a path or a cached model id).
 
@@ -410,9 +521,10 @@ def compare(
         >>> df = compare("base/model.safetensors", "run/checkpoint-200")  # doctest: +SKIP
         >>> df[["tensor", "delta_magnitude", "delta_direction"]]            # doctest: +SKIP
     """
+    others = [tuned] if reference is None else [tuned, reference]
     return compare_many(
         base,
-        [tuned],
+        others,
         include=include,
         exclude=exclude,
         progress=progress,
@@ -420,6 +532,9 @@ def compare(
         cluster=cluster,
         layout=layout,
         per_row=per_row,
+        metrics=metrics,
+        spectrum=spectrum,
+        references=None if reference is None else [1, None],
     )[0]
 
 

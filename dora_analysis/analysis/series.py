@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import torch
 
+from dora_analysis.analysis.spectrum import SUBSPACE_COLUMN, SpectrumOptions
 from dora_analysis.errors import InputError
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.schema import default_metric
@@ -53,6 +54,7 @@ __all__ = [
     "training_history",
     "ReusingReader",
     "base_of_checkpoint",
+    "base_of_runs",
 ]
 
 SERIES_COLUMNS = [
@@ -78,6 +80,9 @@ SERIES_COLUMNS = [
     "layout_source",
     "checkpoint",
 ]
+
+#: φ of each checkpoint's update with its run's final one (``metrics`` with ``spectrum``).
+FINAL_COLUMN = "subspace_to_final"
 
 RUN_FILE = "run.json"
 STATE_FILE = "trainer_state.json"
@@ -203,6 +208,15 @@ def base_of_checkpoint(checkpoint: Checkpoint) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
+
+
+def base_of_runs(runs: PathLike | Sequence[PathLike]) -> Path:
+    """The one base model the runs' ``run.json`` name.
+
+    Raises:
+        InputError: none names one, or they name different bases.
+    """
+    return _base_from_runs(run_checkpoints(runs))
 
 
 def _base_from_runs(checkpoints: list[Checkpoint]) -> Path:
@@ -332,6 +346,8 @@ def analyze_series(
     cluster: Cluster | str | bool | None = None,
     *,
     layout: str | None = None,
+    metrics: str | Sequence[str] | None = None,
+    spectrum: SpectrumOptions | None = None,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor at every checkpoint of every run.
 
@@ -347,6 +363,11 @@ def analyze_series(
         device: where the tensors are analysed (e.g. ``"cuda"``); default: where the readers put them.
         cluster: run on Ray (``True``: a local Ray for the call; ``"auto"``/``"HOST:PORT"``: join a
             cluster; see :mod:`dora_analysis.analysis.cluster`); the same frame, bit for bit.
+        metrics: metric groups (``"decomposition,spectrum,intruders"``; see
+            :func:`~dora_analysis.analysis.comparison.compare_many`). With ``spectrum``, also
+            ``subspace_to_final``: φ of each checkpoint's update with its run's final (highest-step)
+            checkpoint's update (1 at the final step; NaN for a zero update).
+        spectrum: options of the spectral columns (:class:`~dora_analysis.analysis.spectrum.SpectrumOptions`).
         layout: force every 2-D weight's layout (see :func:`~dora_analysis.analysis.comparison.compare_many`).
     Returns:
         One row per (run, step, tensor), columns :data:`SERIES_COLUMNS`, sorted by run, step, stack,
@@ -358,7 +379,7 @@ def analyze_series(
         >>> df = analyze_series(None, ["runs/ft", "runs/lora", "runs/dora"])  # doctest: +SKIP
         >>> df.groupby(["method", "step"])[["delta_magnitude", "delta_direction"]].mean()  # doctest: +SKIP
     """
-    from dora_analysis.analysis.comparison import compare_many
+    from dora_analysis.analysis.comparison import compare_many, metric_columns, parse_metrics
 
     checkpoints = run_checkpoints(runs, method)
     if not checkpoints:
@@ -368,6 +389,8 @@ def analyze_series(
     if cluster is not None and cluster is not False:
         from dora_analysis.analysis.cluster import compare_many_on_cluster
 
+        if parse_metrics(metrics) != ("decomposition",):
+            raise InputError.of("--metrics", "only decomposition is available with --cluster so far")
         paths = [c.path for c in checkpoints]
         frames = compare_many_on_cluster(
             base, paths, include, exclude, progress, device, cluster, layout=layout
@@ -385,7 +408,9 @@ def analyze_series(
     try:
         # Checkpoints whose files cannot be memory-mapped (old non-zip pickles) are loaded whole:
         # compare them in groups so that only one group's copies are in memory at a time.
-        for group in _memory_groups(checkpoints):
+        spectral = "spectrum" in parse_metrics(metrics)
+        # φ to the final checkpoint needs each run's final update in the same pass: one group then.
+        for group in [checkpoints] if spectral else _memory_groups(checkpoints):
             reusing = ReusingReader(reader, on_new)
             frames += compare_many(
                 reusing,
@@ -395,11 +420,17 @@ def analyze_series(
                 progress=progress is True,
                 device=device,
                 layout=layout,
+                metrics=metrics,
+                spectrum=spectrum,
+                references=_finals(group) if spectral else None,
             )
     finally:
         if owned is not None:
             owned.close()
-    return _assemble(checkpoints, frames)
+    groups = parse_metrics(metrics)
+    extra = metric_columns(groups, reference="spectrum" in groups)
+    frames = [f.rename(columns={SUBSPACE_COLUMN: FINAL_COLUMN}) for f in frames]
+    return _assemble(checkpoints, frames, [FINAL_COLUMN if c == SUBSPACE_COLUMN else c for c in extra])
 
 
 #: Bytes of loaded-whole checkpoint files one pass of a series may hold at once.
@@ -436,7 +467,21 @@ def _resident_bytes(path: Path) -> int:
     )
 
 
-def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.DataFrame:
+def _finals(checkpoints: list[Checkpoint]) -> list[int]:
+    """Per checkpoint, the index of its run's final (highest-step) checkpoint (itself when unnumbered)."""
+    last: dict[str, int] = {}
+    for index, c in enumerate(checkpoints):
+        if c.step is None:
+            continue
+        best = last.get(c.run)
+        if best is None or c.step >= checkpoints[best].step:
+            last[c.run] = index
+    return [last.get(c.run, index) if c.step is not None else index for index, c in enumerate(checkpoints)]
+
+
+def _assemble(
+    checkpoints: list[Checkpoint], frames: list[pd.DataFrame], extra: Sequence[str] = ()
+) -> pd.DataFrame:
     parts = []
     for checkpoint, frame in zip(checkpoints, frames, strict=True):
         name, metric, loss = _eval_at(checkpoint.path, checkpoint.step)
@@ -453,7 +498,8 @@ def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.D
         )
     from dora_analysis.analysis.comparison import sort_rows
 
-    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=SERIES_COLUMNS)
+    columns = SERIES_COLUMNS + list(extra)
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     df["step"] = df["step"].astype("Int64")
     df = sort_rows(df, first=["run", "step"])
     if frames:
@@ -461,4 +507,4 @@ def _assemble(checkpoints: list[Checkpoint], frames: list[pd.DataFrame]) -> pd.D
         df.attrs["layout_ambiguous"] = sorted(
             {n for f in frames for n in f.attrs.get("layout_ambiguous", [])}
         )
-    return df[SERIES_COLUMNS]
+    return df[columns]

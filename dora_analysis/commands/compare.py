@@ -16,9 +16,11 @@ from dora_analysis.commands.options import (
     add_cluster_argument,
     add_device_argument,
     add_layout_argument,
+    add_metrics_arguments,
     add_output_arguments,
     add_selection_arguments,
     prepare_output,
+    spectrum_options,
     write_output,
 )
 
@@ -43,6 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_selection_arguments(parser)
     add_device_argument(parser)
     add_cluster_argument(parser)
+    add_metrics_arguments(parser)
+    parser.add_argument(
+        "--relative",
+        action="store_true",
+        help="BASE and TUNED are then two fine-tuned checkpoints A and B of one base (--base, else "
+        "their run.json's base_model): B's rows against that base, plus subspace_to_reference, the "
+        "LoRA paper's subspace similarity of B's and A's updates",
+    )
+    parser.add_argument("--base", dest="relative_base", metavar="BASE", help="the base of --relative")
 
 
 def summary_line(frame: pd.DataFrame) -> str:
@@ -66,9 +77,18 @@ def summary_line(frame: pd.DataFrame) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.comparison import compare
+    from dora_analysis.errors import InputError
 
-    prepare_output(args, [p for p in (args.base, args.tuned) if p is not None])
-    base, tuned = (args.base, args.tuned) if args.tuned is not None else (None, args.base)
+    prepare_output(args, [p for p in (args.base, args.tuned, args.relative_base) if p is not None])
+    base, tuned, reference = args.base, args.tuned, None
+    if args.relative:
+        if args.tuned is None:
+            raise InputError.of("--relative", "needs two fine-tuned checkpoints: compare A B --relative")
+        base, tuned, reference = _relative_base(args), args.tuned, args.base
+    elif args.relative_base:
+        raise InputError.of("--base", "only used with --relative (the base is the first argument)")
+    elif args.tuned is None:  # an adapter alone: its adapter_config.json names the base
+        base, tuned = None, args.base
     frame = compare(
         base,
         tuned,
@@ -79,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
         cluster=args.cluster,
         layout=args.layout,
         per_row=args.per_row,
+        metrics=args.metrics,
+        spectrum=spectrum_options(args),
+        reference=reference,
     )
     write_output(frame, args)
     if args.per_row:
@@ -89,3 +112,16 @@ def run(args: argparse.Namespace) -> int:
     stream = sys.stdout if args.format == "table" and args.output is None else sys.stderr
     print(summary_line(frame), file=stream)
     return 0
+
+
+def _relative_base(args: argparse.Namespace) -> str:
+    """``--base``, else the one base model A's and B's run.json name."""
+    if args.relative_base:
+        return args.relative_base
+    from dora_analysis.analysis.series import base_of_runs
+    from dora_analysis.errors import InputError
+
+    try:
+        return str(base_of_runs([args.base, args.tuned]))
+    except InputError as error:
+        raise InputError(f"{error} (with --relative: pass --base BASE)") from None

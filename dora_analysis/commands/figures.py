@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     missing = [m for m in modules or () if not module_mask(present, m).any()]  # short names select paths
     if missing:
         raise InputError.of(
-            "--modules", f"{missing[0]!r} has no analysed points; the series has {', '.join(sorted(set(present)))}"
+            "--modules",
+            f"{missing[0]!r} has no analysed points; the series has {', '.join(sorted(set(present)))}",
         )
     args.out.mkdir(exist_ok=True)  # after the analysis: a failed one leaves no empty folder
     written = write_figures(

@@ -186,6 +186,43 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics`` and the spectral options, shared by compare and series."""
+    parser.add_argument(
+        "--metrics",
+        default="decomposition",
+        metavar="GROUPS",
+        help="comma-separated: decomposition (ΔM/ΔD, always included), spectrum (the update's "
+        "singular spectrum), intruders (intruder dimensions); default decomposition",
+    )
+    parser.add_argument(
+        "--intruder-k", type=int, default=10, metavar="K", help="top singular vectors examined (default 10)"
+    )
+    parser.add_argument(
+        "--intruder-eps", type=float, default=0.5, metavar="EPS", help="cosine threshold (default 0.5)"
+    )
+    parser.add_argument(
+        "--svd-rank",
+        type=int,
+        default=None,
+        metavar="Q",
+        help="randomised top-Q SVD of dense updates instead of the exact one (large matrices)",
+    )
+
+
+def spectrum_options(args: argparse.Namespace):
+    """The :class:`~dora_analysis.analysis.spectrum.SpectrumOptions` of the parsed options."""
+    from dora_analysis.analysis.spectrum import SpectrumOptions
+    from dora_analysis.errors import InputError
+
+    try:
+        return SpectrumOptions(
+            intruder_k=args.intruder_k, intruder_eps=args.intruder_eps, svd_rank=args.svd_rank
+        )
+    except ValueError as error:
+        raise InputError.of("--intruder-k/--intruder-eps/--svd-rank", str(error)) from None
+
+
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     """``--method`` of every run analysed (series, figures)."""
     parser.add_argument(

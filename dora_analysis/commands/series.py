@@ -15,9 +15,11 @@ from dora_analysis.commands.options import (
     add_device_argument,
     add_layout_argument,
     add_method_argument,
+    add_metrics_arguments,
     add_output_arguments,
     add_selection_arguments,
     prepare_output,
+    spectrum_options,
     write_output,
 )
 
@@ -35,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     add_layout_argument(parser)
     add_cluster_argument(parser)
+    add_metrics_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         cluster=args.cluster,
         layout=args.layout,
+        metrics=args.metrics,
+        spectrum=spectrum_options(args),
     )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame

@@ -251,6 +251,7 @@ def render_report(
     relative_to: str | os.PathLike | None = None,
     context: Sequence[str] = (),
     majority_accuracy: float | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
     """The markdown text of report.md.
 
@@ -262,6 +263,7 @@ def render_report(
         relative_to: the report's folder, so figure links are relative to it.
         context: lines describing the run (model, task, steps, time), shown as a list.
         majority_accuracy: the held-out accuracy of always answering the commonest label.
+        sections: further markdown sections (e.g. the update's spectrum), placed before the figures.
     """
     out: list[str] = ["# DoRA weight-decomposition analysis", ""]
     if context:
@@ -317,6 +319,8 @@ def render_report(
             _final_step_markdown(series, paper_modules),
             "",
         ]
+
+    out += [section.rstrip() + "\n" for section in sections if section]
 
     if figures:
         out += ["## Figures", ""]
