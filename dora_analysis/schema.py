@@ -21,6 +21,7 @@ __all__ = [
     "points",
     "module_is",
     "module_mask",
+    "select_modules",
 ]
 
 #: The methods, in the order the paper's figures show them.
@@ -87,3 +88,10 @@ def module_mask(modules: pd.Series, wanted: str) -> pd.Series:
             "--modules", f"{wanted!r} names several modules ({', '.join(found)}): give the full name"
         )
     return mask
+
+
+def select_modules(df: pd.DataFrame, modules: Iterable[str]) -> pd.DataFrame:
+    """The rows of ``df`` that are each of ``modules`` (see :func:`module_mask`), their ``module``
+    relabelled as asked (``query`` for ``attention.self.query``), in the order of ``modules``."""
+    parts = [df[module_mask(df["module"], m)].assign(module=m) for m in modules]
+    return pd.concat(parts) if parts else df.iloc[:0]

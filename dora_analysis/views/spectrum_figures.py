@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from dora_analysis.errors import InputError
-from dora_analysis.schema import method_label, method_order
+from dora_analysis.schema import method_label, method_order, module_mask, select_modules
 from dora_analysis.views.figures import (
     _final_step,
     _layer_colours,
@@ -64,7 +64,7 @@ def _final(df: pd.DataFrame, module: str | None, columns: Sequence[str]) -> pd.D
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InputError.of(missing[0], "not in the series; analyse it with metrics='spectrum,intruders'")
-    data = df if module is None else df[df["module"] == module]
+    data = df if module is None else select_modules(df, [module])
     data = _final_step(data.dropna(subset=["step"]))
     if data.empty:
         raise InputError.of(module or "series", "no analysed points for this module in the series")
@@ -96,7 +96,7 @@ def intruders_figure(df: pd.DataFrame, modules: Sequence[str] = ("query", "value
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    data = _final(df[df["module"].isin(modules)], None, ["intruder_dimensions"])
+    data = _final(select_modules(df, modules), None, ["intruder_dimensions"])
     modules = [m for m in modules if m in set(data["module"])]
     methods = method_order(data["method"])
     palette = _method_colours(methods)
@@ -119,7 +119,8 @@ def subspace_figure(df: pd.DataFrame, module: str = "query"):
     plt = _pyplot()
     if "subspace_to_final" not in df.columns:
         raise InputError.of("subspace_to_final", "not in the series; analyse it with metrics='spectrum'")
-    data = df[(df["module"] == module) & np.isfinite(df["subspace_to_final"].astype(float))]
+    data = select_modules(df, [module])
+    data = data[np.isfinite(data["subspace_to_final"].astype(float))]
     if data.empty:
         raise InputError.of(module, "no subspace_to_final values for this module in the series")
     methods = method_order(data["method"])
@@ -166,7 +167,7 @@ def write_spectrum_figures(
         InputError: a target exists and ``overwrite`` is False (checked before anything is drawn).
     """
     out = Path(out_dir)
-    modules = [m for m in modules if m in set(series["module"])]
+    modules = [m for m in modules if module_mask(series["module"], m).any()]  # short names select paths
     plan = []
     if "update_rank90" in series.columns:
         plan += [(f"update_spectrum_{m}", lambda m=m: spectrum_layers_figure(series, m)) for m in modules]

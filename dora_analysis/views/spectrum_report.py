@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from dora_analysis.schema import method_label, method_order
+from dora_analysis.schema import method_label, method_order, select_modules
 
 __all__ = ["spectrum_table", "spectrum_section"]
 
@@ -33,7 +33,7 @@ def spectrum_table(series: pd.DataFrame, modules: Sequence[str] = ("query", "val
         Columns ``method``, ``module``, ``layers``, ``shape`` and one per column present; methods in
         paper order.
     """
-    data = series[series["module"].isin(modules)].dropna(subset=["step"])
+    data = select_modules(series, modules).dropna(subset=["step"])
     key = "run" if "run" in data.columns else "method"
     last = data[data["step"] == data.groupby(key)["step"].transform("max")]
     first = data[data["step"] == data.groupby(key)["step"].transform("min")]
