@@ -16,6 +16,7 @@ __all__ = [
     "is_training_state_file",
     "WEIGHT_SUFFIXES",
     "first_line",
+    "DEQUANTIZE",
     "stored_tensor_problem",
     "quantized_storage_problem",
 ]
@@ -29,7 +30,7 @@ _FLOAT8 = {
     for d in vars(torch).values()
     if isinstance(d, torch.dtype) and ("float8" in str(d) or "float4" in str(d))
 }
-_DEQUANTIZE = "pass the dequantized weights (bf16/fp16/fp32, e.g. transformers' model.dequantize() then save_pretrained)"
+DEQUANTIZE = "pass the dequantized weights (bf16/fp16/fp32, e.g. transformers' model.dequantize() then save_pretrained)"
 # Companions that bitsandbytes (4/8-bit) and GPTQ/AWQ store beside their packed integer weights.
 _QUANTIZED_NAMES = (
     (
@@ -62,8 +63,8 @@ def stored_tensor_problem(dtype: torch.dtype, shape: tuple[int, ...]) -> str | N
     wrong numbers. A tensor with no elements is refused when its other dimensions exceed
     :data:`MAX_EMPTY_EXTENT` rows (it stores no bytes, so it must cost nothing).
     """
-    if dtype in _FLOAT8 or getattr(dtype, "is_quantized", False):
-        return f"stored as {str(dtype).replace('torch.', '')} (quantized codes without their scales); {_DEQUANTIZE}"
+    if dtype in _FLOAT8:
+        return f"stored as {str(dtype).replace('torch.', '')} (quantized codes without their scales); {DEQUANTIZE}"
     if 0 in shape and math.prod(d for d in shape if d) > MAX_EMPTY_EXTENT:
         return f"holds no elements but claims shape {list(shape)}; refused (an empty tensor may span at most {MAX_EMPTY_EXTENT} rows)"
     return None
@@ -76,7 +77,7 @@ def quantized_storage_problem(names: list[str]) -> tuple[str, str] | None:
             if pattern.search(name):
                 return (
                     name,
-                    f"{kind} quantized storage (packed codes plus scales, not weights); {_DEQUANTIZE}",
+                    f"{kind} quantized storage (packed codes plus scales, not weights); {DEQUANTIZE}",
                 )
     return None
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import ReaderMixin, first_line
+from dora_analysis.readers._common import ReaderMixin
 from dora_analysis.readers.files import open_weight_file
+from dora_analysis.readers.json_file import read_json
 from dora_analysis.readers.safetensors_file import SafetensorsReader
 from dora_analysis.readers.torch_pickle import TorchPickleReader
 
@@ -18,10 +18,7 @@ __all__ = ["read_weight_map", "ShardedReader"]
 
 def read_weight_map(index_file: Path) -> dict[str, Path]:
     """``{tensor name: shard path}`` from a ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``."""
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError.of(index_file, f"shard index is not valid JSON ({first_line(e)})") from None
+    index = read_json(index_file, "shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError.of(index_file, "shard index has no 'weight_map' of tensor name -> shard file")

@@ -31,6 +31,7 @@ import torch
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import (
+    DEQUANTIZE,
     ReaderMixin,
     first_line,
     is_training_state_file,
@@ -56,9 +57,10 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError.of(
             path, "is a training-state file (optimizer/scheduler/RNG/arguments), not model weights"
         )
+    mmap = True
     if zipfile.is_zipfile(path):
-        _check_zip_records(path)
-    obj = _safe_load(path)
+        mmap = _check_zip_records(path)
+    obj = _safe_load(path, mmap=mmap)
     return _flatten(path, obj)
 
 
@@ -93,10 +95,22 @@ def _record_layout(path: Path) -> dict[int, tuple[str, int]]:
     return layout
 
 
-def _check_zip_records(path: Path) -> None:
-    """Each storage the pickle claims must be exactly the bytes of one record (checked on ``meta``)."""
+def _check_zip_records(path: Path) -> bool:
+    """Each storage the pickle claims must be exactly the bytes of one record (checked on ``meta``).
+
+    Returns whether the file may be memory-mapped: False when the pickle cannot be built on ``meta``
+    (e.g. quantized tensors); torch's own read without the map then checks every record's size and
+    reports what else is wrong (memory is then the bytes stored).
+    """
     layout = _record_layout(path)
-    meta = _safe_load(path, map_location="meta")
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            meta = torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refusal(path, e) from None
+    except Exception:  # e.g. no meta kernel for quantized tensors: the read without the map decides
+        return False
     seen: set[int] = set()
     for key, value in _tensor_items(meta):
         if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
@@ -120,6 +134,7 @@ def _check_zip_records(path: Path) -> None:
                 "(a truncated or altered file)",
                 tensor=str(key),
             )
+    return True
 
 
 def _tensor_items(obj: object) -> list[tuple[object, object]]:
@@ -133,16 +148,16 @@ def _tensor_items(obj: object) -> list[tuple[object, object]]:
     return items
 
 
-def _safe_load(path: Path, map_location: str = "cpu") -> object:
+def _safe_load(path: Path, *, mmap: bool = True) -> object:
     with warnings.catch_warnings():
-        # torch warns about pickle protocols it may not fully support; our one line says what failed.
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return _load(path, map_location)
+        # torch warns about pickle protocols and sparse invariants; our one line says what failed.
+        warnings.filterwarnings("ignore", category=UserWarning)
+        return _load(path, mmap=mmap)
 
 
-def _load(path: Path, map_location: str) -> object:
+def _load(path: Path, *, mmap: bool) -> object:
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=map_location != "meta")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except RuntimeError as e:
         if "mmap can only be used" not in str(e):
             raise InputError.of(path, f"not a readable PyTorch file ({first_line(e)})") from None
@@ -152,7 +167,7 @@ def _load(path: Path, map_location: str) -> object:
         raise InputError.of(path, f"not a readable PyTorch file ({first_line(e)})") from None
     # An old (non-zip) torch.save file: it cannot be memory-mapped.
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except pickle.UnpicklingError as e:
         raise _refusal(path, e) from None
     except Exception as e:
@@ -212,7 +227,11 @@ def _checked(path: Path, key: str, value: torch.Tensor) -> torch.Tensor:
     if value.is_meta:
         raise InputError.of(path, "is a meta tensor: it holds a shape but no data", tensor=key)
     if value.is_quantized:
-        raise InputError.of(path, stored_tensor_problem(value.dtype, ()) or "is quantized", tensor=key)
+        raise InputError.of(
+            path,
+            f"is a quantized tensor ({str(value.dtype).replace('torch.', '')}); {DEQUANTIZE}",
+            tensor=key,
+        )
     problem = stored_tensor_problem(value.dtype, tuple(value.shape))
     if problem:
         raise InputError.of(path, problem, tensor=key)

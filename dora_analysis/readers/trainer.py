@@ -65,7 +65,7 @@ def find_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
     """``[(step, folder)]`` of a Trainer run, sorted by step.
 
     ``run_dir`` holding ``checkpoint-<step>`` folders gives one entry each (step from the folder name,
-    which the Trainer sets to ``global_step``); two folders for one step (``checkpoint-10`` and
+    which the Trainer sets to ``global_step``: a ``trainer_state.json`` that disagrees is an error); two folders for one step (``checkpoint-10`` and
     ``checkpoint-010``) are an error. A folder that is itself a checkpoint (no such subfolders, but
     weights or an adapter inside) gives one entry, its step from :func:`trainer_step` (else 0).
     Nothing is opened or read beyond ``trainer_state.json``.
@@ -81,9 +81,10 @@ def find_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
         )
     found: dict[int, Path] = {}
     for child in sorted(run_dir.iterdir()):
-        step = checkpoint_step(child)
-        if step is None or not child.is_dir():
+        if checkpoint_step(child) is None or not child.is_dir():
             continue
+        step = trainer_step(child)  # the name's step, checked against trainer_state.json's
+        assert step is not None
         if step in found:
             raise InputError.of(
                 run_dir, f"two checkpoints for step {step} ({found[step].name} and {child.name}); keep one"
