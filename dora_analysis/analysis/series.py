@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers.adapter_config import read_adapter_config
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.readers.json_file import read_json
 from dora_analysis.readers.trainer import STATE_FILE, checkpoint_step, trainer_step
@@ -110,9 +111,12 @@ def run_method(checkpoint: Path, run_dir: Path | None = None) -> str:
         record = _read_json(folder / RUN_FILE) if folder is not None else None
         if record and isinstance(record.get("method"), str):
             return record["method"].lower()
-    adapter = _read_json(checkpoint / ADAPTER_CONFIG) if checkpoint.is_dir() else None
-    if adapter is not None:
-        return "dora" if adapter.get("use_dora") else "lora"
+    if checkpoint.is_dir() and (checkpoint / ADAPTER_CONFIG).is_file():  # the readers' one parser
+        return (
+            "dora"
+            if read_adapter_config(checkpoint / ADAPTER_CONFIG, require_rank=False).use_dora
+            else "lora"
+        )
     return "ft"
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "is_training_state_file",
     "WEIGHT_SUFFIXES",
     "first_line",
+    "short_repr",
     "DEQUANTIZE",
     "stored_tensor_problem",
     "quantized_storage_problem",
@@ -80,6 +81,12 @@ def quantized_storage_problem(names: list[str]) -> tuple[str, str] | None:
                     f"{kind} quantized storage (packed codes plus scales, not weights); {DEQUANTIZE}",
                 )
     return None
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages quote what a file holds, never all of it."""
+    text = str(tuple(value)) if isinstance(value, tuple) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def first_line(error: BaseException) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers._common import short_repr
 from dora_analysis.readers.json_file import read_json_object
 
 __all__ = ["AdapterConfig", "read_adapter_config", "pattern_value"]
@@ -98,12 +99,12 @@ def read_adapter_config(path: Path, *, require_rank: bool = True) -> AdapterConf
     raw = read_json_object(path, "adapter config", max_bytes=_MAX_CONFIG_BYTES)
     peft_type = raw.get("peft_type")
     if peft_type is not None and not isinstance(peft_type, str):
-        raise InputError.of(path, f"peft_type is {_short(peft_type)}; expected a string such as 'LORA'")
+        raise InputError.of(path, f"peft_type is {short_repr(peft_type)}; expected a string such as 'LORA'")
     peft_type = (peft_type or "LORA").upper()
     if peft_type not in ("LORA", "DORA"):
         raise InputError.of(
             path,
-            f"peft_type is {_short(raw.get('peft_type'))}; only LoRA/DoRA adapters (peft_type LORA) can be merged",
+            f"peft_type is {short_repr(raw.get('peft_type'))}; only LoRA/DoRA adapters (peft_type LORA) can be merged",
         )
     for key in ("r", "lora_alpha"):
         if require_rank and raw.get(key) is None:
@@ -146,23 +147,18 @@ def read_adapter_config(path: Path, *, require_rank: bool = True) -> AdapterConf
     )
 
 
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _boolean(path: Path, raw: dict, key: str) -> bool:
     value = raw.get(key)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise InputError.of(path, f"{key} is {_short(value)}; expected true or false (a JSON boolean)")
+        raise InputError.of(path, f"{key} is {short_repr(value)}; expected true or false (a JSON boolean)")
     return value
 
 
 def _rank(path: Path, key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError.of(path, f"{key} is {_short(value)}; expected a positive integer rank")
+        raise InputError.of(path, f"{key} is {short_repr(value)}; expected a positive integer rank")
     if value <= 0:
         raise InputError.of(path, f"adapter config has {key}={value}; expected a positive rank")
     return value
@@ -172,20 +168,20 @@ def _number(path: Path, key: str, value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError.of(path, f"{key} is {_short(value)}; expected a finite number")
+        raise InputError.of(path, f"{key} is {short_repr(value)}; expected a finite number")
     return float(value)
 
 
 def _patterns(path: Path, raw: dict, key: str) -> list[tuple[str, object]]:
     value = raw.get(key) or {}
     if not isinstance(value, dict):
-        raise InputError.of(path, f"{key} is {_short(value)}; expected an object of pattern -> value")
+        raise InputError.of(path, f"{key} is {short_repr(value)}; expected an object of pattern -> value")
     for pattern in value:
         try:
             re.compile(rf"(.*\.)?({pattern})$")
         except (re.error, RecursionError, OverflowError) as e:
             raise InputError.of(
-                path, f"{key} has an invalid regular expression {_short(pattern)} ({e})"
+                path, f"{key} has an invalid regular expression {short_repr(pattern)} ({e})"
             ) from None
     return list(value.items())
 
@@ -193,7 +189,7 @@ def _patterns(path: Path, raw: dict, key: str) -> list[tuple[str, object]]:
 def _string(path: Path, raw: dict, key: str) -> str | None:
     value = raw.get(key)
     if value is not None and not isinstance(value, str):
-        raise InputError.of(path, f"{key} is {_short(value)}; expected a string")
+        raise InputError.of(path, f"{key} is {short_repr(value)}; expected a string")
     return value
 
 
@@ -209,5 +205,5 @@ def _list_of_names(path: Path, raw: dict, key: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InputError.of(path, f"{key} is {_short(value)}; expected a list of module names")
+        raise InputError.of(path, f"{key} is {short_repr(value)}; expected a list of module names")
     return list(value)

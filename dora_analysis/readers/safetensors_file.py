@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import ReaderMixin, first_line, stored_tensor_problem
+from dora_analysis.readers._common import ReaderMixin, first_line, short_repr, stored_tensor_problem
 from dora_analysis.readers.json_file import parse_json
 
 __all__ = ["MAX_HEADER_BYTES", "TensorEntry", "read_safetensors_header", "SafetensorsReader"]
@@ -96,8 +96,8 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
     if not ok:
         raise InputError.of(
             path,
-            f"malformed header record (dtype {_short(dtype_code)}, shape {_short(shape)}, "
-            f"data_offsets {_short(offsets)}): expected a shape and two offsets of non-negative integers",
+            f"malformed header record (dtype {short_repr(dtype_code)}, shape {short_repr(shape)}, "
+            f"data_offsets {short_repr(offsets)}): expected a shape and two offsets of non-negative integers",
             tensor=name,
         )
     if offsets[1] > data_bytes:
@@ -108,7 +108,7 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
             tensor=name,
         )
     if dtype_code not in _DTYPES:
-        raise InputError.of(path, f"unsupported safetensors dtype {_short(dtype_code)}", tensor=name)
+        raise InputError.of(path, f"unsupported safetensors dtype {short_repr(dtype_code)}", tensor=name)
     dtype = _DTYPES[dtype_code]
     problem = stored_tensor_problem(dtype, tuple(shape))
     if problem:
@@ -119,15 +119,10 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
     if numel * dtype.itemsize != offsets[1] - offsets[0]:
         raise InputError.of(
             path,
-            f"data offsets span {offsets[1] - offsets[0]} bytes but {dtype_code} {_short(shape)} needs {numel * dtype.itemsize}",
+            f"data offsets span {offsets[1] - offsets[0]} bytes but {dtype_code} {short_repr(shape)} needs {numel * dtype.itemsize}",
             tensor=name,
         )
     return TensorEntry(dtype=dtype, shape=tuple(shape))
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class SafetensorsReader(ReaderMixin):

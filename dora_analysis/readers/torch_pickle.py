@@ -35,6 +35,7 @@ from dora_analysis.readers._common import (
     ReaderMixin,
     first_line,
     is_training_state_file,
+    short_repr,
     stored_tensor_problem,
 )
 from dora_analysis.readers.names import strip_prefixes
@@ -241,15 +242,10 @@ def _checked(path: Path, key: str, value: torch.Tensor) -> torch.Tensor:
         raise InputError.of(
             path,
             f"is a view of {value.numel()} elements over a storage of {stored} bytes (stride-0 or "
-            f"overlapping, strides {_short(value.stride())}); refused: save the tensor itself (.clone())",
+            f"overlapping, strides {short_repr(value.stride())}); refused: save the tensor itself (.clone())",
             tensor=key,
         )
     return value
-
-
-def _short(value: object) -> str:
-    text = str(tuple(value)) if isinstance(value, tuple) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _looks_like_state_dict(obj: dict) -> bool:
