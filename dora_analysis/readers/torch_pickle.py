@@ -13,7 +13,9 @@ Bounds (work and memory follow the bytes actually stored):
   would otherwise be read through the memory map from its neighbour). Both are checked before
   ``torch.load`` reads any data: the pickle is first loaded onto the ``meta`` device.
 - every tensor: a dense (strided) CPU tensor whose elements fit in its storage (stride-0 and
-  overlapping views, e.g. ``torch.ones(1).expand(2**26, 1)``, are refused), not sparse, meta or
+  overlapping views, e.g. ``torch.ones(1).expand(2**26, 1)``, are refused; all tensors together may
+  span at most :data:`SHARED_VIEWS` times their distinct storages plus :data:`INFLATION_SLACK`, so
+  many views of one storage are refused too), not sparse, meta or
   quantized, not float8, and not an empty tensor with huge dimensions
   (:func:`~dora_analysis.readers._common.stored_tensor_problem`).
 """
@@ -40,9 +42,10 @@ from dora_analysis.readers._common import (
 )
 from dora_analysis.readers.names import strip_prefixes
 
-__all__ = ["INFLATION_SLACK", "load_pickled_state_dict", "TorchPickleReader"]
+__all__ = ["INFLATION_SLACK", "SHARED_VIEWS", "load_pickled_state_dict", "TorchPickleReader"]
 
 INFLATION_SLACK = 1 << 20  # what compressed records may add beyond the file's own bytes
+SHARED_VIEWS = 4  # tensors may span this many times their distinct storages (tied weights share one)
 
 _CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -198,10 +201,21 @@ def _flatten(path: Path, obj: object) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise InputError.of(path, f"holds a {type(obj).__name__}, not a state dict of tensors")
     tensors: dict[str, torch.Tensor] = {}
+    viewed, storages = 0, {}  # bytes the tensors span, and the distinct storages behind them
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             continue  # e.g. an "epoch" counter stored beside the weights
         value = _checked(path, key, value)
+        storage = value.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        viewed += value.numel() * value.element_size()
+        if viewed > SHARED_VIEWS * sum(storages.values()) + INFLATION_SLACK:
+            raise InputError.of(
+                path,
+                f"its tensors span {viewed} bytes over {sum(storages.values())} bytes stored (many views of "
+                f"the same storage; at most {SHARED_VIEWS} times, as tied weights need); refused",
+                tensor=key,
+            )
         name = strip_prefixes(key, _STRIP_PREFIXES)
         if name in tensors:
             raise InputError.of(

@@ -116,6 +116,13 @@ def c1_overlapping_view(f: Path) -> Case:
     return Case(_itself(_pt_pair(f, {W: view})), says="overlapping", memory=True)
 
 
+def c1_many_views_of_one_storage(f: Path) -> Case:
+    """4,000 full views of one 256 KiB storage: 1 GiB of work from a file of about 1 MB."""
+    storage = torch.zeros(256, 256)
+    state = {f"layer.{i}.attn.query.weight": storage[:] for i in range(4000)}
+    return Case(_itself(_pt_pair(f, state)), says="many views", memory=True)
+
+
 def c1_stride0_legacy_format(f: Path) -> Case:
     state = {W: torch.ones(1).expand(2**24, 8)}
     return Case(
