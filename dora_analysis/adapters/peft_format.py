@@ -35,6 +35,7 @@ from dora_analysis.adapters.inject import (
 )
 from dora_analysis.atomic import fsync, temporary_name
 from dora_analysis.errors import InputError
+from dora_analysis.readers.adapter_config import AdapterConfig, pattern_value, read_adapter_config
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -197,40 +198,29 @@ def save_adapter(
 # ---------------------------------------------------------------------------------------- loading
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(f"(.*\\.)?({p})$", name)``."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
-
-
-def _peft_selects(name: str, config: dict, keep: list[str]) -> bool:
+def _peft_selects(name: str, config: AdapterConfig, keep: list[str]) -> bool:
     """PEFT's ``check_target_module_exists`` for the options we support."""
-    exclude = config.get("exclude_modules")
+    exclude = config.exclude_modules
     if exclude and matches_target(name, exclude):
         return False
-    if any(_in_module_to_save(name, k) for k in config.get("modules_to_save") or []):
+    if any(_in_module_to_save(name, k) for k in config.modules_to_save):
         return False
-    return matches_target(name, config["target_modules"])
+    return matches_target(name, config.target_modules)
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path) -> AdapterConfig:
+    """The adapter's config (read by the readers' one parser), refused where the layers cannot load it."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise InputError.of(folder, f"no {CONFIG_NAME}: not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError.of(path, f"not valid JSON ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise InputError.of(
-            path, f"peft_type is {config.get('peft_type')!r}; only LORA (LoRA/DoRA) adapters load"
-        )
+    config = read_adapter_config(path, require_rank=False)
+    if config.peft_type != "LORA":
+        raise InputError.of(path, f"peft_type is {config.peft_type!r}; only LORA (LoRA/DoRA) adapters load")
+    values = {**config.options, "fan_in_fan_out": config.fan_in_fan_out, "lora_bias": config.lora_bias}
     for field_name, what in _UNSUPPORTED.items():
-        if config.get(field_name):
-            raise InputError.of(path, f"{what} ({field_name}={config[field_name]!r}) is not supported")
-    targets = config.get("target_modules")
+        if values.get(field_name):
+            raise InputError.of(path, f"{what} ({field_name}={values[field_name]!r}) is not supported")
+    targets = config.target_modules
     if not targets or targets == "all-linear":
         raise InputError.of(path, f"target_modules={targets!r} is not supported; name the modules")
     return config
@@ -277,30 +267,31 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     config = _read_config(folder)
     path = folder / CONFIG_NAME
     modules = [(n, m) for n, m in _plain_modules(model) if n]
-    keep_patterns = config.get("modules_to_save") or []
+    keep_patterns = config.modules_to_save
     keep = [n for n, _ in modules if any(n.endswith(p) for p in keep_patterns)]  # PEFT's rule for these
     selected = [n for n, _ in modules if _peft_selects(n, config, keep)]
     if not selected:
-        raise InputError.of(path, f"target_modules {config['target_modules']!r} match no module of the model")
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_of = {n: _pattern_value(config.get("rank_pattern") or {}, n, r) for n in selected}
-    alpha_of = {n: _pattern_value(config.get("alpha_pattern") or {}, n, alpha) for n in selected}
+        raise InputError.of(path, f"target_modules {config.target_modules!r} match no module of the model")
+    r = 8 if config.r is None else config.r  # PEFT's LoraConfig defaults
+    alpha = 8 if config.lora_alpha is None else config.lora_alpha
+    rank_of = {n: pattern_value(config.rank_pattern, n, r) for n in selected}
+    alpha_of = {n: pattern_value(config.alpha_pattern, n, alpha) for n in selected}
     exact = "|".join(re.escape(n) for n in selected)
     wrapped = inject_adapters(
         model,
-        method="dora" if config.get("use_dora") else "lora",
+        method="dora" if config.use_dora else "lora",
         targets=exact,
         r=r,
         alpha=alpha,
-        dropout=float(config.get("lora_dropout") or 0.0),
-        rslora=bool(config.get("use_rslora")),
+        dropout=config.lora_dropout,
+        rslora=config.use_rslora,
         modules_to_save=keep,
         rank_of=rank_of,
         alpha_of=alpha_of,
     )
     wrappers = adapter_modules(model)
     expected = {f"{n}.lora_A.weight" for n in wrapped} | {f"{n}.lora_B.weight" for n in wrapped}
-    if config.get("use_dora"):
+    if config.use_dora:
         expected |= {f"{n}.lora_magnitude_vector" for n in wrapped}
     slots = {
         n + "." + k: v for n in keep for k, v in model.get_submodule(n).state_dict(keep_vars=True).items()

@@ -25,10 +25,8 @@ Rows are ordered by run (as given), step, then stack, layer (a nullable integer)
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,10 @@ import torch
 
 from dora_analysis.analysis.spectrum import SUBSPACE_COLUMN, SpectrumOptions
 from dora_analysis.errors import InputError
+from dora_analysis.readers.adapter_config import read_adapter_config
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.json_file import read_json
+from dora_analysis.readers.trainer import STATE_FILE, checkpoint_step, trainer_step
 from dora_analysis.schema import default_metric
 
 if TYPE_CHECKING:  # only for the annotation: Ray code loads when a cluster is asked for
@@ -85,9 +86,7 @@ SERIES_COLUMNS = [
 FINAL_COLUMN = "subspace_to_final"
 
 RUN_FILE = "run.json"
-STATE_FILE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 PathLike = str | os.PathLike
 Progress = bool | Callable[[int], None]
@@ -108,12 +107,10 @@ class Checkpoint:
 
 
 def _read_json(path: Path) -> dict | None:
+    """The JSON object in ``path`` (None when absent or not an object), read by the readers' one loader."""
     if not path.is_file():
         return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError.of(path, f"unreadable JSON ({error})") from None
+    value = read_json(path, path.name)
     return value if isinstance(value, dict) else None
 
 
@@ -124,12 +121,7 @@ def _find_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _step_of(path: Path) -> int | None:
-    found = _CHECKPOINT.match(path.name)
-    if found:
-        return int(found.group(1))
-    state = _read_json(path / STATE_FILE) if path.is_dir() else None
-    step = state.get("global_step") if state else None
-    return int(step) if isinstance(step, int | float) else None
+    return trainer_step(path) if path.is_dir() else checkpoint_step(path)
 
 
 def run_method(checkpoint: Path, run_dir: Path | None = None) -> str:
@@ -138,9 +130,12 @@ def run_method(checkpoint: Path, run_dir: Path | None = None) -> str:
         record = _read_json(folder / RUN_FILE) if folder is not None else None
         if record and isinstance(record.get("method"), str):
             return record["method"].lower()
-    adapter = _read_json(checkpoint / ADAPTER_CONFIG) if checkpoint.is_dir() else None
-    if adapter is not None:
-        return "dora" if adapter.get("use_dora") else "lora"
+    if checkpoint.is_dir() and (checkpoint / ADAPTER_CONFIG).is_file():  # the readers' one parser
+        return (
+            "dora"
+            if read_adapter_config(checkpoint / ADAPTER_CONFIG, require_rank=False).use_dora
+            else "lora"
+        )
     return "ft"
 
 
@@ -169,7 +164,9 @@ def run_checkpoints(runs: PathLike | Sequence[PathLike], method: str | None = No
                 )
         else:
             run_dir = (
-                path.parent if _CHECKPOINT.match(path.name) and (path.parent / RUN_FILE).is_file() else None
+                path.parent
+                if checkpoint_step(path) is not None and (path.parent / RUN_FILE).is_file()
+                else None
             )
             found.append(
                 Checkpoint(label, run_dir, _step_of(path), method or run_method(path, run_dir), path)
@@ -189,7 +186,7 @@ def run_checkpoints(runs: PathLike | Sequence[PathLike], method: str | None = No
 def _labels(paths: list[Path]) -> list[str]:
     """A run's label: its folder's name (a ``checkpoint-<step>`` path belongs to the folder above), or
     the folder path where two different folders share a name."""
-    keys = [p.parent if _CHECKPOINT.match(p.name) else p for p in paths]
+    keys = [p.parent if checkpoint_step(p) is not None else p for p in paths]
     names = {k: (k.name or str(k)) for k in keys}
     if len(set(names.values())) < len(names):
         names = {k: str(k) for k in keys}
@@ -249,9 +246,27 @@ def _eval_at(checkpoint: Path, step: int | None) -> tuple[str | None, float, flo
     entries = [e for e in _log_history(checkpoint) if step is not None and e.get("step") == step]
     entries = [e for e in entries if any(k.startswith("eval_") for k in e)]
     name = default_metric(k for e in entries for k in e)
-    metric = float(entries[-1][name]) if name and name in entries[-1] else math.nan
-    loss = float(entries[-1]["eval_loss"]) if entries and "eval_loss" in entries[-1] else math.nan
+    state = checkpoint / STATE_FILE
+    metric = _logged_number(state, entries[-1], name) if name and name in entries[-1] else math.nan
+    loss = (
+        _logged_number(state, entries[-1], "eval_loss")
+        if entries and "eval_loss" in entries[-1]
+        else math.nan
+    )
     return name, metric, loss
+
+
+def _logged_number(state: Path, entry: dict, key: str) -> float:
+    """``entry[key]`` of a trainer state's log as a float; :class:`InputError` when it is not a number."""
+    value = entry[key]
+    if value is None:
+        return math.nan
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InputError.of(
+            state,
+            f"log_history entry at step {entry.get('step')} has {key} = {str(value)[:40]!r}; expected a number",
+        )
+    return float(value)
 
 
 def training_history(runs: PathLike | Sequence[PathLike], method: str | None = None) -> pd.DataFrame:

@@ -65,7 +65,7 @@ def summary_line(frame: pd.DataFrame) -> str:
         parts.append(f"mean delta_direction {ok['delta_direction'].mean():.4g}")
     if len(ok) < len(frame):
         parts.append(f"{len(frame) - len(ok)} not analysed (see status)")
-    excluded = int(frame["rows_excluded"].sum()) if len(frame) else 0
+    excluded = int(ok["rows_excluded"].sum())  # a non-finite tensor's rows are in its status, not here
     if excluded:
         parts.append(f"{excluded} zero rows excluded")
     for key, label in (("base_only", "only in base"), ("tuned_only", "only in tuned")):

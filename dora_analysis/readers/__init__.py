@@ -104,7 +104,16 @@ def open_checkpoint(
     Raises:
         InputError: one line naming the file (and tensor) and the problem.
     """
-    path = resolve_model(path)
+    return _open_path(path, base, lora_alpha, as_base=False)
+
+
+def _open_path(
+    path: Path | str, base: Path | str | CheckpointReader | None, lora_alpha: float | None, *, as_base: bool
+) -> CheckpointReader:
+    """:func:`open_checkpoint`; ``as_base``: ``path`` is an adapter's base, so it may not be an adapter
+    itself (refused before anything is opened: an adapter naming itself, or another adapter that names
+    it back, as its ``base_model_name_or_path`` would otherwise recurse without end)."""
+    path = resolve_model(path)  # a path, or a model id in the local Hugging Face cache
     if path.is_dir():
         found = find_weights(path)
     elif path.name.endswith(".index.json"):
@@ -114,8 +123,14 @@ def open_checkpoint(
     if found.kind == "sharded":
         return ShardedReader(found.path)
     if found.kind == "adapter":
+        if as_base:
+            raise _adapter_as_base(found.path)
         return _open_adapter(found.path, base, lora_alpha)
-    return _open_file(found.path, base, lora_alpha)
+    return _open_file(found.path, base, lora_alpha, as_base=as_base)
+
+
+def _adapter_as_base(path: Path) -> InputError:
+    return InputError.of(path, "the base checkpoint is itself an adapter; pass the full pre-trained weights")
 
 
 def _open_adapter(
@@ -153,11 +168,14 @@ def _closing_on_error(
 
 
 def _open_file(
-    path: Path, base: Path | str | CheckpointReader | None, lora_alpha: float | None
+    path: Path, base: Path | str | CheckpointReader | None, lora_alpha: float | None, *, as_base: bool = False
 ) -> CheckpointReader:
     reader = open_weight_file(path)
     names = reader.names()
     has_lora = any(".lora_A." in n or n.endswith(".lora_magnitude_vector") for n in names)
+    if as_base and (has_lora or has_nvlabs_keys(names)):
+        reader.close()  # an NVlabs file with its own W0 would do, but a base is meant to be plain weights
+        raise _adapter_as_base(path)
     if has_nvlabs_keys(names) or (has_lora and lora_alpha is not None and path.name not in ADAPTER_FILES):
         try:
             base_reader, owned = _resolve_base(base, None, path, required=False)
@@ -194,7 +212,7 @@ def _resolve_base(
             )
         else:
             return None, []
-    reader = open_checkpoint(base)
+    reader = _open_path(Path(base), None, None, as_base=True)
     if reader.partial:
         reader.close()
         raise InputError.of(

@@ -7,15 +7,14 @@ offset inside a safetensors shard), so each shard is opened once.
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import torch
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import ReaderMixin, first_line
+from dora_analysis.readers._common import ReaderMixin
 from dora_analysis.readers.files import open_weight_file
+from dora_analysis.readers.json_file import read_json
 from dora_analysis.readers.safetensors_file import SafetensorsReader, read_safetensors_header
 from dora_analysis.readers.torch_pickle import TorchPickleReader
 
@@ -24,10 +23,7 @@ __all__ = ["read_weight_map", "ShardedReader"]
 
 def read_weight_map(index_file: Path) -> dict[str, Path]:
     """``{tensor name: shard path}`` from a ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``."""
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError.of(index_file, f"shard index is not valid JSON ({first_line(e)})") from None
+    index = read_json(index_file, "shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError.of(index_file, "shard index has no 'weight_map' of tensor name -> shard file")
@@ -41,15 +37,6 @@ def read_weight_map(index_file: Path) -> dict[str, Path]:
         if not shard.is_file():
             raise InputError.of(index_file, f"shard file {shard.name} listed in the index is missing")
     return shards
-
-
-def _data_offsets(shard: Path) -> dict[str, int]:
-    """``{tensor name: start offset}`` of a safetensors file already validated by
-    :func:`read_safetensors_header` (its header JSON is read again, nothing else)."""
-    with open(shard, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
 
 
 class ShardedReader(ReaderMixin):
@@ -107,7 +94,7 @@ class ShardedReader(ReaderMixin):
                 header = read_safetensors_header(shard)  # validated; header only, no tensor data
                 for n, entry in header.items():
                     self._meta.setdefault(n, (entry.shape, entry.dtype))
-                in_shard[shard] = _data_offsets(shard)
+                in_shard[shard] = {n: entry.offset for n, entry in header.items()}
         last = len(shards)
 
         def key(name: str) -> tuple[int, int]:
