@@ -19,6 +19,7 @@ __all__ = ["Terminated", "exit_status", "handle_signals", "raise_if_interrupted"
 
 _RETRY_SECONDS = 0.05
 _received: list[int] = []  # signals seen during the current command
+_retrying = threading.Event()  # set while a recorded signal still has to reach the main thread
 
 
 class Terminated(KeyboardInterrupt):
@@ -33,26 +34,40 @@ def _in_ctypes_callback(frame) -> bool:
     return False
 
 
+def _retry(signum: int) -> None:
+    # Only while the signal is still owed: once it has been raised, or the command has ended, a late
+    # retry would land in whatever runs next (an atexit callback at shutdown).
+    if _retrying.is_set():
+        _thread.interrupt_main(signum)
+
+
+def _raise(signum: int) -> None:
+    _retrying.clear()
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _handler(signum: int, frame) -> None:
     _received.append(signum)
     if _in_ctypes_callback(frame):  # raising here would be swallowed: ask again in a moment
-        retry = threading.Timer(_RETRY_SECONDS, _thread.interrupt_main, (signum,))
+        _retrying.set()
+        retry = threading.Timer(_RETRY_SECONDS, _retry, (signum,))
         retry.daemon = True
         retry.start()
         return
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    _raise(signum)
 
 
 def raise_if_interrupted() -> None:
     """Raise the pending interrupt, if a signal arrived that could not be raised where it landed."""
     if _received:
-        raise Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt()
+        _raise(_received[-1])
 
 
 @contextmanager
 def handle_signals() -> Iterator[None]:
     """Install the handlers for SIGINT and SIGTERM while the command runs (main thread only)."""
     _received.clear()
+    _retrying.clear()
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -60,6 +75,7 @@ def handle_signals() -> Iterator[None]:
     try:
         yield
     finally:
+        _retrying.clear()  # the command is over: no retry may interrupt what comes after it
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
