@@ -157,18 +157,18 @@ def _column_dot(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _scaled_product(x2, weight, lora_A, lora_B, g, scale: float):
-    """``z = W0 x + s B A x`` ``(N, out)``, ``A x`` ``(N, r)`` (or None) and ``g`` in ``z``'s dtype."""
-    z = F.linear(x2, weight)
+def _scaled_product(x, weight, lora_A, lora_B, g, scale: float):
+    """``z = W0 x + s B A x`` ``(..., out)``, ``A x`` ``(..., r)`` (or None) and ``g`` in ``z``'s dtype."""
+    z = F.linear(x, weight)
     down = None
     if lora_A is not None:
-        down = x2 @ lora_A.t()  # (N, r)
-        z.addmm_(down, lora_B.t(), alpha=scale)
+        down = F.linear(x, lora_A)  # (..., r)
+        z.view(-1, z.shape[-1]).addmm_(down.view(-1, down.shape[-1]), lora_B.t(), alpha=scale)
     return z, down, g.to(z.dtype)
 
 
 class _DoRAFunction(torch.autograd.Function):
-    """``(N, in) -> (N, out)``: ``y = g * z + bias`` with ``z = W0 x + s B A x``.
+    """``(..., in) -> (..., out)``: ``y = g * z + bias`` with ``z = W0 x + s B A x``.
 
     ``z`` is saved and ``y`` is a new tensor (never a view of a saved one: in-place ops on the output
     are safe). Backward: ``dL/dg = sum_n dy z`` accumulated in float32, exact however small ``g`` and
@@ -180,19 +180,21 @@ class _DoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x2, weight, bias, lora_A, lora_B, g, scale):
-        z, down, gc = _scaled_product(x2, weight, lora_A, lora_B, g, scale)
+    def forward(ctx, x, weight, bias, lora_A, lora_B, g, scale):
+        z, down, gc = _scaled_product(x, weight, lora_A, lora_B, g, scale)
         y = z * gc if bias is None else torch.addcmul(bias, z, gc)
-        ctx.save_for_backward(x2, weight, bias, lora_A, lora_B, gc, down, z)
+        ctx.save_for_backward(x, weight, bias, lora_A, lora_B, gc, down, z)
         ctx.scale, ctx.g_dtype = scale, g.dtype
-        return y  # (N, out); the caller reshapes it outside (a view made in here could not be modified)
+        return y  # a new tensor, not a view: in-place ops on it (and FSDP2's hooks) are safe
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, bias, lora_A, lora_B, g, down, z = ctx.saved_tensors
+        x, weight, bias, lora_A, lora_B, g, down, z = ctx.saved_tensors
         s = ctx.scale
-        in_features = weight.shape[1]
-        dy2 = dy
+        out_features, in_features = weight.shape
+        dy2, z = dy.reshape(-1, out_features), z.view(-1, out_features)
+        x2 = x.reshape(-1, in_features)
+        down = None if down is None else down.view(-1, down.shape[-1])
         n = dy2.shape[0]
         need = ctx.needs_input_grad
         dx = dweight = dbias = dA = dB = dg = None
@@ -216,6 +218,8 @@ class _DoRAFunction(torch.autograd.Function):
                 dA = s * (up.t() @ x2)  # (r, in)
             if need[4]:
                 dB = s * (dy2.t() @ down) * g[:, None]  # (out, r)
+        if dx is not None:
+            dx = dx.view(x.shape)
         return dx, dweight, dbias, dA, dB, dg, None
 
 
@@ -227,10 +231,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _inference(x2, weight, bias, lora_A, lora_B, g, scale: float) -> torch.Tensor:
-    """``(N, in) -> (N, out)``: :class:`_DoRAFunction`'s forward without autograd, LoRA's work plus
+def _inference(x, weight, bias, lora_A, lora_B, g, scale: float) -> torch.Tensor:
+    """``(..., in) -> (..., out)``: :class:`_DoRAFunction`'s forward without autograd, LoRA's work plus
     one in-place pass."""
-    y, _, gc = _scaled_product(x2, weight, lora_A, lora_B, g, scale)
+    y, _, gc = _scaled_product(x, weight, lora_A, lora_B, g, scale)
     return y.mul_(gc) if bias is None else y.mul_(gc).add_(bias)
 
 
@@ -363,13 +367,10 @@ class DoRALinear(WrappedLinear):
             return self._forward_dropout(x, g)
         dtype = compute_dtype(x)
         factors = [None if p is None else p.to(dtype) for p in (self.lora_A, self.lora_B)]
-        x2 = x.reshape(-1, self.in_features).to(dtype)
-        args = (x2, weight.to(dtype), None if bias is None else bias.to(dtype), *factors)
+        args = (x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype), *factors)
         if torch.is_grad_enabled():
-            y = _DoRAFunction.apply(*args, g, self.scale)
-        else:  # inference: no autograd record, scale the output in place
-            y = _inference(*args, g, self.scale)
-        return y.view(*x.shape[:-1], self.out_features)
+            return _DoRAFunction.apply(*args, g, self.scale)
+        return _inference(*args, g, self.scale)  # no autograd record: the output is scaled in place
 
     def _forward_dropout(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """PEFT's arrangement with dropout on the adapter input: result + (g-1) W0 x~ + g s B A x~."""

@@ -188,7 +188,7 @@ def test_meta_model_initialised_after_loading():
     missing, unexpected = model.load_state_dict(wrapped, strict=False)
     assert not unexpected and all(k.endswith(("lora_A", "lora_B", "magnitude")) for k in missing)
     with torch.no_grad():  # non-persistent buffers (position ids) are not in the state dict
-        for (name, buffer), (_, value) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
+        for (_name, buffer), (_, value) in zip(model.named_buffers(), reference.named_buffers(), strict=True):
             buffer.copy_(value)
     init_adapter_parameters(model)
     ids = token_ids()
