@@ -104,15 +104,20 @@ def _weight_times_a(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _redo_cancelled_rows(sq, weight_sq, weight, a64, b64, scale: float) -> torch.Tensor:
+def _redo_cancelled_rows(
+    sq, weight_sq, weight, a64, b64, scale: float, sync_free: bool | None = None
+) -> torch.Tensor:
     """Replace ``sq`` on rows with ``sq < _CANCELLATION * ||W0_j||^2`` by the dense float64 value.
 
     On the CPU the rows are found with ``nonzero`` (exact, every such row). Elsewhere, and while
     compiling, a fixed number (``_MAX_REDONE``) of the most cancelled rows is recomputed and kept
-    where the mask says so: no data-dependent shapes, no host synchronisation.
+    where the mask says so: no data-dependent shapes, no host synchronisation (``sync_free`` forces
+    either way).
     """
     bad = sq < _CANCELLATION * weight_sq
-    if weight.device.type == "cpu" and not torch.compiler.is_compiling():
+    if sync_free is None:
+        sync_free = weight.device.type != "cpu" or torch.compiler.is_compiling()
+    if not sync_free:
         rows = bad.nonzero().flatten()
         if rows.numel():
             dense = weight[rows].double() + scale * (b64[rows] @ a64)  # (k, in)
@@ -344,8 +349,10 @@ class DoRALinear(WrappedLinear):
             return False
         if torch.compiler.is_compiling():  # versions are not traced: recompute inside compiled graphs
             return False
-        from torch.distributed.fsdp import FSDPModule
-
+        try:
+            from torch.distributed.fsdp import FSDPModule
+        except ImportError:  # a torch built without distributed support
+            return True
         return not isinstance(self, FSDPModule)
 
     def magnitude_scale(self) -> torch.Tensor:

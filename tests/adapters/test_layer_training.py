@@ -246,3 +246,27 @@ def test_torch_compile_same_outputs_and_gradients():
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
     start, end = _train_steps(layer, x, torch.randn(5, 16), steps=2, compiled=compiled)
     assert (end - start).abs().min() > 0
+
+
+@pytest.mark.parametrize("cancelled", [3, 8])  # rows the update nearly cancels (all 8 in the second case)
+def test_sync_free_cancellation_fix_matches_the_exact_one(cancelled, monkeypatch):
+    """Off the CPU the cancelled rows are fixed with a fixed-size topk and a mask: same result."""
+    from dora_analysis.adapters.dora import _redo_cancelled_rows, row_norm_sq
+
+    torch.manual_seed(8)
+    lora_A, lora_B = torch.randn(4, 50, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    w0 = torch.randn(8, 50)
+    w0[:cancelled] = -(lora_B[:cancelled] @ lora_A).float() + 1e-3 * torch.randn(cancelled, 50)
+    weight_sq = row_norm_sq(w0)
+    w_a = w0.double() @ lora_A.T
+    sq = weight_sq + 2 * (lora_B * w_a).sum(1) + ((lora_B @ (lora_A @ lora_A.T)) * lora_B).sum(1)
+    sq = sq + 1e-9 * weight_sq  # what float32 rounding of W0 A^T would add
+    exact = _redo_cancelled_rows(sq, weight_sq, w0, lora_A, lora_B, 1.0, sync_free=False)
+    monkeypatch.setattr("dora_analysis.adapters.dora._MAX_REDONE", 5)
+    masked = _redo_cancelled_rows(sq, weight_sq, w0, lora_A, lora_B, 1.0, sync_free=True)
+    if cancelled <= 5:
+        torch.testing.assert_close(masked, exact, atol=0, rtol=0)
+        assert not torch.equal(exact, sq)  # the fix changed something
+    else:  # more cancelled rows than the fixed budget: the 5 worst are fixed, no others touched
+        fixed = (masked != sq).sum()
+        assert fixed == 5 and torch.equal(masked[masked != sq], exact[masked != sq])
