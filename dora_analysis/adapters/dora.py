@@ -237,10 +237,19 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _inference(x, weight, bias, lora_A, lora_B, g, scale: float) -> torch.Tensor:
-    """``(..., in) -> (..., out)``: :class:`_DoRAFunction`'s forward without autograd, LoRA's work plus
-    one in-place pass."""
-    y, _, gc = _scaled_product(x, weight, lora_A, lora_B, g, scale)
-    return y.mul_(gc) if bias is None else y.mul_(gc).add_(bias)
+    """``(..., in) -> (..., out)`` without autograd, at LoRA's cost: the base output with its bias
+    (as LoRA computes it), scaled in one in-place pass to ``g y + (1 - g) bias``, then the update
+    with ``g`` folded into the small ``B`` ``(out, r)``."""
+    y = F.linear(x, weight, bias)
+    gc = g.to(y.dtype)
+    if bias is None:
+        y.mul_(gc)
+    else:
+        torch.addcmul(bias * (1 - gc), y, gc, out=y)
+    if lora_A is not None:
+        down = F.linear(x, lora_A)
+        y.view(-1, y.shape[-1]).addmm_(down.view(-1, down.shape[-1]), (lora_B * gc[:, None]).t(), alpha=scale)
+    return y
 
 
 class DoRALinear(WrappedLinear):

@@ -161,6 +161,7 @@ def test_eval_cache_follows_every_parameter():
             change()
             y = layer(x)
         torch.testing.assert_close(y, fresh(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(y, layer(x).detach(), atol=1e-6, rtol=1e-6)  # = the autograd path
         assert not torch.allclose(y, first, atol=1e-4)
         first = y
     # an optimizer step changes the parameters in place: the next eval forward sees it
