@@ -118,6 +118,8 @@ class LoRALinear(WrappedLinear):
             result.addmm_(down, self.lora_B.t(), alpha=self.scale)
         else:
             result = result + (F.linear(down, self.lora_B) * self.scale).to(result.dtype)
+        if x.dim() == 2:  # no view: FSDP2 warns about (and mishandles in-place ops on) returned views
+            return result
         return result.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
