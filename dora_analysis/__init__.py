@@ -13,6 +13,7 @@ row math, compare, series, correlations) -> ``views`` (figures, report, tables),
 - views: :func:`direction_magnitude_figure`, :func:`final_layers_figure`,
   :func:`training_curves_figure`, :func:`write_figures`, :func:`render_report`, :func:`write_frame`
 - the layer: :class:`LoRALinear`, :class:`DoRALinear`, :func:`inject_adapters`, :func:`merge_adapters`,
+  :func:`init_adapter_parameters` (after a meta-device model got its weights),
   :func:`save_adapter`, :func:`load_adapter`
 - training: :class:`TrainConfig`, :func:`train`, :func:`load_trained_model`, :func:`default_model_path`
 - the demo: :class:`DemoConfig`, :func:`run_demo`
@@ -40,6 +41,7 @@ _EXPORTS = {
     "DoRALinear": "dora_analysis.adapters.dora",
     "inject_adapters": "dora_analysis.adapters.inject",
     "merge_adapters": "dora_analysis.adapters.inject",
+    "init_adapter_parameters": "dora_analysis.adapters.inject",
     "save_adapter": "dora_analysis.adapters.peft_format",
     "load_adapter": "dora_analysis.adapters.peft_format",
     "train": "dora_analysis.training",

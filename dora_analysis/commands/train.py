@@ -92,11 +92,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_threads_argument(parser)
     add_overwrite_argument(parser, "replace the checkpoints already in RUN_DIR")
+    parser.add_argument(
+        "--device",
+        default="cpu",  # checked by the trainer (training/precision.py), which knows no analysis
+        metavar="DEVICE",
+        help="train on this torch device, e.g. cuda (under torchrun: each process's own GPU); default cpu",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32 (default), or autocast to bf16 / fp16 (fp16 with loss scaling); weights stay fp32",
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (fully_shard) instead of data-parallel DDP",
+    )
     add_quiet_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
 
     require_module("transformers")  # the [train] extra: say so before RUN_DIR is touched
     from dora_analysis.training import TrainConfig, train
@@ -123,8 +141,13 @@ def run(args: argparse.Namespace) -> int:
         max_eval_examples=args.max_eval_examples,
         threads=args.threads,
         overwrite=args.overwrite,
+        device=args.device,
+        precision=args.precision,
+        fsdp=args.fsdp,
     )
     out = train(config, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
+        return 0
     record = json.loads((out / "run.json").read_text())
     print(
         f"{record['method']}: {len(record['checkpoints'])} checkpoints in {out}; held-out accuracy "
