@@ -21,8 +21,21 @@ Also printed: our DoRA with ``detach_norm=False`` (the full norm gradient), and 
 plain-autograd DoRA with the dense norm (``B @ A`` formed), detached and not: what section 4.3 of the
 paper saves in a dense implementation.
 
+Modes (``--mode``):
+
+- ``train`` (default): forward + backward as above.
+- ``eval``: forward only, modules in eval mode under ``torch.no_grad()``: our DoRA reuses its cached
+  ``g`` (target: our DoRA / our LoRA <= 1.05); PEFT's DoRA is shown plain and inside its opt-in
+  ``DoraCaching()`` context.
+- ``--precision bf16`` / ``fp16``: the same under ``torch.autocast`` (weights stay float32, as in
+  mixed-precision training); the dense references are left out there.
+
+``--device cuda``: time with ``torch.cuda.synchronize()`` around each step and peak memory as
+``torch.cuda.max_memory_allocated()`` above the memory allocated before the step (no child process).
+
 Run: ``python benchmarks/bench_layer.py`` (a few minutes on an idle 2-core machine; far longer, and
-noisier, while other jobs share the CPU: compare the ratios, which interleaving keeps fair).
+noisier, while other jobs share the CPU: compare the ratios, which interleaving keeps fair), e.g.
+``--precision bf16`` or ``--mode eval``; the machine's load average is printed beside the figures.
 """
 
 from __future__ import annotations
@@ -93,7 +106,7 @@ class DenseDoRA:
         return (self.magnitude / norm) * (F.linear(x, self.base.weight) + lora) + self.base.bias
 
 
-def build(r: int, dim: int):
+def build(r: int, dim: int, device: str = "cpu", dense: bool = True):
     import torch
     from torch import nn
 
@@ -119,45 +132,116 @@ def build(r: int, dim: int):
     variants["PEFT LoRA"] = _peft_layer(base, r, alpha, False, lora_A, lora_B, None)
     variants["PEFT DoRA"] = _peft_layer(base, r, alpha, True, lora_A, lora_B, magnitude)
     scale = alpha / r
-    variants["dense DoRA (reference), detached"] = DenseDoRA(base, lora_A, lora_B, magnitude, scale, True)
-    variants["dense DoRA (reference), not detached"] = DenseDoRA(
-        base, lora_A, lora_B, magnitude, scale, False
-    )
+    if dense:
+        variants["dense DoRA (reference), detached"] = DenseDoRA(base, lora_A, lora_B, magnitude, scale, True)
+        variants["dense DoRA (reference), not detached"] = DenseDoRA(
+            base, lora_A, lora_B, magnitude, scale, False
+        )
+    for layer in variants.values():
+        if isinstance(layer, DenseDoRA):
+            layer.base = copy.deepcopy(base).to(device)
+            for attr in ("lora_A", "lora_B", "magnitude"):
+                setattr(layer, attr, torch.nn.Parameter(getattr(layer, attr).detach().to(device)))
+        else:
+            layer.to(device)
     return variants
 
 
-def step(layer, x, grad):
-    for p in layer.parameters():
-        p.grad = None
-    x.grad = None
-    layer(x).backward(grad)
+class Runner:
+    """One measured step in the chosen mode, precision and device."""
+
+    def __init__(self, mode: str, precision: str, device: str):
+        import torch
+
+        self.mode, self.device = mode, device
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    def prepare(self, variants) -> None:
+        for layer in variants.values():
+            if hasattr(layer, "train"):
+                layer.train(self.mode == "train")
+
+    def __call__(self, name, layer, x, grad) -> None:
+        import contextlib
+
+        import torch
+
+        autocast = (
+            torch.autocast(torch.device(self.device).type, dtype=self.dtype)
+            if self.dtype is not None
+            else contextlib.nullcontext()
+        )
+        if self.mode == "eval":
+            caching = contextlib.nullcontext()
+            if name == "PEFT DoRA, DoraCaching()":
+                from peft.helpers import DoraCaching
+
+                caching = DoraCaching()
+            with torch.no_grad(), autocast, caching:
+                layer(x)
+            return
+        for p in layer.parameters():
+            p.grad = None
+        x.grad = None
+        with autocast:
+            y = layer(x)
+        y.backward(grad.to(y.dtype))
+
+    def sync(self) -> None:
+        import torch
+
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
 
 
-def peak_kib(layer, x, grad) -> int:
+def peak_kib(run, name, layer, x, grad) -> int:
     import gc
+
+    import torch
 
     for p in layer.parameters():
         p.grad = None
     x.grad = None
     gc.collect()
+    if torch.device(run.device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run(name, layer, x, grad)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) // 1024
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _status_kib("VmRSS")
-    step(layer, x, grad)
+    run(name, layer, x, grad)
     return _status_kib("VmHWM") - before
 
 
-def measure_peaks(args) -> None:
-    """Child process: print one ``name<TAB>r<TAB>KiB`` line per variant and rank."""
+def inputs(args):
     import torch
 
+    torch.manual_seed(1)
+    x = torch.randn(args.tokens, args.dim, device=args.device, requires_grad=args.mode == "train")
+    return x, torch.randn(args.tokens, args.dim, device=args.device)
+
+
+def variants_for(args, r):
+    variants = build(r, args.dim, args.device, dense=args.mode == "train" and args.precision == "fp32")
+    if args.mode == "eval":
+        variants["PEFT DoRA, DoraCaching()"] = variants["PEFT DoRA"]
+    return variants
+
+
+def measure_peaks(args) -> None:
+    """Child process (or in process on CUDA): one ``name<TAB>r<TAB>KiB`` line per variant and rank."""
+    run = Runner(args.mode, args.precision, args.device)
     for r in args.ranks:
-        variants = build(r, args.dim)
-        x = torch.randn(args.tokens, args.dim, requires_grad=True)
-        grad = torch.randn(args.tokens, args.dim)
+        variants = variants_for(args, r)
+        run.prepare(variants)
+        x, grad = inputs(args)
         for name, layer in variants.items():
-            step(layer, x, grad)  # warm-up: lazy initialisations are not the step's memory
-            peak = statistics.median(peak_kib(layer, x, grad) for _ in range(3))
+            run(name, layer, x, grad)  # warm-up: lazy initialisations are not the step's memory
+            peak = statistics.median(peak_kib(run, name, layer, x, grad) for _ in range(3))
             print(f"{name}\t{r}\t{peak}", flush=True)
 
 
@@ -172,6 +256,12 @@ def peaks_from_child(args) -> dict[tuple[str, int], float]:
         str(args.dim),
         "--tokens",
         str(args.tokens),
+        "--mode",
+        args.mode,
+        "--precision",
+        args.precision,
+        "--device",
+        args.device,
         "--ranks",
         *map(str, args.ranks),
     ]
@@ -185,6 +275,29 @@ def peaks_from_child(args) -> dict[tuple[str, int], float]:
     return peaks
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def peaks_in_process(args) -> dict[tuple[str, int], float]:
+    """CUDA: the allocator's own peak, measured here (no child process needed)."""
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        measure_peaks(args)
+    peaks = {}
+    for line in buffer.getvalue().splitlines():
+        name, r, kib = line.split("\t")
+        peaks[(name, int(r))] = float(kib)
+    return peaks
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=2048)
@@ -192,6 +305,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--mode", choices=("train", "eval"), default="train")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -199,21 +315,29 @@ def main() -> None:
         return
     import torch
 
-    all_peaks = peaks_from_child(args)
-
+    if torch.device(args.device).type == "cuda":
+        all_peaks = peaks_in_process(args)
+    else:
+        all_peaks = peaks_from_child(args)
+    run = Runner(args.mode, args.precision, args.device)
+    what = "forward+backward" if args.mode == "train" else "eval forward (no grad)"
+    autocast = "" if args.precision == "fp32" else f", autocast {args.precision} (fp32 weights)"
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; Linear {args.dim}x{args.dim}, "
-        f"{args.tokens} tokens, fp32, forward+backward; median of {args.reps}"
+        f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads; Linear "
+        f"{args.dim}x{args.dim}, {args.tokens} tokens{autocast}, {what}; median of {args.reps}; "
+        f"load average at start {_loadavg()}"
     )
     for r in args.ranks:
-        variants = build(r, args.dim)
-        x = torch.randn(args.tokens, args.dim, requires_grad=True)
-        grad = torch.randn(args.tokens, args.dim)
+        variants = variants_for(args, r)
+        run.prepare(variants)
+        x, grad = inputs(args)
         times: dict[str, list[float]] = {name: [] for name in variants}
         for rep in range(args.warmup + args.reps):
             for name, layer in variants.items():
+                run.sync()
                 start = time.perf_counter()
-                step(layer, x, grad)
+                run(name, layer, x, grad)
+                run.sync()
                 if rep >= args.warmup:
                     times[name].append(time.perf_counter() - start)
         peaks = {name: all_peaks[(name, r)] for name in variants}
@@ -222,7 +346,17 @@ def main() -> None:
         print(f"  {'variant':38s} {'time ms':>8s} {'peak MiB':>9s}")
         for name in variants:
             print(f"  {name:38s} {med[name] * 1e3:8.1f} {peaks[name] / 1024:9.1f}")
-        print("  ratios:")
+        print(f"  ratios (load average now {_loadavg()}):")
+        if args.mode == "eval":
+            print(
+                f"    time  ours DoRA / ours LoRA  = {med['ours DoRA'] / med['ours LoRA']:.3f}   (target <= 1.05)"
+            )
+            print(f"    time  PEFT DoRA / PEFT LoRA  = {med['PEFT DoRA'] / med['PEFT LoRA']:.3f}")
+            cached = med["PEFT DoRA, DoraCaching()"]
+            print(f"    time  PEFT DoRA with DoraCaching() / PEFT LoRA = {cached / med['PEFT LoRA']:.3f}")
+            print(f"    time  ours DoRA / PEFT DoRA with DoraCaching() = {med['ours DoRA'] / cached:.3f}")
+            print(f"    peak  ours DoRA / ours LoRA  = {peaks['ours DoRA'] / peaks['ours LoRA']:.3f}")
+            continue
         print(
             f"    time  ours DoRA / ours LoRA  = {med['ours DoRA'] / med['ours LoRA']:.3f}   (target <= 1.10)"
         )
@@ -235,6 +369,8 @@ def main() -> None:
             f"    peak  ours DoRA / PEFT DoRA  = {peaks['ours DoRA'] / peaks['PEFT DoRA']:.3f}   (target <= 1)"
         )
         print(f"    peak  ours DoRA / ours LoRA  = {peaks['ours DoRA'] / peaks['ours LoRA']:.3f}")
+        if "dense DoRA (reference), detached" not in peaks:
+            continue
         detached, full = peaks["ours DoRA"], peaks["ours DoRA, detach_norm=False"]
         print(f"    peak  ours DoRA detach_norm True / False = {detached / full:.3f}")
         d_det, d_full = (

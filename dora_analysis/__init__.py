@@ -13,9 +13,13 @@ row math, compare, series, correlations) -> ``views`` (figures, report, tables),
 - views: :func:`direction_magnitude_figure`, :func:`final_layers_figure`,
   :func:`training_curves_figure`, :func:`write_figures`, :func:`render_report`, :func:`write_frame`
 - the layer: :class:`LoRALinear`, :class:`DoRALinear`, :func:`inject_adapters`, :func:`merge_adapters`,
+  :func:`init_adapter_parameters` (after a meta-device model got its weights),
   :func:`save_adapter`, :func:`load_adapter`
 - training: :class:`TrainConfig`, :func:`train`, :func:`load_trained_model`, :func:`default_model_path`
 - the demo: :class:`DemoConfig`, :func:`run_demo`
+- the update's shape (``metrics="spectrum,intruders"``): :class:`SpectrumOptions`,
+  :func:`spectrum_layers_figure`, :func:`intruders_figure`, :func:`subspace_figure`,
+  :func:`write_spectrum_figures`, :func:`spectrum_table`
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ _EXPORTS = {
     "compare": "dora_analysis.analysis.comparison",
     "compare_many": "dora_analysis.analysis.comparison",
     "analyze_series": "dora_analysis.analysis.series",
+    "Cluster": "dora_analysis.analysis.cluster",
     "correlations": "dora_analysis.analysis.correlation",
     "magnitude": "dora_analysis.analysis.decomposition",
     "tensor_delta": "dora_analysis.analysis.decomposition",
@@ -36,6 +41,7 @@ _EXPORTS = {
     "DoRALinear": "dora_analysis.adapters.dora",
     "inject_adapters": "dora_analysis.adapters.inject",
     "merge_adapters": "dora_analysis.adapters.inject",
+    "init_adapter_parameters": "dora_analysis.adapters.inject",
     "save_adapter": "dora_analysis.adapters.peft_format",
     "load_adapter": "dora_analysis.adapters.peft_format",
     "train": "dora_analysis.training",
@@ -52,8 +58,19 @@ _EXPORTS = {
     "default_model_path": "dora_analysis.training",
     "DemoConfig": "dora_analysis.commands.demo_pipeline",
     "run_demo": "dora_analysis.commands.demo_pipeline",
+    "SpectrumOptions": "dora_analysis.analysis.spectrum",
+    "spectrum_layers_figure": "dora_analysis.views.spectrum_figures",
+    "intruders_figure": "dora_analysis.views.spectrum_figures",
+    "subspace_figure": "dora_analysis.views.spectrum_figures",
+    "write_spectrum_figures": "dora_analysis.views.spectrum_figures",
+    "spectrum_table": "dora_analysis.views.spectrum_report",
     "DoraAnalysisError": "dora_analysis.errors",
     "InputError": "dora_analysis.errors",
+    "LayoutWarning": "dora_analysis.analysis.comparison",
+    "sort_rows": "dora_analysis.analysis.comparison",
+    "split_name": "dora_analysis.readers.names",
+    "model_layout": "dora_analysis.readers.layout",
+    "resolve_model": "dora_analysis.readers",
 }
 
 __all__ = sorted(_EXPORTS)

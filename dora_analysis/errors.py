@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["DoraAnalysisError", "InputError"]
+__all__ = ["DoraAnalysisError", "InputError", "one_line"]
+
+MAX_MESSAGE = 1000  # characters: a malformed record must not become a 900 KB message
+MAX_PART = 300  # characters of one path or tensor name
 
 
 class DoraAnalysisError(Exception):
@@ -12,10 +15,25 @@ class DoraAnalysisError(Exception):
 class InputError(DoraAnalysisError):
     """A checkpoint, adapter or option that cannot be used as given.
 
-    Build the message with :func:`InputError.of` so it always reads ``<file>: <tensor>: <problem>``.
+    Build the message with :func:`InputError.of` so it always reads ``<file>: <tensor>: <problem>``,
+    on one line, with control characters in names shown escaped.
     """
 
     @classmethod
     def of(cls, path: object, problem: str, tensor: str | None = None) -> InputError:
-        where = f"{path}: {tensor}: " if tensor else f"{path}: "
-        return cls(where + problem)
+        parts = [one_line(path, MAX_PART)] + ([one_line(tensor, MAX_PART)] if tensor else [])
+        return cls(one_line(": ".join([*parts, str(problem)]), MAX_MESSAGE))
+
+
+def one_line(value: object, limit: int = MAX_MESSAGE) -> str:
+    """``str(value)`` safe for a terminal line: control characters escaped, at most ``limit`` characters.
+
+    Escaping shows a newline as ``\\n`` and ESC as ``\\x1b`` (as ``repr`` does) so a hostile tensor name
+    can neither break the line nor send escape sequences to the terminal. Printable text (``Δ``,
+    backslashes) is kept as is, so escaping twice changes nothing.
+    """
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))
+    if len(text) > limit:
+        cut = len(text) - limit
+        text = f"{text[: limit - 40]} ... [{cut + 40} characters left out]"
+    return text

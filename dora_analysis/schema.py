@@ -19,6 +19,9 @@ __all__ = [
     "NOT_METRICS",
     "default_metric",
     "points",
+    "module_is",
+    "module_mask",
+    "select_modules",
 ]
 
 #: The methods, in the order the paper's figures show them.
@@ -57,3 +60,38 @@ def points(df: pd.DataFrame) -> pd.DataFrame:
     finite = np.isfinite(df["delta_direction"]) & np.isfinite(df["delta_magnitude"])
     moved = (df["delta_direction"] != 0) | (df["delta_magnitude"] != 0)
     return df[finite & moved]
+
+
+def module_is(module: str, wanted: str) -> bool:
+    """``module`` (a path inside a block, ``attention.self.query``) is ``wanted``, given whole or by its
+    last parts (``query``, ``self.query``): the paper's names select our full module paths."""
+    return module == wanted or str(module).endswith("." + wanted)
+
+
+def module_mask(modules: pd.Series, wanted: str) -> pd.Series:
+    """The entries of ``modules`` that are ``wanted`` (a boolean Series): the exact module where
+    present, else the one module whose path ends with it.
+
+    Raises:
+        InputError: ``wanted`` ends several different modules (``q_proj``: ``self_attn.q_proj`` and
+            ``encoder_attn.q_proj``), which must never be pooled.
+    """
+    exact = modules == wanted
+    if exact.any():
+        return exact
+    mask = modules.map(lambda m: module_is(m, wanted)).astype(bool)
+    found = sorted(set(modules[mask]))
+    if len(found) > 1:
+        from dora_analysis.errors import InputError
+
+        raise InputError.of(
+            "--modules", f"{wanted!r} names several modules ({', '.join(found)}): give the full name"
+        )
+    return mask
+
+
+def select_modules(df: pd.DataFrame, modules: Iterable[str]) -> pd.DataFrame:
+    """The rows of ``df`` that are each of ``modules`` (see :func:`module_mask`), their ``module``
+    relabelled as asked (``query`` for ``attention.self.query``), in the order of ``modules``."""
+    parts = [df[module_mask(df["module"], m)].assign(module=m) for m in modules]
+    return pd.concat(parts) if parts else df.iloc[:0]

@@ -35,6 +35,48 @@ def synthetic_series(seed: int = 0, slopes=None) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+BART_MODULES = (
+    ("encoder", "self_attn.q_proj"),
+    ("decoder", "self_attn.q_proj"),
+    ("decoder", "encoder_attn.q_proj"),
+)
+
+
+def bart_like_series(seed: int = 0, slopes=None, layers: int = 3, steps=(10, 20, 30)) -> pd.DataFrame:
+    """A series like analyze_series returns for a BART-like encoder-decoder, one run per method.
+
+    Columns ``run``, ``method``, ``stack``, ``step``, ``layer`` (nullable Int64), ``module``: the same
+    module name (``self_attn.q_proj``) in the encoder and the decoder, plus the decoder's cross-attention.
+    Each (stack, module) has its own level and slope, so pooling them would mix different clouds.
+    """
+    slopes = slopes or {"ft": -0.6, "lora": 2.0, "dora": -0.3}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for method, slope in slopes.items():
+        for k, (stack, module) in enumerate(BART_MODULES):
+            for step in steps:
+                for layer in range(layers):
+                    x = (k + 1) * 0.01 * step / 10 + 0.002 * layer + rng.normal(0, 0.003)
+                    prefix = f"model.{stack}.layers.{layer}"
+                    rows.append(
+                        {
+                            "run": f"{method}-run",
+                            "method": method,
+                            "stack": stack,
+                            "step": step,
+                            "layer": layer,
+                            "module": module,
+                            "tensor": f"{prefix}.{module}.weight",
+                            "delta_direction": x,
+                            "delta_magnitude": 0.5 + 0.5 * k + (1 - k) * slope * x + rng.normal(0, 0.004),
+                        }
+                    )
+    df = pd.DataFrame(rows)
+    df["layer"] = df["layer"].astype("Int64")
+    df["step"] = df["step"].astype("Int64")
+    return df
+
+
 STEPS = (10, 20, 30)
 
 

@@ -17,7 +17,7 @@ SUBPACKAGES = {"readers", "analysis", "adapters", "training", "views", "commands
 # Foundations every layer may use: the error type, atomic writes, the frame's shared names.
 FOUNDATIONS = {"errors", "atomic", "schema"}
 # The pure math of the analysis: tensors and frames in, numbers out; no files, no readers.
-MATH = {"decomposition", "fused_rows", "row_blocks", "low_rank", "correlation", "conventions"}
+MATH = {"decomposition", "fused_rows", "row_blocks", "low_rank", "correlation", "spectrum", "conventions"}
 
 # For each layer, the parts of the package it must never import.
 FORBIDDEN = {

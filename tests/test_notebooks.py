@@ -75,6 +75,7 @@ def test_notebooks_are_saved_without_outputs():
         "01_compare_two_checkpoints.ipynb",
         "02_training_dynamics.ipynb",
         "03_peft_adapters.ipynb",
+        "04_update_spectrum.ipynb",
     }
 
 
@@ -91,17 +92,43 @@ def test_compare_notebook(tiny, tmp_path, kernel_dirs):
     assert images(nb) == 1
 
 
-def test_training_dynamics_notebook(tiny, tmp_path, kernel_dirs):
+def loss_only_runs(runs: dict, root: Path) -> list[str]:
+    """Copies of the tiny runs as a Hugging Face Trainer without ``compute_metrics`` leaves them:
+    ``eval_loss`` only, and no ``run.json`` (the method comes from each checkpoint's files)."""
+    import json
+    import shutil
+
+    copies = []
+    for method in ("ft", "lora", "dora"):
+        target = root / method
+        shutil.copytree(runs[method], target)
+        (target / "run.json").unlink()
+        for state in target.glob("checkpoint-*/trainer_state.json"):
+            data = json.loads(state.read_text())
+            for entry in data["log_history"]:
+                entry.pop("eval_accuracy", None)
+            state.write_text(json.dumps(data))
+        copies.append(str(target))
+    return copies
+
+
+def test_training_dynamics_notebook_on_runs_that_logged_only_eval_loss(tiny, tmp_path, kernel_dirs):
     base, runs, _ = tiny
     nb = run_notebook(
         "02_training_dynamics.ipynb",
-        {"RUNS": [str(runs[m]) for m in ("ft", "lora", "dora")], "BASE": None, "MODULE": "value"},
+        {
+            "RUNS": loss_only_runs(runs, tmp_path / "runs"),
+            "BASE": str(base),
+            "MODULE": "value",
+            "STACK": None,
+        },
         tmp_path,
         kernel_dirs,
     )
     text = outputs_text(nb)
-    assert "r_within_layer" in text and "dora" in text
-    assert images(nb) == 3
+    assert "r_within_layer" in text and "spearman" in text and "dora" in text
+    assert "eval_loss" in text and "eval_accuracy" not in text
+    assert images(nb) == 3  # ΔM vs ΔD, per layer, and the curves (held-out loss beside training loss)
 
 
 def test_peft_adapter_notebook(tiny, tmp_path, kernel_dirs):
@@ -115,3 +142,16 @@ def test_peft_adapter_notebook(tiny, tmp_path, kernel_dirs):
     text = outputs_text(nb)
     assert "'use_dora': True" in text and "value" in text
     assert images(nb) == 1
+
+
+def test_update_spectrum_notebook(tiny, tmp_path, kernel_dirs):
+    base, runs, _ = tiny
+    nb = run_notebook(
+        "04_update_spectrum.ipynb",
+        {"RUNS": [str(runs[m]) for m in ("ft", "lora", "dora")], "BASE": None, "MODULE": "value"},
+        tmp_path,
+        kernel_dirs,
+    )
+    text = outputs_text(nb)
+    assert "effective_rank" in text.replace("update_", "") and "subspace_to_final" in text
+    assert images(nb) == 3

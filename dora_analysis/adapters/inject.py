@@ -17,7 +17,14 @@ from dora_analysis.adapters.dora import DoRALinear
 from dora_analysis.adapters.lora import LoRALinear
 from dora_analysis.errors import InputError
 
-__all__ = ["inject_adapters", "merge_adapters", "adapter_modules", "matches_target", "MODULES_TO_SAVE_ATTR"]
+__all__ = [
+    "inject_adapters",
+    "init_adapter_parameters",
+    "merge_adapters",
+    "adapter_modules",
+    "matches_target",
+    "MODULES_TO_SAVE_ATTR",
+]
 
 Method = Literal["dora", "lora", "magnitude"]
 
@@ -131,6 +138,32 @@ def inject_adapters(
         model.get_submodule(name).requires_grad_(True)
     setattr(model, MODULES_TO_SAVE_ATTR, list(keep))
     return wrapped
+
+
+def init_adapter_parameters(model: nn.Module) -> list[str]:
+    """Initialise every adapter as a fresh one (``A`` kaiming-uniform, ``B = 0``, DoRA's ``m = ||W0||_c``).
+
+    For a model built on the meta device: :func:`inject_adapters` on the meta model, then
+    ``to_empty()`` and the base weights loaded, then this. Refuses (``RuntimeError``) while any
+    parameter or buffer outside the adapters' own ``lora_A``/``lora_B``/``magnitude`` is still on meta:
+    the magnitude computed from a weight not yet loaded would be silently wrong. Returns the names.
+    """
+    own = {"lora_A", "lora_B", "magnitude"}
+    still_meta = [
+        name
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.is_meta and name.rsplit(".", 1)[-1] not in own
+    ]
+    if still_meta:
+        more = f" and {len(still_meta) - 3} more" if len(still_meta) > 3 else ""
+        raise RuntimeError(
+            f"init_adapter_parameters: {', '.join(still_meta[:3])}{more} still on the meta device; "
+            "load the base weights first (to_empty() + load_state_dict())"
+        )
+    wrappers = adapter_modules(model)
+    for module in wrappers.values():
+        module.reset_adapter_parameters()
+    return list(wrappers)
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:

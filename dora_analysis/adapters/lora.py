@@ -7,6 +7,7 @@ when active, applies to the adapter's input only.
 
 ``lora_A`` and ``lora_B`` are plain ``nn.Parameter`` tensors (not ``nn.Linear`` modules); the adapter
 parameters are float32 when the base weight is float16/bfloat16 (as PEFT's ``autocast_adapter_dtype``).
+Under ``torch.autocast`` the adapter's products run in the autocast dtype, as every other Linear's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["LoRALinear", "lora_scale", "adapter_dtype", "init_lora_factors"]
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -106,13 +109,32 @@ class LoRALinear(WrappedLinear):
         result = F.linear(x2, self.base.weight, self.base.bias)  # (N, out), bit-identical to the base layer
         if self.dropout > 0 and self.training:
             x2 = F.dropout(x2, self.dropout, training=True)
-        down = F.linear(x2.to(self.lora_A.dtype), self.lora_A)  # (N, r)
-        if result.dtype == down.dtype:
-            # Fold the update into the base output in place: no extra (N, out) tensors.
+        autocast_on = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
+        # Under autocast F.linear picks the compute dtype itself; otherwise the factors' dtype.
+        down = F.linear(x2 if autocast_on else x2.to(self.lora_A.dtype), self.lora_A)  # (N, r)
+        if not autocast_on and result.dtype == down.dtype:
+            # Fold the update into the base output in place: no extra (N, out) tensors. Safe for
+            # autograd: neither the base matmul nor addmm_ saves ``result``.
             result.addmm_(down, self.lora_B.t(), alpha=self.scale)
         else:
-            result = (result + F.linear(down, self.lora_B) * self.scale).to(result.dtype)
+            result = result + (F.linear(down, self.lora_B) * self.scale).to(result.dtype)
+        if x.dim() == 2:  # no view: FSDP2 warns about (and mishandles in-place ops on) returned views
+            return result
         return result.view(*x.shape[:-1], self.out_features)
+
+    @torch.no_grad()
+    def reset_adapter_parameters(self) -> None:
+        """``A`` kaiming-uniform, ``B = 0`` (the fresh layer), e.g. after a model built on the meta
+        device got its real base weights. Refuses while the base layer is still on meta."""
+        still_meta = [n for n, t in self.base.named_parameters() if t.is_meta]
+        if still_meta:
+            raise RuntimeError(
+                f"reset_adapter_parameters: base.{', base.'.join(still_meta)} still on the meta device; "
+                "load the base weights first (e.g. to_empty() + load_state_dict())"
+            )
+        lora_A, lora_B = init_lora_factors(self.base, self.r)
+        self.lora_A = nn.Parameter(lora_A.detach(), requires_grad=self.lora_A.requires_grad)
+        self.lora_B = nn.Parameter(lora_B.detach(), requires_grad=self.lora_B.requires_grad)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

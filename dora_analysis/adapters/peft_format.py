@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +33,9 @@ from dora_analysis.adapters.inject import (
     inject_adapters,
     matches_target,
 )
-from dora_analysis.atomic import atomic_path
+from dora_analysis.atomic import fsync, temporary_name
 from dora_analysis.errors import InputError
+from dora_analysis.readers.adapter_config import AdapterConfig, pattern_value, read_adapter_config
 
 __all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -80,9 +82,34 @@ def _in_module_to_save(name: str, module_to_save: str) -> bool:
     return re.match(rf"(^|.*\.){re.escape(module_to_save)}($|\..*)", name) is not None
 
 
-def _atomic_write(path: Path, write) -> None:
-    with atomic_path(path) as temporary:
-        write(str(temporary))
+def _write_adapter_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write the weights and the config into a temporary folder, then rename it to ``folder`` once.
+
+    Where ``folder`` already holds other files (a rename cannot replace a non-empty folder), the
+    config is the commit mark: the old config goes first, the new weights next, the new config last,
+    so a crash leaves no config (not an adapter) or a matching pair, never new weights with an old
+    config.
+    """
+    from safetensors.torch import save_file
+
+    staging = folder.parent / temporary_name()
+    os.mkdir(staging, 0o777)  # the umask applies, as for a plain mkdir
+    try:
+        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            fsync(staging / name)
+        if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+            os.replace(staging, folder)  # one rename: both files appear together
+        else:
+            (folder / CONFIG_NAME).unlink(missing_ok=True)
+            os.replace(staging / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+            fsync(folder, folder=True)
+            os.replace(staging / CONFIG_NAME, folder / CONFIG_NAME)
+            fsync(folder, folder=True)
+        fsync(folder.parent, folder=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_adapter(
@@ -103,12 +130,13 @@ def save_adapter(
         base_model_name_or_path: recorded in the config for PEFT.
         task_type: PEFT's task type to record (default None, see the module docstring).
     """
-    from safetensors.torch import save_file
 
     folder = Path(folder)
     wrappers = adapter_modules(model)
     if not wrappers:
         raise InputError.of(folder, "the model holds no LoRALinear/DoRALinear modules to save")
+    if folder.exists() and not folder.is_dir():
+        raise InputError.of(folder, "exists and is not a folder")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if (folder / name).exists() and not overwrite:
             raise InputError.of(folder / name, "exists already; pass overwrite=True to replace it")
@@ -162,52 +190,37 @@ def save_adapter(
         "exclude_modules": None,
         "revision": None,
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    # Weights first: a folder with a config always has its weights.
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(
-        folder / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True))
-    )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _write_adapter_folder(folder, tensors, config)
     return folder
 
 
 # ---------------------------------------------------------------------------------------- loading
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(f"(.*\\.)?({p})$", name)``."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
-            return value
-    return default
-
-
-def _peft_selects(name: str, config: dict, keep: list[str]) -> bool:
+def _peft_selects(name: str, config: AdapterConfig, keep: list[str]) -> bool:
     """PEFT's ``check_target_module_exists`` for the options we support."""
-    exclude = config.get("exclude_modules")
+    exclude = config.exclude_modules
     if exclude and matches_target(name, exclude):
         return False
-    if any(_in_module_to_save(name, k) for k in config.get("modules_to_save") or []):
+    if any(_in_module_to_save(name, k) for k in config.modules_to_save):
         return False
-    return matches_target(name, config["target_modules"])
+    return matches_target(name, config.target_modules)
 
 
-def _read_config(folder: Path) -> dict:
+def _read_config(folder: Path) -> AdapterConfig:
+    """The adapter's config (read by the readers' one parser), refused where the layers cannot load it."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise InputError.of(folder, f"no {CONFIG_NAME}: not a PEFT adapter folder")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError.of(path, f"not valid JSON ({exc})") from None
-    if config.get("peft_type") != "LORA":
-        raise InputError.of(
-            path, f"peft_type is {config.get('peft_type')!r}; only LORA (LoRA/DoRA) adapters load"
-        )
+    config = read_adapter_config(path, require_rank=False)
+    if config.peft_type != "LORA":
+        raise InputError.of(path, f"peft_type is {config.peft_type!r}; only LORA (LoRA/DoRA) adapters load")
+    values = {**config.options, "fan_in_fan_out": config.fan_in_fan_out, "lora_bias": config.lora_bias}
     for field_name, what in _UNSUPPORTED.items():
-        if config.get(field_name):
-            raise InputError.of(path, f"{what} ({field_name}={config[field_name]!r}) is not supported")
-    targets = config.get("target_modules")
+        if values.get(field_name):
+            raise InputError.of(path, f"{what} ({field_name}={values[field_name]!r}) is not supported")
+    targets = config.target_modules
     if not targets or targets == "all-linear":
         raise InputError.of(path, f"target_modules={targets!r} is not supported; name the modules")
     return config
@@ -254,30 +267,31 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     config = _read_config(folder)
     path = folder / CONFIG_NAME
     modules = [(n, m) for n, m in _plain_modules(model) if n]
-    keep_patterns = config.get("modules_to_save") or []
+    keep_patterns = config.modules_to_save
     keep = [n for n, _ in modules if any(n.endswith(p) for p in keep_patterns)]  # PEFT's rule for these
     selected = [n for n, _ in modules if _peft_selects(n, config, keep)]
     if not selected:
-        raise InputError.of(path, f"target_modules {config['target_modules']!r} match no module of the model")
-    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_of = {n: _pattern_value(config.get("rank_pattern") or {}, n, r) for n in selected}
-    alpha_of = {n: _pattern_value(config.get("alpha_pattern") or {}, n, alpha) for n in selected}
+        raise InputError.of(path, f"target_modules {config.target_modules!r} match no module of the model")
+    r = 8 if config.r is None else config.r  # PEFT's LoraConfig defaults
+    alpha = 8 if config.lora_alpha is None else config.lora_alpha
+    rank_of = {n: pattern_value(config.rank_pattern, n, r) for n in selected}
+    alpha_of = {n: pattern_value(config.alpha_pattern, n, alpha) for n in selected}
     exact = "|".join(re.escape(n) for n in selected)
     wrapped = inject_adapters(
         model,
-        method="dora" if config.get("use_dora") else "lora",
+        method="dora" if config.use_dora else "lora",
         targets=exact,
         r=r,
         alpha=alpha,
-        dropout=float(config.get("lora_dropout") or 0.0),
-        rslora=bool(config.get("use_rslora")),
+        dropout=config.lora_dropout,
+        rslora=config.use_rslora,
         modules_to_save=keep,
         rank_of=rank_of,
         alpha_of=alpha_of,
     )
     wrappers = adapter_modules(model)
     expected = {f"{n}.lora_A.weight" for n in wrapped} | {f"{n}.lora_B.weight" for n in wrapped}
-    if config.get("use_dora"):
+    if config.use_dora:
         expected |= {f"{n}.lora_magnitude_vector" for n in wrapped}
     slots = {
         n + "." + k: v for n in keep for k, v in model.get_submodule(n).state_dict(keep_vars=True).items()

@@ -9,49 +9,52 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dora_analysis.commands.train import add_model_argument
+from dora_analysis.commands.options import (
+    add_model_argument,
+    add_overwrite_argument,
+    add_quiet_argument,
+    add_seed_argument,
+    add_threads_argument,
+    at_least,
+    output_folder,
+    require_module,
+)
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", type=Path, default=Path("dora_demo"), help="output folder (default ./dora_demo)"
+        "--out", type=output_folder, default=Path("dora_demo"), help="output folder (default ./dora_demo)"
     )
     parser.add_argument("--quick", action="store_true", help="a run of about a minute, to try things out")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the results of an earlier demo in --out"
-    )
+    add_overwrite_argument(parser, "replace the results of an earlier demo in --out")
     add_model_argument(parser)
     parser.add_argument(
-        "--steps", type=int, default=None, help="optimizer steps per method (default 100; quick 24)"
+        "--steps", type=at_least(1), default=None, help="optimizer steps per method (default 100; quick 24)"
     )
     parser.add_argument(
         "--save-every",
-        type=int,
+        type=at_least(1),
         default=None,
         metavar="K",
         help="checkpoint every K steps (default: four checkpoints per run)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="default 0")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    add_seed_argument(parser)
+    add_threads_argument(parser)
     parser.add_argument(
         "--reuse-runs",
         action="store_true",
         help="analyse the completed runs already in OUT/runs instead of training again",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    require_module("transformers")  # the [train] extra: say so before OUT is touched
     from dora_analysis.commands.demo_pipeline import DemoConfig, run_demo
-    from dora_analysis.errors import InputError
     from dora_analysis.views.report import paper_comparison
 
-    for name in ("steps", "save_every", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise InputError.of(f"--{name.replace('_', '-')}", f"must be at least 1, got {value}")
     result = run_demo(
         DemoConfig(
             out=args.out,

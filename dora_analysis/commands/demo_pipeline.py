@@ -6,7 +6,7 @@ Layout of the output folder::
     OUT/series.csv                 one row per (run, step, tensor): ΔM, ΔD, held-out accuracy
     OUT/correlations.csv           per method and module: r, interval, slope, within-step/layer r
     OUT/history.csv                the training logs (loss, held-out accuracy per step)
-    OUT/figures/*.png, *.pdf       the paper's figures
+    OUT/figures/*.png, *.pdf       the paper's figures, and the update's spectrum, intruders, subspace_to_final
     OUT/report.md                  accuracy per method, the correlation table, the figures
 
 One progress bar covers the whole job (training steps, then base tensors analysed, then figures).
@@ -29,6 +29,8 @@ from dora_analysis.errors import InputError
 __all__ = ["DemoConfig", "DemoResult", "RESULT_FILES", "demo_plan", "run_demo"]
 
 METHODS = ("ft", "lora", "dora")
+#: The demo analyses the update's spectrum and intruder dimensions too (a few seconds on MiniLM).
+DEMO_METRICS = "decomposition,spectrum,intruders"
 RESULT_FILES = ("report.md", "series.csv", "correlations.csv", "history.csv", "figures", "runs")
 
 
@@ -120,9 +122,12 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
 
     from dora_analysis.analysis.correlation import correlations
     from dora_analysis.analysis.series import analyze_series, training_history
+    from dora_analysis.commands.interrupts import raise_if_interrupted
     from dora_analysis.training import TrainConfig, train
     from dora_analysis.views.figures import figure_modules, write_figures
     from dora_analysis.views.report import accuracy_table, render_report, write_report
+    from dora_analysis.views.spectrum_figures import write_spectrum_figures
+    from dora_analysis.views.spectrum_report import spectrum_section
     from dora_analysis.views.tables import atomic_write
 
     config = demo_plan(config)
@@ -162,11 +167,12 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
                 progress=bar.update,
             )
         bar.set_description("demo: analyse")
-        series = analyze_series(None, list(runs.values()), progress=bar.update)
+        series = analyze_series(None, list(runs.values()), progress=bar.update, metrics=DEMO_METRICS)
         table = correlations(series)
         history = training_history(list(runs.values()))
         accuracy = accuracy_table(history)
         overwrite = config.overwrite
+        raise_if_interrupted()  # a Ctrl-C swallowed during the kernel compile stops here
         files = [
             atomic_write(config.out / "series.csv", series.to_csv(index=False), overwrite=overwrite),
             atomic_write(config.out / "correlations.csv", table.to_csv(index=False), overwrite=overwrite),
@@ -174,7 +180,8 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
         ]
         bar.set_description("demo: figures")
         modules = figure_modules(series)
-        bar.total = len(config.methods) * config.steps + n_tensors + 2 * len(modules) + 1
+        bar.total = len(config.methods) * config.steps + n_tensors + 4 * len(modules) + 2
+        (config.out / "figures").mkdir(exist_ok=True)
         figures = write_figures(
             series,
             config.out / "figures",
@@ -183,6 +190,11 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
             modules=modules,
             formats=config.formats,
             overwrite=overwrite,
+        )
+        figures.update(
+            write_spectrum_figures(
+                series, config.out / "figures", modules=modules, formats=config.formats, overwrite=overwrite
+            )
         )
         bar.update(sum(1 for _ in figures))
         seconds = time.perf_counter() - started
@@ -194,6 +206,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
             relative_to=config.out,
             context=_context(config, runs, seconds, reused),
             majority_accuracy=_majority(runs),
+            sections=[spectrum_section(series, modules)],
         )
         report = write_report(config.out / "report.md", text, overwrite=overwrite)
         bar.set_description("demo: done")

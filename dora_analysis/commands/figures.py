@@ -9,7 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dora_analysis.commands.options import add_method_argument, add_overwrite_argument, output_folder
+from dora_analysis.errors import InputError
+
 __all__ = ["add_arguments", "run"]
+
+_NO_BASE = "give the base checkpoint explicitly"  # the end of analyze_series' message when no run names it
 
 
 def _formats(value: str) -> tuple[str, ...]:
@@ -23,7 +28,9 @@ def _formats(value: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (checkpoint-<step>/ inside)")
     parser.add_argument("--base", help="pre-trained checkpoint (default: run.json's base_model)")
-    parser.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default figures/)")
+    parser.add_argument(
+        "--out", type=output_folder, default=Path("figures"), help="output folder (default figures/)"
+    )
     parser.add_argument(
         "--formats",
         type=_formats,
@@ -34,19 +41,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modules", metavar="NAMES", help="comma-separated modules to draw (default query,value)"
     )
-    parser.add_argument("--method", help="the method of every run (default: read from the run)")
-    parser.add_argument("--overwrite", action="store_true", help="replace figures already in --out")
+    add_method_argument(parser)
+    add_overwrite_argument(parser, "replace figures already in --out")
 
 
 def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.correlation import correlations
     from dora_analysis.analysis.series import analyze_series, training_history
+    from dora_analysis.schema import module_mask, points
     from dora_analysis.views.figures import write_figures
     from dora_analysis.views.tables import render
 
-    series = analyze_series(args.base, args.runs, method=args.method, progress=True)
+    try:
+        series = analyze_series(args.base, args.runs, method=args.method, progress=True)
+    except InputError as error:
+        if args.base is None and str(error).endswith(_NO_BASE):  # name the option that gives it
+            raise InputError(
+                f"{str(error).removesuffix(_NO_BASE)}give the base checkpoint with --base"
+            ) from None
+        raise
     table = correlations(series)
     modules = [m.strip() for m in args.modules.split(",") if m.strip()] if args.modules else None
+    present = points(series)["module"]
+    missing = [m for m in modules or () if not module_mask(present, m).any()]  # short names select paths
+    if missing:
+        raise InputError.of(
+            "--modules",
+            f"{missing[0]!r} has no analysed points; the series has {', '.join(sorted(set(present)))}",
+        )
+    args.out.mkdir(exist_ok=True)  # after the analysis: a failed one leaves no empty folder
     written = write_figures(
         series,
         args.out,

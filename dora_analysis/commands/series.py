@@ -10,31 +10,40 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dora_analysis.commands.options import (
+    add_cluster_argument,
+    add_device_argument,
+    add_layout_argument,
+    add_method_argument,
+    add_metrics_arguments,
+    add_output_arguments,
+    add_selection_arguments,
+    prepare_output,
+    spectrum_options,
+    write_output,
+)
+
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from dora_analysis.commands.compare import add_device_argument, add_output_arguments
-
     parser.add_argument("base", help="pre-trained checkpoint (file or folder)")
     parser.add_argument(
         "runs", nargs="+", metavar="RUN", help="run folder (checkpoint-<step>/ inside) or checkpoint"
     )
     add_output_arguments(parser)
-    parser.add_argument(
-        "--method", help="the method of every run (default: read from run.json / adapter_config.json)"
-    )
-    parser.add_argument(
-        "--include", metavar="REGEX", help="analyse tensors whose name matches (default: 2-D linear weights)"
-    )
-    parser.add_argument("--exclude", metavar="REGEX", help="skip tensors whose name matches")
+    add_method_argument(parser)
+    add_selection_arguments(parser)
     add_device_argument(parser)
+    add_layout_argument(parser)
+    add_cluster_argument(parser)
+    add_metrics_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.series import analyze_series
-    from dora_analysis.views.tables import write_frame
 
+    prepare_output(args, [args.base, *args.runs])
     frame = analyze_series(
         args.base,
         args.runs,
@@ -43,11 +52,15 @@ def run(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         progress=True,
         device=args.device,
+        cluster=args.cluster,
+        layout=args.layout,
+        metrics=args.metrics,
+        spectrum=spectrum_options(args),
     )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame
     )  # paths make tables unreadable
-    write_frame(shown, args.format, args.output, overwrite=args.overwrite)
+    write_output(shown, args)
     stream = sys.stdout if args.format == "table" and args.output is None else sys.stderr
     runs = frame["run"].nunique()
     checkpoints = frame[["run", "step"]].drop_duplicates().shape[0]

@@ -10,34 +10,44 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dora_analysis.commands.train import add_model_argument
+from dora_analysis.commands.options import (
+    add_model_argument,
+    add_overwrite_argument,
+    add_quiet_argument,
+    add_threads_argument,
+    at_least,
+    output_folder,
+    require_module,
+)
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--out", type=Path, default=Path("dora_study"), help="output folder (default ./dora_study)"
+        "--out", type=output_folder, default=Path("dora_study"), help="output folder (default ./dora_study)"
     )
     parser.add_argument("--quick", action="store_true", help="a small grid of short runs, to try it")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace the results of an earlier study in --out"
-    )
+    add_overwrite_argument(parser, "replace the results (not the runs) of an earlier study in --out")
     add_model_argument(parser)
-    parser.add_argument("--device", default=None, help="where the analysis runs, e.g. cuda (default: cpu)")
     parser.add_argument(
-        "--seeds", type=int, default=None, metavar="N", help="seeds per configuration (default 3; quick 2)"
+        "--device", default=None, help="train and analyse on this torch device, e.g. cuda (default: cpu)"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads while training")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--seeds",
+        type=at_least(1),
+        default=None,
+        metavar="N",
+        help="seeds per configuration (default 3; quick 2)",
+    )
+    add_threads_argument(parser)
+    add_quiet_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    require_module("transformers")  # the [train] extra: say so before anything is written
     from dora_analysis.commands.study_pipeline import StudyConfig, run_study
-    from dora_analysis.errors import InputError
 
-    if args.seeds is not None and args.seeds < 1:
-        raise InputError.of("--seeds", f"must be at least 1, got {args.seeds}")
     table = run_study(
         StudyConfig(
             out=args.out,

@@ -69,7 +69,7 @@ class StudyConfig:
     quick: bool = False  # a small grid of short runs (a few minutes), to try it or test it
     overwrite: bool = False  # replace the results (not the runs) of an earlier study in ``out``
     model: Path | None = None  # local encoder folder; None: the packaged all-MiniLM-L6-v2
-    device: str | None = None  # where the analysis runs (e.g. "cuda"); training stays as configured
+    device: str | None = None  # where the runs train and the analysis runs (e.g. "cuda"); None: the CPU
     seeds: tuple[int, ...] | None = None  # None: the plan's
     threads: int | None = None  # torch CPU threads while training
 
@@ -168,6 +168,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
                         seed=seed,
                         threads=config.threads,
                         lr=cell.lr_by_method.get(method),
+                        device=config.device or "cpu",
                         overwrite=True,  # only an incomplete run of ours is ever here
                         **fields,
                     ),
@@ -197,11 +198,12 @@ def study_points(
     :func:`~dora_analysis.analysis.conventions.convention_deltas`.
     """
     from dora_analysis.analysis.series import analyze_series
+    from dora_analysis.schema import select_modules
 
     frames = []
     for cell, method, seed, run in runs:
         series = analyze_series(None, [run], method=method, include=_module_pattern(), device=device)
-        series = series[series["module"].isin(MODULES)]
+        series = select_modules(series, MODULES)  # attention.self.query -> query, as the paper names it
         series = series.assign(cell=cell.name, factor=cell.factor, value=cell.value, seed=seed)
         frames.append(series.assign(convention="paper"))
         frames.append(_other_conventions(series, run))
@@ -254,8 +256,9 @@ def _base_of(run: Path) -> Path:
 def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
     """One row per (cell, window, method, module, convention): pooled r over seeds and its spread.
 
-    ``r``, ``r_low``/``r_high`` (the interval), ``slope``, ``r_within_step`` and ``r_within_layer``
-    come from :func:`~dora_analysis.correlations` over the seeds' points together; ``r_seed_min``,
+    ``r``, ``r_low``/``r_high`` (a cluster-bootstrap interval: whole layers resampled within each
+    run), ``spearman``, ``slope``, ``r_within_step`` and ``r_within_layer`` come from
+    :func:`~dora_analysis.correlations` over the seeds' runs pooled (each centred on its own); ``r_seed_min``,
     ``r_seed_mean`` and ``r_seed_max`` are each seed's own r, so the spread across seeds stands
     beside the interval. ``accuracy`` is the mean held-out accuracy at the window's last step.
     """
@@ -269,9 +272,11 @@ def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
             part = group[group["step"].isin(steps)]
             if part.empty:
                 continue
-            pooled = correlations(part)
+            # The seeds' runs pooled: centred per run, the interval from resampling whole layers of each.
+            pooled = correlations(part, pool_runs=True)
             per_seed = pd.concat(
-                [correlations(p).assign(seed=s) for s, p in part.groupby("seed")], ignore_index=True
+                [correlations(p, pool_runs=True).assign(seed=s) for s, p in part.groupby("seed")],
+                ignore_index=True,
             )
             last = part[part["step"] == max(steps)]
             for stats in pooled.itertuples(index=False):
@@ -298,6 +303,7 @@ def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
                         "r_seed_min": seeds.min(),
                         "r_seed_mean": seeds.mean(),
                         "r_seed_max": seeds.max(),
+                        "spearman": stats.spearman,
                         "slope": stats.slope,
                         "r_within_step": stats.r_within_step,
                         "r_within_layer": stats.r_within_layer,
@@ -314,6 +320,7 @@ def _write_results(
     from dora_analysis.views.tables import atomic_write
 
     out, overwrite = config.out, config.overwrite
+    (out / "figures").mkdir(exist_ok=True)
     atomic_write(out / "points.csv", points.to_csv(index=False), overwrite=overwrite)
     atomic_write(out / "study.csv", table.to_csv(index=False), overwrite=overwrite)
     figures = write_sign_maps(table, out / "figures", overwrite=overwrite)

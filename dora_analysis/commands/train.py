@@ -7,11 +7,21 @@ Python's own documentation (pydoc_data.topics) by topic; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from dora_analysis.errors import InputError
+from dora_analysis.commands.options import (
+    add_model_argument,
+    add_overwrite_argument,
+    add_quiet_argument,
+    add_seed_argument,
+    add_threads_argument,
+    at_least,
+    fraction,
+    output_folder,
+    positive_float,
+    require_module,
+)
 
-__all__ = ["add_arguments", "add_model_argument", "run"]
+__all__ = ["add_arguments", "run"]
 
 
 def _targets(value: str) -> tuple[str, ...]:
@@ -33,23 +43,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         required=True,
-        type=Path,
+        type=output_folder,
         metavar="RUN_DIR",
         help="folder for run.json and checkpoint-<step>/",
     )
     add_model_argument(parser)
     parser.add_argument("--task", default=DEFAULT_TASK, choices=sorted(TASKS), help=f"default {DEFAULT_TASK}")
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--steps", type=at_least(1), default=200, help="optimizer steps (default 200)")
     parser.add_argument(
         "--save-every",
-        type=int,
+        type=at_least(1),
         default=25,
         metavar="K",
         help="save and evaluate every K steps and at the end (default 25)",
     )
-    parser.add_argument("--rank", type=int, default=8, help="LoRA/DoRA rank r (default 8)")
-    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA/DoRA alpha (default 16)")
-    parser.add_argument("--dropout", type=float, default=0.05, help="adapter input dropout (default 0.05)")
+    parser.add_argument("--rank", type=at_least(1), default=8, help="LoRA/DoRA rank r (default 8)")
+    parser.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA/DoRA alpha (default 16)")
+    parser.add_argument("--dropout", type=fraction, default=0.05, help="adapter input dropout (default 0.05)")
     parser.add_argument(
         "--targets",
         type=_targets,
@@ -60,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     parser.add_argument(
         "--lr",
-        type=float,
+        type=positive_float,
         default=None,
         help="peak learning rate (AdamW default 1e-4 for ft, 3e-3 for lora and dora; SGD: required)",
     )
@@ -70,28 +80,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="adamw",
         help="adamw (default) or sgd with --momentum (SGD needs --lr)",
     )
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    parser.add_argument("--batch-size", type=int, default=8, help="default 8")
-    parser.add_argument("--max-length", type=int, default=32, help="tokens per sentence (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument("--batch-size", type=at_least(1), default=8, help="default 8")
+    parser.add_argument("--max-length", type=at_least(1), default=32, help="tokens per sentence (default 32)")
+    add_seed_argument(parser)
     parser.add_argument(
-        "--max-train-examples", type=int, default=None, metavar="N", help="train on a fixed subset"
+        "--max-train-examples", type=at_least(1), default=None, metavar="N", help="train on a fixed subset"
     )
     parser.add_argument(
-        "--max-eval-examples", type=int, default=None, metavar="N", help="evaluate on a fixed subset"
+        "--max-eval-examples", type=at_least(1), default=None, metavar="N", help="evaluate on a fixed subset"
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the checkpoints already in RUN_DIR")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_threads_argument(parser)
+    add_overwrite_argument(parser, "replace the checkpoints already in RUN_DIR")
+    parser.add_argument(
+        "--device",
+        default="cpu",  # checked by the trainer (training/precision.py), which knows no analysis
+        metavar="DEVICE",
+        help="train on this torch device, e.g. cuda (under torchrun: each process's own GPU); default cpu",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="fp32 (default), or autocast to bf16 / fp16 (fp16 with loss scaling); weights stay fp32",
+    )
+    parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP2 (fully_shard) instead of data-parallel DDP",
+    )
+    add_quiet_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import os
 
+    require_module("transformers")  # the [train] extra: say so before RUN_DIR is touched
     from dora_analysis.training import TrainConfig, train
 
-    if args.threads is not None and args.threads < 1:
-        raise InputError.of("--threads", f"must be at least 1, got {args.threads}")
     config = TrainConfig(
         method=args.method,
         out=args.out,
@@ -114,8 +141,13 @@ def run(args: argparse.Namespace) -> int:
         max_eval_examples=args.max_eval_examples,
         threads=args.threads,
         overwrite=args.overwrite,
+        device=args.device,
+        precision=args.precision,
+        fsdp=args.fsdp,
     )
     out = train(config, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
+        return 0
     record = json.loads((out / "run.json").read_text())
     print(
         f"{record['method']}: {len(record['checkpoints'])} checkpoints in {out}; held-out accuracy "
@@ -123,14 +155,3 @@ def run(args: argparse.Namespace) -> int:
         f"at step {record['checkpoints'][-1]}; {record['seconds_per_step']:.2f} s/step"
     )
     return 0
-
-
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """``--model PATH``: the pre-trained encoder to train (shared with ``demo``)."""
-    parser.add_argument(
-        "--model",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="local Hugging Face encoder folder (default: the packaged all-MiniLM-L6-v2)",
-    )

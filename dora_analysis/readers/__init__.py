@@ -19,6 +19,7 @@ from dora_analysis.readers._common import WEIGHT_SUFFIXES, is_training_state_fil
 from dora_analysis.readers.adapter_config import read_adapter_config
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.readers.files import open_weight_file
+from dora_analysis.readers.hub import adapter_base, cached_model, resolve_model
 from dora_analysis.readers.nvlabs_dora import has_nvlabs_keys, open_nvlabs_dora
 from dora_analysis.readers.peft_adapter import ADAPTER_FILES, adapter_weights_file, open_peft_adapter
 from dora_analysis.readers.sharded import ShardedReader
@@ -31,6 +32,8 @@ __all__ = [
     "find_weights",
     "open_checkpoint",
     "find_checkpoints",
+    "adapter_base",
+    "resolve_model",
 ]
 
 # Looked for in this order inside a model or checkpoint folder.
@@ -89,19 +92,28 @@ def open_checkpoint(
     """Open the checkpoint at ``path`` as a :class:`CheckpointReader` (use it as a context manager).
 
     Args:
-        path: a weights file, a model folder, a Trainer ``checkpoint-<step>`` folder, or an adapter.
-        base: the pre-trained checkpoint an adapter is merged over (a path, or an open reader that the
-            caller keeps owning). For a PEFT adapter, None means ``adapter_config.json``'s
-            ``base_model_name_or_path`` when that is a local path.
+        path: a weights file, a model folder, a Trainer ``checkpoint-<step>`` folder, an adapter, or
+            a Hugging Face model id in the local cache (offline, see :mod:`dora_analysis.readers.hub`).
+        base: the pre-trained checkpoint an adapter is merged over (a path, a cached model id, or an
+            open reader that the caller keeps owning). For a PEFT adapter, None means
+            ``adapter_config.json``'s ``base_model_name_or_path`` when that is a local path or a
+            cached model id.
         lora_alpha: the LoRA alpha of an NVlabs DoRA state dict (it is not stored in the weights);
             overrides an ``adapter_config.json`` beside the file. Ignored for other formats.
 
     Raises:
         InputError: one line naming the file (and tensor) and the problem.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError.of(path, "no such file or folder")
+    return _open_path(path, base, lora_alpha, as_base=False)
+
+
+def _open_path(
+    path: Path | str, base: Path | str | CheckpointReader | None, lora_alpha: float | None, *, as_base: bool
+) -> CheckpointReader:
+    """:func:`open_checkpoint`; ``as_base``: ``path`` is an adapter's base, so it may not be an adapter
+    itself (refused before anything is opened: an adapter naming itself, or another adapter that names
+    it back, as its ``base_model_name_or_path`` would otherwise recurse without end)."""
+    path = resolve_model(path)  # a path, or a model id in the local Hugging Face cache
     if path.is_dir():
         found = find_weights(path)
     elif path.name.endswith(".index.json"):
@@ -111,8 +123,14 @@ def open_checkpoint(
     if found.kind == "sharded":
         return ShardedReader(found.path)
     if found.kind == "adapter":
+        if as_base:
+            raise _adapter_as_base(found.path)
         return _open_adapter(found.path, base, lora_alpha)
-    return _open_file(found.path, base, lora_alpha)
+    return _open_file(found.path, base, lora_alpha, as_base=as_base)
+
+
+def _adapter_as_base(path: Path) -> InputError:
+    return InputError.of(path, "the base checkpoint is itself an adapter; pass the full pre-trained weights")
 
 
 def _open_adapter(
@@ -150,11 +168,14 @@ def _closing_on_error(
 
 
 def _open_file(
-    path: Path, base: Path | str | CheckpointReader | None, lora_alpha: float | None
+    path: Path, base: Path | str | CheckpointReader | None, lora_alpha: float | None, *, as_base: bool = False
 ) -> CheckpointReader:
     reader = open_weight_file(path)
     names = reader.names()
     has_lora = any(".lora_A." in n or n.endswith(".lora_magnitude_vector") for n in names)
+    if as_base and (has_lora or has_nvlabs_keys(names)):
+        reader.close()  # an NVlabs file with its own W0 would do, but a base is meant to be plain weights
+        raise _adapter_as_base(path)
     if has_nvlabs_keys(names) or (has_lora and lora_alpha is not None and path.name not in ADAPTER_FILES):
         try:
             base_reader, owned = _resolve_base(base, None, path, required=False)
@@ -182,16 +203,16 @@ def _resolve_base(
     if base is not None and not isinstance(base, (str, Path)):
         return base, []
     if base is None:
-        if hint and Path(hint).exists():
+        if hint and (Path(hint).exists() or cached_model(hint) is not None):
             base = hint
         elif required:
             raise InputError.of(
                 adapter,
-                f"an adapter needs a base checkpoint: pass base (adapter_config.json's base_model_name_or_path {hint!r} is not a local path)",
+                f"an adapter needs a base checkpoint: pass base (adapter_config.json's base_model_name_or_path {hint!r} is neither a local path nor in the local Hugging Face cache)",
             )
         else:
             return None, []
-    reader = open_checkpoint(base)
+    reader = _open_path(Path(base), None, None, as_base=True)
     if reader.partial:
         reader.close()
         raise InputError.of(

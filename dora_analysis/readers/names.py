@@ -18,8 +18,11 @@ __all__ = [
     "canonical_name",
     "layer_index",
     "module_name",
+    "NameParts",
+    "split_name",
     "RowLayout",
     "row_layout",
+    "name_layout",
     "as_rows",
     "NameMatch",
     "match_names",
@@ -32,9 +35,15 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.", "model.")
 
 RowLayout = Literal["linear", "conv", "embedding", "transposed"]
 
-_EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*embeddings?|wte|wpe|shared)(\.|$)")
-# transformers' Conv1D (GPT-2 family) stores (in, out).
-_TRANSPOSED = re.compile(r"(^|\.)(c_attn|c_proj|c_fc)\.weight$")
+_EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*embeddings?|wte|wpe|shared|relative_attention_bias)(\.|$)")
+# Names that are nn.Embedding in every family we know; other embed* names (GPT-NeoX's ``embed_out``
+# is a Linear) are a guess without the model's config.
+_SURE_EMBEDDING = re.compile(
+    r"(^|\.)(\w*_embeddings?|embed_tokens|embed_positions|wte|wpe|shared|relative_attention_bias)\.weight$"
+)
+# transformers' Conv1D (GPT-2 family) stores (in, out); GPTBigCode and Qwen-1 use nn.Linear under the
+# same names, so without a config these are always a guess.
+_TRANSPOSED = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 _GENERIC_MODULES = {"dense", "linear", "proj", "fc"}
 
@@ -55,23 +64,80 @@ def canonical_name(name: str) -> str:
     return strip_prefixes(name, WRAPPER_PREFIXES)
 
 
+# Attributes under which libraries keep a whole model body (``bert.encoder...``, ``transformer.h...``):
+# not a stack of their own.
+_BODY_PREFIXES = frozenset(
+    {
+        "model", "transformer", "base_model", "backbone", "bert", "roberta", "xlm_roberta", "deberta",
+        "electra", "albert", "distilbert", "gpt_neox", "vit", "mpnet", "camembert", "gpt2",
+    }
+)  # fmt: skip
+# Submodules that are a stack of their own, and the label they get.
+_STACK_WORDS = {
+    "encoder": "encoder",
+    "decoder": "decoder",
+    "text_model": "text",
+    "text_encoder": "text",
+    "language_model": "text",
+    "vision_model": "vision",
+    "vision_tower": "vision",
+    "vision_encoder": "vision",
+    "visual": "vision",
+    "audio_tower": "audio",
+    "audio_model": "audio",
+}
+#: The stack of a model with one stack of blocks (GPT-2, LLaMA, BERT without an ``encoder.`` prefix).
+SINGLE_STACK = "model"
+_SUBLAYER = re.compile(r"^layer\.\d+\.")  # T5: block.<i>.layer.<j>.SelfAttention...: j is the sublayer
+
+
+@dataclass(frozen=True)
+class NameParts:
+    """Where a tensor sits: ``stack`` (``encoder``, ``decoder``, ``vision``, ``text.encoder``, ...),
+    ``layer`` (the block index, None outside the blocks) and ``module`` (the path inside the block:
+    ``self_attn.q_proj``, ``encoder_attn.q_proj``, ``attention.self.query``)."""
+
+    stack: str
+    layer: int | None
+    module: str
+
+
+def split_name(name: str) -> NameParts:
+    """``stack``/``layer``/``module`` of a tensor name, so that different matrices never share a label.
+
+    Examples: ``model.decoder.layers.3.encoder_attn.q_proj.weight`` -> (decoder, 3, encoder_attn.q_proj);
+    ``text_model.encoder.layers.0.self_attn.q_proj.weight`` -> (text.encoder, 0, self_attn.q_proj);
+    ``transformer.h.2.attn.c_attn.weight`` -> (model, 2, attn.c_attn); ``lm_head.weight`` ->
+    (model, None, lm_head). Wrapper and body prefixes (``module.``, ``bert.``, ``transformer.``) are
+    dropped; a prefix that is neither a body nor a known stack word is kept in the stack.
+    """
+    path = canonical_name(name)
+    if path.endswith((".weight", ".bias")):
+        path = path.rsplit(".", 1)[0]
+    parts = path.split(".")
+    index = next((i for i, p in enumerate(parts) if p.isdigit() and 0 < i < len(parts) - 1), None)
+    if index is None:
+        before, layer, module = [], None, parts
+        while len(module) > 1 and (module[0] in _BODY_PREFIXES or module[0] in _STACK_WORDS):
+            before.append(module[0])
+            module = module[1:]
+        module_path = ".".join(module)
+    else:
+        before, layer = parts[: index - 1], int(parts[index])
+        module_path = _SUBLAYER.sub("", ".".join(parts[index + 1 :]))
+    words = [_STACK_WORDS.get(p, p) for p in before if p not in _BODY_PREFIXES]
+    return NameParts(".".join(words) or SINGLE_STACK, layer, module_path)
+
+
 def layer_index(name: str) -> int | None:
-    """The first integer path component (``encoder.layer.3.attention...`` -> 3), or None."""
-    found = _LAYER.search(name)
-    return int(found.group(1)) if found else None
+    """The block index of ``name`` (``encoder.layer.3.attention...`` -> 3), or None; see :func:`split_name`."""
+    return split_name(name).layer
 
 
 def module_name(name: str) -> str:
-    """A short module label: ``...layer.3.attention.self.query.weight`` -> ``query``.
-
-    A generic last component (``dense``) keeps the path after the layer index instead
-    (``attention.output.dense``) so that different matrices never share a label.
-    """
-    path = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
-    found = _LAYER.search(path + ".")
-    tail = path[found.end() :] if found else path
-    last = tail.rsplit(".", 1)[-1]
-    return tail if last in _GENERIC_MODULES and tail else last
+    """The module path inside its block (``...layer.3.attention.self.query.weight`` ->
+    ``attention.self.query``); see :func:`split_name`."""
+    return split_name(name).module
 
 
 def row_layout(name: str, shape: tuple[int, ...]) -> RowLayout | None:
@@ -90,6 +156,17 @@ def row_layout(name: str, shape: tuple[int, ...]) -> RowLayout | None:
     if _TRANSPOSED.search(name):
         return "transposed"
     return "linear"
+
+
+def name_layout(name: str, shape: tuple[int, ...]) -> tuple[RowLayout | None, bool]:
+    """:func:`row_layout` and whether the name leaves it ambiguous (``c_attn`` may be GPT-2's Conv1D or
+    a Linear; ``embed_out`` may be an Embedding or a Linear): only the model's config can tell."""
+    layout = row_layout(name, shape)
+    if layout == "transposed":
+        return layout, True
+    if layout == "embedding" and len(shape) == 2:
+        return layout, not _SURE_EMBEDDING.search(name)
+    return layout, False
 
 
 def as_rows(weight: torch.Tensor, layout: RowLayout) -> torch.Tensor:

@@ -97,7 +97,12 @@ def _open(
                     "NVlabs DoRA layout: lora_alpha is not stored in the weights; pass lora_alpha "
                     "(scale = lora_alpha / r) or put an adapter_config.json with 'lora_alpha' beside the file",
                 )
-            rank = factors.shape(a)[0]
+            a_shape = tuple(factors.shape(a))
+            if len(a_shape) != 2 or a_shape[0] == 0:
+                raise InputError.of(
+                    source, f"lora_A has shape {list(a_shape)}; expected (r, in) with r >= 1", tensor=a
+                )
+            rank = a_shape[0]
             if config is not None and config.r is not None and config.r != rank:
                 raise InputError.of(
                     source, f"{config_file.name} says r={config.r} but lora_A has {rank} rows", tensor=a

@@ -17,6 +17,7 @@ from dora_analysis.errors import InputError
 from dora_analysis.readers.adapter_config import AdapterConfig, read_adapter_config
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.files import open_weight_file
+from dora_analysis.readers.json_file import read_json
 from dora_analysis.readers.merged import BiasTarget, Entry, MergedReader, MergeTarget, StoredCopy
 from dora_analysis.readers.names import match_names
 
@@ -116,12 +117,13 @@ def _entries(config: AdapterConfig, factors: CheckpointReader, base: CheckpointR
     modules, copies = parse_adapter_keys(factors.source, factors.names())
     if not modules and not copies:
         raise InputError.of(factors.source, "adapter file holds no LoRA factors")
-    if config.use_dora:
-        for path, mod in modules.items():
-            if mod.magnitude is None:
-                raise InputError.of(
-                    factors.source, "use_dora is set but the module has no lora_magnitude_vector", tensor=path
-                )
+    for path, mod in modules.items():
+        if config.use_dora and mod.magnitude is None:
+            raise InputError.of(
+                factors.source, "use_dora is set but the module has no lora_magnitude_vector", tensor=path
+            )
+        if not config.use_dora:
+            mod.magnitude = None  # PEFT builds plain LoRA layers then and never loads a stray magnitude
     wanted: dict[str, tuple[str, str]] = {}  # adapter-side tensor name -> (kind, module path or copy name)
     for path, mod in modules.items():
         wanted[f"{path}.weight"] = ("weight", path)
@@ -151,6 +153,7 @@ def _entries(config: AdapterConfig, factors: CheckpointReader, base: CheckpointR
             assert mod.lora_bias is not None
             entries[base_name] = BiasTarget(base, base_name, factors, mod.lora_bias, scale)
         else:
+            transposed = mod.embedding or _fan_in_fan_out(config, factors, mod, base, base_name)
             entries[base_name] = MergeTarget(
                 base,
                 base_name,
@@ -159,7 +162,66 @@ def _entries(config: AdapterConfig, factors: CheckpointReader, base: CheckpointR
                 mod.lora_B,
                 mod.magnitude,
                 scale,
-                fan_in_fan_out=mod.embedding or config.fan_in_fan_out,
+                fan_in_fan_out=transposed,
             )
     order = {n: i for i, n in enumerate(base.names())}
     return dict(sorted(entries.items(), key=lambda item: order.get(item[0], len(order))))
+
+
+def _fan_in_fan_out(
+    config: AdapterConfig,
+    factors: CheckpointReader,
+    mod: AdapterModule,
+    base: CheckpointReader,
+    base_name: str,
+) -> bool:
+    """Whether the base weight is stored ``(in, out)`` (a transformers ``Conv1D``), as PEFT decides it.
+
+    PEFT ignores the config's ``fan_in_fan_out`` and follows the module type: forced off for an
+    ``nn.Linear`` (``(out, in)``), forced on for a ``Conv1D`` (``(in, out)``). The module type is not in
+    the weights, so: the shapes decide when the matrix is not square; a square one follows the base
+    model's ``config.json`` (``model_type`` of the GPT-2 family, whose blocks are ``Conv1D``); without
+    one, a ``fan_in_fan_out: true`` on a square matrix is refused as ambiguous, and false is read as
+    ``nn.Linear``. Conv weights (more than 2-D) never use it.
+    """
+    base_shape = tuple(base.shape(base_name))
+    if len(base_shape) != 2:
+        return False
+    a_shape, b_shape = tuple(factors.shape(mod.lora_A)), tuple(factors.shape(mod.lora_B))
+    if len(a_shape) != 2 or len(b_shape) != 2:
+        return config.fan_in_fan_out  # the fit check at opening names the problem
+    out_in, in_out = (b_shape[0], a_shape[1]), (a_shape[1], b_shape[0])
+    if out_in != in_out:
+        if base_shape == out_in:
+            return False
+        if base_shape == in_out:
+            return True
+        return config.fan_in_fan_out  # does not fit either way: the fit check says so
+    conv1d = _is_conv1d(base, base_name)
+    if conv1d is not None:
+        return conv1d
+    if config.fan_in_fan_out:
+        raise InputError.of(
+            config.path,
+            f"fan_in_fan_out is true but nothing tells whether base weight {base_name} {list(base_shape)} "
+            "is a Conv1D (in, out) or an nn.Linear (out, in), where PEFT ignores the flag; pass the base "
+            "model folder with its config.json",
+        )
+    return False
+
+
+_CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+_CONV1D_MODULES = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+
+
+def _is_conv1d(base: CheckpointReader, base_name: str) -> bool | None:
+    """True/False from the base's ``config.json`` (``model_type``), None when there is none."""
+    folder = base.source if base.source.is_dir() else base.source.parent
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    config = read_json(config_file, "model config", max_bytes=16 * 1024 * 1024)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if not isinstance(model_type, str):
+        return None
+    return model_type in _CONV1D_MODEL_TYPES and bool(_CONV1D_MODULES.search(base_name))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import torch
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import ReaderMixin, first_line
+from dora_analysis.readers._common import ReaderMixin, first_line, short_repr, stored_tensor_problem
+from dora_analysis.readers.json_file import parse_json
 
 __all__ = ["MAX_HEADER_BYTES", "TensorEntry", "read_safetensors_header", "SafetensorsReader"]
 
@@ -42,6 +42,7 @@ class TensorEntry:
 
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # where its bytes start in the data section (file order)
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
@@ -69,10 +70,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
                 f"truncated safetensors file: header length {n} runs past the end of the file ({size} bytes)",
             )
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError.of(path, f"safetensors header is not valid JSON ({first_line(e)})") from None
+    header = parse_json(path, raw, "safetensors header")
     if not isinstance(header, dict):
         raise InputError.of(path, "safetensors header is not a JSON object")
     data_bytes = size - 8 - n
@@ -97,7 +95,12 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
         and all(isinstance(d, int) and d >= 0 for d in shape)
     )
     if not ok:
-        raise InputError.of(path, f"malformed header record {info}", tensor=name)
+        raise InputError.of(
+            path,
+            f"malformed header record (dtype {short_repr(dtype_code)}, shape {short_repr(shape)}, "
+            f"data_offsets {short_repr(offsets)}): expected a shape and two offsets of non-negative integers",
+            tensor=name,
+        )
     if offsets[1] > data_bytes:
         raise InputError.of(
             path,
@@ -106,18 +109,21 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
             tensor=name,
         )
     if dtype_code not in _DTYPES:
-        raise InputError.of(path, f"unsupported safetensors dtype {dtype_code!r}", tensor=name)
+        raise InputError.of(path, f"unsupported safetensors dtype {short_repr(dtype_code)}", tensor=name)
     dtype = _DTYPES[dtype_code]
+    problem = stored_tensor_problem(dtype, tuple(shape))
+    if problem:
+        raise InputError.of(path, problem, tensor=name)
     numel = 1
     for d in shape:
         numel *= d
     if numel * dtype.itemsize != offsets[1] - offsets[0]:
         raise InputError.of(
             path,
-            f"data offsets span {offsets[1] - offsets[0]} bytes but {dtype_code} {shape} needs {numel * dtype.itemsize}",
+            f"data offsets span {offsets[1] - offsets[0]} bytes but {dtype_code} {short_repr(shape)} needs {numel * dtype.itemsize}",
             tensor=name,
         )
-    return TensorEntry(dtype=dtype, shape=tuple(shape))
+    return TensorEntry(dtype=dtype, shape=tuple(shape), offset=offsets[0])
 
 
 class SafetensorsReader(ReaderMixin):

@@ -1,16 +1,21 @@
-"""A Hugging Face model folder split into shards, listed by ``*.index.json``; one shard open at a time."""
+"""A Hugging Face model folder split into shards, listed by ``*.index.json``; one shard open at a time.
+
+The index lists tensors alphabetically (``layers.10`` before ``layers.2``), which jumps between shards;
+:meth:`ShardedReader.read_order` gives the order that follows the files (shard by shard, and by
+offset inside a safetensors shard), so each shard is opened once.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import ReaderMixin, first_line
+from dora_analysis.readers._common import ReaderMixin
 from dora_analysis.readers.files import open_weight_file
-from dora_analysis.readers.safetensors_file import SafetensorsReader
+from dora_analysis.readers.json_file import read_json
+from dora_analysis.readers.safetensors_file import SafetensorsReader, read_safetensors_header
 from dora_analysis.readers.torch_pickle import TorchPickleReader
 
 __all__ = ["read_weight_map", "ShardedReader"]
@@ -18,10 +23,7 @@ __all__ = ["read_weight_map", "ShardedReader"]
 
 def read_weight_map(index_file: Path) -> dict[str, Path]:
     """``{tensor name: shard path}`` from a ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``."""
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError.of(index_file, f"shard index is not valid JSON ({first_line(e)})") from None
+    index = read_json(index_file, "shard index")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError.of(index_file, "shard index has no 'weight_map' of tensor name -> shard file")
@@ -80,9 +82,38 @@ class ShardedReader(ReaderMixin):
     def names(self) -> list[str]:
         return list(self._shard_of)
 
+    def read_order(self, names: list[str]) -> list[str]:
+        """``names`` in file order: by shard, then by position in the shard (a safetensors header's
+        offsets; a pickle shard's index order). Names this checkpoint lacks go last, as given."""
+        shards = sorted(set(self._shard_of.values()))
+        rank = {shard: i for i, shard in enumerate(shards)}
+        index_position = {name: i for i, name in enumerate(self._shard_of)}
+        in_shard: dict[Path, dict[str, int]] = {}
+        for shard in {self._shard_of[n] for n in names if n in self._shard_of}:
+            if shard.suffix == ".safetensors":
+                header = read_safetensors_header(shard)  # validated; header only, no tensor data
+                for n, entry in header.items():
+                    self._meta.setdefault(n, (entry.shape, entry.dtype))
+                in_shard[shard] = {n: entry.offset for n, entry in header.items()}
+        last = len(shards)
+
+        def key(name: str) -> tuple[int, int]:
+            shard = self._shard_of.get(name)
+            if shard is None:
+                return (last, 0)
+            return (rank[shard], in_shard.get(shard, {}).get(name, index_position[name]))
+
+        return sorted(names, key=key)
+
     def _meta_of(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         if name not in self._meta:
-            self._shard(name)
+            path = self._shard_of.get(name)
+            if path is not None and path.suffix == ".safetensors":
+                # the header alone: asking shapes in index order must not open shards out of turn
+                for n, entry in read_safetensors_header(path).items():
+                    self._meta.setdefault(n, (entry.shape, entry.dtype))
+            if name not in self._meta:
+                self._shard(name)
         return self._meta[name]
 
     def shape(self, name: str) -> tuple[int, ...]:

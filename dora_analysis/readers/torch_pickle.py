@@ -3,23 +3,49 @@
 Zip-format files are memory-mapped (``mmap=True``), so holding the loaded dict keeps file pages,
 not copies; old non-zip files cannot be mapped and are read into memory (the format allows nothing
 better). Containers ``{"state_dict": ...}`` / ``{"model": ...}`` are unwrapped and ``module.``
-(DDP) / ``_orig_mod.`` (torch.compile) prefixes dropped.
+(DDP) / ``_orig_mod.`` (torch.compile) prefixes dropped; an ``nn.Parameter`` is read as its data.
+
+Bounds (work and memory follow the bytes actually stored):
+
+- zip-format files: the records may declare at most the file's size plus :data:`INFLATION_SLACK`
+  bytes in all (``torch.save`` stores records uncompressed, so ``data.pkl`` cannot inflate);
+  each storage's size, as the pickle claims it, must equal its record's size (a truncated record
+  would otherwise be read through the memory map from its neighbour). Both are checked before
+  ``torch.load`` reads any data: the pickle is first loaded onto the ``meta`` device.
+- every tensor: a dense (strided) CPU tensor whose elements fit in its storage (stride-0 and
+  overlapping views, e.g. ``torch.ones(1).expand(2**26, 1)``, are refused; all tensors together may
+  span at most :data:`SHARED_VIEWS` times their distinct storages plus :data:`INFLATION_SLACK`, so
+  many views of one storage are refused too), not sparse, meta or
+  quantized, not float8, and not an empty tensor with huge dimensions
+  (:func:`~dora_analysis.readers._common.stored_tensor_problem`).
 """
 
 from __future__ import annotations
 
 import pickle
 import re
+import struct
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import ReaderMixin, first_line, is_training_state_file
+from dora_analysis.readers._common import (
+    DEQUANTIZE,
+    ReaderMixin,
+    first_line,
+    is_training_state_file,
+    short_repr,
+    stored_tensor_problem,
+)
 from dora_analysis.readers.names import strip_prefixes
 
-__all__ = ["load_pickled_state_dict", "TorchPickleReader"]
+__all__ = ["INFLATION_SLACK", "SHARED_VIEWS", "load_pickled_state_dict", "TorchPickleReader"]
+
+INFLATION_SLACK = 1 << 20  # what compressed records may add beyond the file's own bytes
+SHARED_VIEWS = 4  # tensors may span this many times their distinct storages (tied weights share one)
 
 _CONTAINER_KEYS = ("state_dict", "model", "module", "model_state_dict")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
@@ -35,20 +61,107 @@ def load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError.of(
             path, "is a training-state file (optimizer/scheduler/RNG/arguments), not model weights"
         )
-    obj = _safe_load(path)
+    mmap = True
+    if zipfile.is_zipfile(path):
+        mmap = _check_zip_records(path)
+    obj = _safe_load(path, mmap=mmap)
     return _flatten(path, obj)
 
 
-def _safe_load(path: Path) -> object:
-    with warnings.catch_warnings():
-        # torch warns about pickle protocols it may not fully support; our one line says what failed.
-        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-        return _load(path)
+def _record_layout(path: Path) -> dict[int, tuple[str, int]]:
+    """``{data offset in the file: (record name, declared size)}`` of a zip file's records.
 
-
-def _load(path: Path) -> object:
+    Raises :class:`InputError` when the records declare more than the file's size plus
+    :data:`INFLATION_SLACK` bytes (a compressed ``data.pkl`` that would inflate past its file).
+    """
+    size = path.stat().st_size
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            declared = sum(info.file_size for info in infos)
+            if declared > size + INFLATION_SLACK:
+                raise InputError.of(
+                    path,
+                    f"zip records inflate to {declared} bytes, more than the file's {size} bytes plus "
+                    f"{INFLATION_SLACK} (torch.save stores records uncompressed); refused",
+                )
+            layout = {}
+            with open(path, "rb") as f:
+                for info in infos:
+                    f.seek(info.header_offset)
+                    local = f.read(30)
+                    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                        raise InputError.of(path, f"zip record {info.filename!r} has no local header")
+                    name_len, extra_len = struct.unpack("<HH", local[26:30])
+                    layout[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size)
+    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+        raise InputError.of(path, f"not a readable PyTorch file ({first_line(e)})") from None
+    return layout
+
+
+def _check_zip_records(path: Path) -> bool:
+    """Each storage the pickle claims must be exactly the bytes of one record (checked on ``meta``).
+
+    Returns whether the file may be memory-mapped: False when the pickle cannot be built on ``meta``
+    (e.g. quantized tensors); torch's own read without the map then checks every record's size and
+    reports what else is wrong (memory is then the bytes stored).
+    """
+    layout = _record_layout(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning)
+            meta = torch.load(path, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _refusal(path, e) from None
+    except Exception:  # e.g. no meta kernel for quantized tensors: the read without the map decides
+        return False
+    seen: set[int] = set()
+    for key, value in _tensor_items(meta):
+        if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+            continue
+        storage = value.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        if offset is None or id(storage) in seen:
+            continue
+        seen.add(id(storage))
+        record = layout.get(offset)
+        if record is None:
+            raise InputError.of(
+                path,
+                "its storage is not at the start of any zip record; the file is damaged",
+                tensor=str(key),
+            )
+        if record[1] != storage.nbytes():
+            raise InputError.of(
+                path,
+                f"storage record {record[0]} holds {record[1]} bytes but the pickle claims {storage.nbytes()} "
+                "(a truncated or altered file)",
+                tensor=str(key),
+            )
+    return True
+
+
+def _tensor_items(obj: object) -> list[tuple[object, object]]:
+    """The (key, value) pairs of ``obj`` and of the containers :func:`_flatten` unwraps."""
+    items: list[tuple[object, object]] = []
+    for _ in range(4):
+        if not isinstance(obj, dict):
+            break
+        items.extend(obj.items())
+        obj = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
+    return items
+
+
+def _safe_load(path: Path, *, mmap: bool = True) -> object:
+    with warnings.catch_warnings():
+        # torch warns about pickle protocols and sparse invariants; our one line says what failed.
+        warnings.filterwarnings("ignore", category=UserWarning)
+        return _load(path, mmap=mmap)
+
+
+def _load(path: Path, *, mmap: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except RuntimeError as e:
         if "mmap can only be used" not in str(e):
             raise InputError.of(path, f"not a readable PyTorch file ({first_line(e)})") from None
@@ -88,9 +201,21 @@ def _flatten(path: Path, obj: object) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise InputError.of(path, f"holds a {type(obj).__name__}, not a state dict of tensors")
     tensors: dict[str, torch.Tensor] = {}
+    viewed, storages = 0, {}  # bytes the tensors span, and the distinct storages behind them
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             continue  # e.g. an "epoch" counter stored beside the weights
+        value = _checked(path, key, value)
+        storage = value.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        viewed += value.numel() * value.element_size()
+        if viewed > SHARED_VIEWS * sum(storages.values()) + INFLATION_SLACK:
+            raise InputError.of(
+                path,
+                f"its tensors span {viewed} bytes over {sum(storages.values())} bytes stored (many views of "
+                f"the same storage; at most {SHARED_VIEWS} times, as tied weights need); refused",
+                tensor=key,
+            )
         name = strip_prefixes(key, _STRIP_PREFIXES)
         if name in tensors:
             raise InputError.of(
@@ -102,6 +227,39 @@ def _flatten(path: Path, obj: object) -> dict[str, torch.Tensor]:
             path, "holds no tensors (expected a state dict, or one under 'state_dict' or 'model')"
         )
     return tensors
+
+
+def _checked(path: Path, key: str, value: torch.Tensor) -> torch.Tensor:
+    """``value`` as a plain dense tensor (a Parameter's data), or :class:`InputError` saying why not."""
+    if isinstance(value, torch.nn.Parameter):
+        value = value.detach()  # a common way to save weights: the data is what counts
+    if value.layout != torch.strided:
+        raise InputError.of(
+            path,
+            f"is a {str(value.layout).replace('torch.', '')} tensor; expected dense weights (save tensor.to_dense())",
+            tensor=key,
+        )
+    if value.is_meta:
+        raise InputError.of(path, "is a meta tensor: it holds a shape but no data", tensor=key)
+    if value.is_quantized:
+        raise InputError.of(
+            path,
+            f"is a quantized tensor ({str(value.dtype).replace('torch.', '')}); {DEQUANTIZE}",
+            tensor=key,
+        )
+    problem = stored_tensor_problem(value.dtype, tuple(value.shape))
+    if problem:
+        raise InputError.of(path, problem, tensor=key)
+    needed = value.numel() * value.element_size()
+    stored = value.untyped_storage().nbytes()
+    if needed > stored:
+        raise InputError.of(
+            path,
+            f"is a view of {value.numel()} elements over a storage of {stored} bytes (stride-0 or "
+            f"overlapping, strides {short_repr(value.stride())}); refused: save the tensor itself (.clone())",
+            tensor=key,
+        )
+    return value
 
 
 def _looks_like_state_dict(obj: dict) -> bool:

@@ -8,6 +8,7 @@ from typing import Literal
 
 from dora_analysis.errors import InputError
 from dora_analysis.schema import METHODS
+from dora_analysis.training.precision import PRECISIONS, Precision, check_device
 from dora_analysis.training.tasks import DEFAULT_TASK
 
 __all__ = [
@@ -65,6 +66,9 @@ class TrainConfig:
     max_eval_examples: int | None = None  # a fixed held-out subset, for quick runs
     threads: int | None = None  # torch CPU threads during the run; None: leave as is
     overwrite: bool = False  # replace checkpoints already in ``out``
+    device: str = "cpu"  # torch device; under torchrun ``cuda`` means each process's own GPU
+    precision: Precision = "fp32"  # "bf16"/"fp16": autocast (fp16 with a GradScaler); weights stay fp32
+    fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
 
     @property
     def learning_rate(self) -> float:
@@ -109,6 +113,11 @@ def check_config(config: TrainConfig) -> Path:
         raise InputError.of("--lr", f"must be positive, got {config.learning_rate}")
     if config.method != "ft" and not config.targets:
         raise InputError.of("--targets", "LoRA/DoRA need at least one target module name")
+    if config.precision not in PRECISIONS:
+        raise InputError.of(
+            "--precision", f"unknown precision {config.precision!r}; expected one of {', '.join(PRECISIONS)}"
+        )
+    check_device(config.device)
     model_path = Path(config.model) if config.model is not None else default_model_path()
     if not (model_path / "config.json").is_file():
         raise InputError.of(model_path, "not a Hugging Face model folder (no config.json)")

@@ -59,16 +59,27 @@ def train_batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Encoded, pad_id: int, batch_size: int = 64) -> dict[str, float]:
-    """Held-out ``{"eval_loss", "eval_accuracy"}`` (the model is put back in its previous mode)."""
+def evaluate(
+    model: torch.nn.Module,
+    data: Encoded,
+    pad_id: int,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """Held-out ``{"eval_loss", "eval_accuracy"}`` (the model is put back in its previous mode).
+
+    ``device``: where the batches go (default: the model's first parameter's device)."""
+    if device is None:
+        device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     n = len(data.ids)
     for start in range(0, n, batch_size):
         inputs = batch(data, range(start, min(start + batch_size, n)), pad_id)
-        output = model(**inputs)
-        loss_sum += float(output.loss) * len(inputs["labels"])
-        correct += int((output.logits.argmax(-1) == inputs["labels"]).sum())
+        labels = inputs["labels"]
+        output = model(**{k: v.to(device) for k, v in inputs.items()})
+        loss_sum += float(output.loss) * len(labels)
+        correct += int((output.logits.argmax(-1).cpu() == labels).sum())
     model.train(was_training)
     return {"eval_loss": loss_sum / max(n, 1), "eval_accuracy": correct / max(n, 1)}

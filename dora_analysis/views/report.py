@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dora_analysis.schema import method_label, method_order
+from dora_analysis.schema import method_label, method_order, module_is, module_mask
 
-__all__ = ["PAPER_R", "accuracy_table", "paper_comparison", "render_report", "write_report"]
+__all__ = ["PAPER_R", "accuracy_table", "markdown_table", "paper_comparison", "render_report", "write_report"]
 
 #: Pearson r of (ΔD, ΔM) the paper reports (Section 3.2, Figure 2, query matrices of VL-BART).
 PAPER_R = {"ft": -0.62, "lora": 0.83, "dora": -0.31}
@@ -56,17 +56,22 @@ def accuracy_table(history: pd.DataFrame, metric: str = "eval_accuracy") -> pd.D
 def paper_comparison(table: pd.DataFrame, module: str = "query") -> pd.DataFrame:
     """Our pooled r for ``module`` beside the paper's, and whether the sign (and value) reproduce.
 
-    ``verdict``: ``"reproduced"`` (same sign and the paper's value inside our 95% interval),
-    ``"same sign"`` (same sign, the paper's value outside the interval), ``"not reproduced"``
-    (opposite sign or zero), ``"no data"``.
+    One row per method with no data, else one per row of ``table`` for that method and module
+    (each run and stack of it). Columns ``method``, ``run``, ``stack`` (None when the table has
+    none), ``paper_r``, ``our_r``, ``r_low``, ``r_high``, ``verdict``: ``"reproduced"`` (same sign
+    and the paper's value inside our 95% interval), ``"same sign"`` (same sign, the paper's value
+    outside the interval), ``"not reproduced"`` (opposite sign or zero), ``"no data"``.
     """
     rows = []
     for method, paper in PAPER_R.items():
-        ours = table[(table["method"] == method) & (table["module"] == module)]
-        if ours.empty or not np.isfinite(ours["r"].iloc[0]):
+        ours = table[(table["method"] == method) & module_mask(table["module"], module)]
+        ours = ours[np.isfinite(ours["r"].astype("float64"))]
+        if ours.empty:
             rows.append(
                 {
                     "method": method,
+                    "run": None,
+                    "stack": None,
                     "paper_r": paper,
                     "our_r": math.nan,
                     "r_low": math.nan,
@@ -75,20 +80,50 @@ def paper_comparison(table: pd.DataFrame, module: str = "query") -> pd.DataFrame
                 }
             )
             continue
-        r, low, high = (float(ours[c].iloc[0]) for c in ("r", "r_low", "r_high"))
-        if np.sign(r) != np.sign(paper):
-            verdict = "not reproduced"
-        elif np.isfinite(low) and low <= paper <= high:
-            verdict = "reproduced"
-        else:
-            verdict = "same sign"
-        rows.append(
-            {"method": method, "paper_r": paper, "our_r": r, "r_low": low, "r_high": high, "verdict": verdict}
-        )
+        for _, row in ours.iterrows():
+            r, low, high = (float(row[c]) for c in ("r", "r_low", "r_high"))
+            if np.sign(r) != np.sign(paper):
+                verdict = "not reproduced"
+            elif np.isfinite(low) and low <= paper <= high:
+                verdict = "reproduced"
+            else:
+                verdict = "same sign"
+            rows.append(
+                {
+                    "method": method,
+                    "run": _value(row, "run"),
+                    "stack": _value(row, "stack"),
+                    "paper_r": paper,
+                    "our_r": r,
+                    "r_low": low,
+                    "r_high": high,
+                    "verdict": verdict,
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def _markdown(frame: pd.DataFrame, formats: Mapping[str, str] | None = None) -> str:
+def _value(row: pd.Series, column: str):
+    """``row[column]``, None when the column is absent or the value missing."""
+    value = row.get(column)
+    return None if value is None or pd.isna(value) else value
+
+
+def _shown_columns(frame: pd.DataFrame) -> list[str]:
+    """Which of ``run`` and ``stack`` a table needs: ``stack`` when its rows span several stacks,
+    ``run`` when a method has several runs (or pooled ones); one run per method is named by the method."""
+    shown = []
+    if "run" in frame.columns and frame["run"].notna().any():
+        per_method = frame.dropna(subset=["run"]).groupby("method")["run"].nunique()
+        pooled = frame["run"].fillna("").astype(str).str.contains("+", regex=False).any()
+        if (per_method > 1).any() or pooled:
+            shown.append("run")
+    if "stack" in frame.columns and frame["stack"].notna().any() and frame["stack"].nunique(dropna=False) > 1:
+        shown.append("stack")
+    return shown
+
+
+def markdown_table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None) -> str:
     """A GitHub markdown table; float columns formatted with ``formats[col]`` (default ``.4g``)."""
     formats = dict(formats or {})
 
@@ -117,45 +152,95 @@ def _interval(row: pd.Series) -> str:
 
 
 def _correlation_markdown(table: pd.DataFrame) -> str:
-    shown = pd.DataFrame(
+    extra = _shown_columns(table)
+    columns = {"method": table["method"].map(method_label)}
+    columns.update({c: table[c].where(table[c].notna(), "-") for c in extra})
+    columns.update(
         {
-            "method": table["method"].map(method_label),
             "module": table["module"],
             "n": table["n"],
             "steps x layers": [
                 f"{s} x {lay}" for s, lay in zip(table["steps"], table["layers"], strict=True)
             ],
             "r [95% CI]": [_interval(row) for _, row in table.iterrows()],
+        }
+    )
+    if "spearman" in table.columns:
+        columns["Spearman"] = table["spearman"]
+    columns.update(
+        {
             "slope": table["slope"],
             "r within step": table["r_within_step"],
             "r within layer": table["r_within_layer"],
             "paper r": [
-                PAPER_R.get(m, math.nan) if mod == "query" else math.nan
+                PAPER_R.get(m, math.nan) if module_is(mod, "query") else math.nan
                 for m, mod in zip(table["method"], table["module"], strict=True)
             ],
         }
     )
-    return _markdown(
-        shown, {"slope": ".3g", "r within step": "+.2f", "r within layer": "+.2f", "paper r": "+.2f"}
+    return markdown_table(
+        pd.DataFrame(columns),
+        {
+            "Spearman": "+.2f",
+            "slope": ".3g",
+            "r within step": "+.2f",
+            "r within layer": "+.2f",
+            "paper r": "+.2f",
+        },
     )
+
+
+def _interval_text(table: pd.DataFrame) -> str:
+    """How the interval in ``table`` was made, from its ``bootstrap`` column."""
+    kinds = set(table["bootstrap"].dropna()) if "bootstrap" in table.columns else set()
+    if kinds == {"layers"}:
+        return (
+            "a 95% percentile cluster-bootstrap interval that resamples whole layers (every step of "
+            "one weight matrix together, with replacement, within each run; 2000 resamples, seed 0), "
+            "because the same matrix at successive steps is not an independent point; with fewer "
+            "than 3 layers there is no interval"
+        )
+    if kinds == {"points"}:
+        return (
+            "a 95% percentile bootstrap interval that resamples points as if independent (2000 "
+            "resamples, seed 0; too narrow, since the same matrix at successive steps is dependent)"
+        )
+    return "a 95% percentile bootstrap interval"
 
 
 def _final_step_markdown(series: pd.DataFrame, modules: Sequence[str]) -> str:
     key = "run" if "run" in series.columns else "method"
     last = series[series["step"] == series.groupby(key)["step"].transform("max")]
-    last = last[last["module"].isin(modules)]
+    last = last[np.logical_or.reduce([module_mask(last["module"], m) for m in modules])]
+    by = ["method"]
+    if "run" in last.columns:
+        by.append("run")
+    if "stack" in last.columns and last["stack"].notna().any():
+        by.append("stack")
+    by.append("module")
     summary = (
-        last.groupby(["method", "module"], sort=False)[["delta_magnitude", "delta_direction"]]
+        last.groupby(by, sort=False, dropna=False)[["delta_magnitude", "delta_direction"]]
         .mean()
         .reset_index()
     )
     rank = {m: i for i, m in enumerate(method_order(summary["method"]))}
-    summary = summary.sort_values(
-        ["method", "module"], key=lambda s: s.map(rank) if s.name == "method" else s
-    )
+    keys = {"_rank": summary["method"].map(rank)}
+    for column in by[1:-1]:  # runs and stacks in the series' order
+        order = {v: i for i, v in enumerate(dict.fromkeys(last[column].astype(str)))}
+        keys[f"_{column}"] = summary[column].astype(str).map(order)
+    summary = summary.assign(**keys).sort_values([*keys, "module"], kind="stable")
+    summary = summary[
+        [
+            "method",
+            *[c for c in _shown_columns(summary) if c in by],
+            "module",
+            "delta_magnitude",
+            "delta_direction",
+        ]
+    ]
     summary["method"] = summary["method"].map(method_label)
     summary = summary.rename(columns={"delta_magnitude": "mean ΔM", "delta_direction": "mean ΔD"})
-    return _markdown(summary, {"mean ΔM": ".3g", "mean ΔD": ".3g"})
+    return markdown_table(summary, {"mean ΔM": ".3g", "mean ΔD": ".3g"})
 
 
 def render_report(
@@ -166,6 +251,7 @@ def render_report(
     relative_to: str | os.PathLike | None = None,
     context: Sequence[str] = (),
     majority_accuracy: float | None = None,
+    sections: Sequence[str] = (),
 ) -> str:
     """The markdown text of report.md.
 
@@ -177,6 +263,7 @@ def render_report(
         relative_to: the report's folder, so figure links are relative to it.
         context: lines describing the run (model, task, steps, time), shown as a list.
         majority_accuracy: the held-out accuracy of always answering the commonest label.
+        sections: further markdown sections (e.g. the update's spectrum), placed before the figures.
     """
     out: list[str] = ["# DoRA weight-decomposition analysis", ""]
     if context:
@@ -187,7 +274,7 @@ def render_report(
         out += ["(no evaluation was logged)", ""]
     else:
         shown = accuracy.assign(method=accuracy["method"].map(method_label))
-        out += [_markdown(shown, {c: ".3f" for c in ("untrained", "final", "best")}), ""]
+        out += [markdown_table(shown, {c: ".3f" for c in ("untrained", "final", "best")}), ""]
         if majority_accuracy is not None:
             out += [f"Always answering the commonest label scores {majority_accuracy:.3f}.", ""]
 
@@ -195,10 +282,12 @@ def render_report(
         "## Correlation of magnitude and direction change",
         "",
         "One point per weight matrix per checkpoint: x = ΔD (mean 1 - cos per output unit), y = ΔM (mean "
-        "|m - m0| per output unit). `r` is Pearson's r pooled over all layers and steps, with a 95% "
-        "percentile bootstrap interval (2000 resamples, seed 0); `slope` is the least-squares slope of ΔM "
+        "|m - m0| per output unit). One row per run, stack and module: matrices of different stacks "
+        "(encoder, decoder, ...) or runs (seeds) are never pooled unless a row names several runs. "
+        f"`r` is Pearson's r pooled over all layers and steps, with {_interval_text(table)}; "
+        "`Spearman` is the rank correlation of the same points; `slope` is the least-squares slope of ΔM "
         "on ΔD; `r within step` / `r within layer` are r after centring both on their per-step / "
-        "per-layer means (between-layer differences vs. joint movement over training).",
+        "per-layer means within each run (between-layer differences vs. joint movement over training).",
         "",
         _correlation_markdown(table),
         "",
@@ -206,18 +295,23 @@ def render_report(
     comparison = paper_comparison(table)
     if not comparison.empty:
         out += ["### Against the paper (query matrices, Figure 2)", ""]
+        several = comparison["method"].value_counts()
+        stacks = comparison.loc[comparison["verdict"] != "no data", "stack"].nunique(dropna=False)
         for row in comparison.itertuples(index=False):
             if row.verdict == "no data":
                 out.append(f"- {method_label(row.method)}: paper r = {row.paper_r:+.2f}; no data here.")
                 continue
+            run = row.run if several[row.method] > 1 else None
+            where = [str(p) for p in (run, row.stack if stacks > 1 else None) if p is not None]
+            label = method_label(row.method) + (f" ({', '.join(where)})" if where else "")
             out.append(
-                f"- {method_label(row.method)}: paper r = {row.paper_r:+.2f}, ours r = {row.our_r:+.2f} "
+                f"- {label}: paper r = {row.paper_r:+.2f}, ours r = {row.our_r:+.2f} "
                 f"[{row.r_low:+.2f}, {row.r_high:+.2f}]: **{row.verdict}**."
             )
         out.append("")
 
     modules = sorted(set(table["module"])) if not table.empty else []
-    paper_modules = [m for m in ("query", "value") if m in modules] or modules
+    paper_modules = [m for m in ("query", "value") if any(module_is(x, m) for x in modules)] or modules
     if len(series) and paper_modules:
         out += [
             "## Change at the final step (Figure 3 / 8)",
@@ -225,6 +319,8 @@ def render_report(
             _final_step_markdown(series, paper_modules),
             "",
         ]
+
+    out += [section.rstrip() + "\n" for section in sections if section]
 
     if figures:
         out += ["## Figures", ""]

@@ -16,7 +16,7 @@ import pandas as pd
 
 from dora_analysis.schema import method_label, method_order
 from dora_analysis.views.figures import _pyplot, figure_style, save_figure
-from dora_analysis.views.report import _markdown
+from dora_analysis.views.report import markdown_table
 
 __all__ = ["configuration_labels", "sign_map_figure", "write_sign_maps", "sign_flips", "render_study_report"]
 
@@ -156,11 +156,11 @@ def render_study_report(
             index="configuration", columns="method", values="text", aggfunc="first", sort=False
         )
         wide = wide[[m for m in method_order(wide.columns)]].rename(columns=method_label).reset_index()
-        lines += [f"## {module}: the paper's convention", "", _markdown(wide), ""]
+        lines += [f"## {module}: the paper's convention", "", markdown_table(wide), ""]
         flips = sign_flips(table, module)
         lines += [f"### {module}: configurations whose sign differs from the base's", ""]
         lines += [
-            _markdown(flips) if not flips.empty else "None: every configuration keeps the base's sign.",
+            markdown_table(flips) if not flips.empty else "None: every configuration keeps the base's sign.",
             "",
         ]
         base = table[
@@ -172,7 +172,7 @@ def render_study_report(
         )
         conventions = conventions[[m for m in method_order(conventions.columns)]].rename(columns=method_label)
         lines += [f"### {module}: the same base runs measured the ways public scripts did", ""]
-        lines += [_markdown(conventions.reset_index()), ""]
+        lines += [markdown_table(conventions.reset_index()), ""]
     for name, paths in (figures or {}).items():
         png = [p for p in paths if Path(p).suffix == ".png"]
         if png:

@@ -78,7 +78,8 @@ def test_compare_rows_and_values_match_reference() -> None:
         assert row.delta_magnitude == pytest.approx(dm, rel=1e-6)
         assert row.delta_direction == pytest.approx(dd, rel=1e-6)
         assert row.shape == "8x8" and row.rows == 8 and row.status == "ok"
-    assert set(frame["module"]) == {"query", "value"} and set(frame["layer"]) == {0, 1}
+    assert set(frame["module"]) == {"attention.self.query", "attention.self.value"}
+    assert set(frame["layer"]) == {0, 1} and set(frame["stack"]) == {"encoder"}
 
 
 def test_include_exclude_and_one_sided_names() -> None:

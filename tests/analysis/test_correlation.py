@@ -1,4 +1,5 @@
-"""correlations(): pooled, within-step and within-layer r, slope and bootstrap interval against SciPy/NumPy."""
+"""correlations(): pooled, within-step and within-layer r, Spearman, slope, per-run/stack grouping and the
+cluster bootstrap, against SciPy/NumPy and a direct resampling loop."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
-from series_builders import synthetic_series
+from series_builders import bart_like_series, synthetic_series
 
-from dora_analysis.analysis.correlation import bootstrap_interval, correlations, pearson
+from dora_analysis.analysis.correlation import (
+    bootstrap_interval,
+    cluster_bootstrap_interval,
+    correlations,
+    pearson,
+)
 from dora_analysis.schema import points
 
 
@@ -27,7 +33,8 @@ def test_pooled_r_and_slope_match_scipy_and_polyfit():
         assert row.slope == pytest.approx(slope, rel=1e-9)
         assert row.intercept == pytest.approx(intercept, rel=1e-9, abs=1e-12)
         assert row.n == 24 and row.steps == 4 and row.layers == 6
-        assert row.r_low <= row.r <= row.r_high
+        assert row.r_low <= row.r <= row.r_high and row.bootstrap == "layers"
+        assert row.spearman == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     signs = table.groupby("method")["r"].max()
     assert signs["lora"] > 0.5 and table[table.method == "ft"]["r"].max() < 0
 
@@ -102,3 +109,144 @@ def test_points_drop_unchanged_and_nonfinite_tensors():
     assert len(points(both)) == len(df) + 1  # only the (0, 0.2) point stays
     table = correlations(both)
     assert table.loc[(table.method == "ft") & (table.module == "query"), "n"].item() == 25
+
+
+def test_spearman_handles_ties_like_scipy():
+    df = synthetic_series(seed=5)
+    df["delta_direction"] = df["delta_direction"].round(3)  # many ties
+    df["delta_magnitude"] = df["delta_magnitude"].round(2)
+    for row in correlations(df).itertuples():
+        group = df[(df.method == row.method) & (df.module == row.module)]
+        expected = stats.spearmanr(group.delta_direction, group.delta_magnitude).statistic
+        assert row.spearman == pytest.approx(expected, abs=1e-12)
+
+
+def two_seeds() -> pd.DataFrame:
+    """Two DoRA runs whose clouds are offset: within each run ΔM falls with ΔD, across runs it rises."""
+    first = synthetic_series(seed=1, slopes={"dora": -1.0}).assign(run="dora-seed0")
+    second = synthetic_series(seed=2, slopes={"dora": -1.0}).assign(run="dora-seed1")
+    second["delta_direction"] += 0.05
+    second["delta_magnitude"] += 0.5
+    return pd.concat([first, second], ignore_index=True)
+
+
+def test_runs_are_separate_rows_unless_pooled_and_centring_stays_per_run():
+    df = two_seeds()
+    table = correlations(df)
+    assert list(table.run) == ["dora-seed0", "dora-seed0", "dora-seed1", "dora-seed1"]
+    assert set(table.runs) == {1} and set(table.n) == {24}
+    for row in table.itertuples():
+        group = df[(df.run == row.run) & (df.module == row.module)]
+        assert row.r == pytest.approx(stats.pearsonr(group.delta_direction, group.delta_magnitude)[0])
+
+    pooled = correlations(df, pool_runs=True)
+    assert list(pooled.run) == ["dora-seed0+dora-seed1"] * 2 and set(pooled.runs) == {2}
+    query = df[df.module == "query"]
+    row = pooled[pooled.module == "query"].iloc[0]
+    assert row.n == 48 and row.layers == 6
+    assert row.r == pytest.approx(stats.pearsonr(query.delta_direction, query.delta_magnitude)[0])
+    assert row.r > 0.5  # the pooled cloud: the offset between seeds dominates
+    for key, column in (("step", "r_within_step"), ("layer", "r_within_layer")):
+        x = query.delta_direction - query.groupby(["run", key]).delta_direction.transform("mean")
+        y = query.delta_magnitude - query.groupby(["run", key]).delta_magnitude.transform("mean")
+        assert row[column] == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+        # centred on the (run, key) mean, not the key mean across seeds
+        x_wrong = query.delta_direction - query.groupby(key).delta_direction.transform("mean")
+        y_wrong = query.delta_magnitude - query.groupby(key).delta_magnitude.transform("mean")
+        assert row[column] != pytest.approx(stats.pearsonr(x_wrong, y_wrong)[0], abs=1e-3)
+    assert row.r_within_step < 0  # per run, the seeds' own (negative) relation shows
+
+
+def test_stacks_are_separate_rows_and_a_missing_stack_is_one_stack():
+    df = bart_like_series()
+    table = correlations(df)
+    assert len(table) == 3 * 3
+    lora = table[table.method == "lora"]
+    assert list(zip(lora["stack"], lora["module"], strict=True)) == [
+        ("encoder", "self_attn.q_proj"),
+        ("decoder", "encoder_attn.q_proj"),
+        ("decoder", "self_attn.q_proj"),
+    ]
+    for row in table.itertuples():
+        group = df[(df.method == row.method) & (df["stack"] == row.stack) & (df.module == row.module)]
+        assert row.n == len(group) == 9 and row.run == f"{row.method}-run"
+        assert row.r == pytest.approx(stats.pearsonr(group.delta_direction, group.delta_magnitude)[0])
+    without = correlations(synthetic_series())
+    assert without["stack"].isna().all() and without.run.isna().all()
+    all_na = correlations(synthetic_series().assign(stack=pd.NA))
+    pd.testing.assert_frame_equal(all_na, without)
+
+
+def direct_cluster_bootstrap(df: pd.DataFrame, resamples: int, seed: int, level: float = 0.95):
+    """A plain loop: per run, draw its layers with replacement, join their points, r with np.corrcoef."""
+    rng = np.random.default_rng(seed)
+    by_run = [
+        [rows[["delta_direction", "delta_magnitude"]].to_numpy() for _, rows in group.groupby("layer")]
+        for _, group in df.groupby("run")
+    ]
+    values = []
+    for _ in range(resamples):
+        drawn = [layers[i] for layers in by_run for i in rng.integers(0, len(layers), len(layers))]
+        sample = np.concatenate(drawn)
+        values.append(np.corrcoef(sample[:, 0], sample[:, 1])[0, 1])
+    tail = (1 - level) / 2 * 100
+    return np.percentile(values, [tail, 100 - tail])
+
+
+def layered(runs=("a", "b"), layers: int = 8, steps: int = 8, seed: int = 0) -> pd.DataFrame:
+    """Series whose layers barely move over steps: each layer is one random (ΔD, ΔM) point repeated
+    at every step, so a run holds ``layers`` independent pieces of information, not layers x steps."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, run in enumerate(runs):
+        base_x = rng.normal(size=layers)
+        base_y = 0.5 * base_x + rng.normal(size=layers)
+        rows += [
+            {
+                "method": "ft",
+                "run": run,
+                "module": "query",
+                "layer": layer,
+                "step": step,
+                "delta_direction": 1 + 0.1 * base_x[layer] + 0.3 * k + 0.01 * rng.normal(),
+                "delta_magnitude": 1 + 0.1 * base_y[layer] + 0.01 * rng.normal(),
+            }
+            for layer in range(layers)
+            for step in range(steps)
+        ]
+    return pd.DataFrame(rows)
+
+
+def test_cluster_bootstrap_is_reproducible_and_agrees_with_a_direct_loop():
+    df = layered()
+    x, y = df.delta_direction.to_numpy(), df.delta_magnitude.to_numpy()
+    low, high = cluster_bootstrap_interval(x, y, df.layer, strata=df.run, resamples=3000, seed=4)
+    assert (low, high) == cluster_bootstrap_interval(x, y, df.layer, strata=df.run, resamples=3000, seed=4)
+    assert (low, high) != cluster_bootstrap_interval(x, y, df.layer, strata=df.run, resamples=3000, seed=5)
+    reference_low, reference_high = direct_cluster_bootstrap(df, resamples=2000, seed=9)
+    # independent draws: the intervals agree to Monte-Carlo precision ...
+    assert low == pytest.approx(reference_low, abs=0.05)
+    assert high == pytest.approx(reference_high, abs=0.05)
+    # ... which is far tighter than the gap to the point bootstrap on these data
+    points_low, points_high = bootstrap_interval(x, y, resamples=3000, seed=4)
+    assert abs(points_low - reference_low) > 0.3 and abs(points_high - reference_high) > 0.2
+    row = correlations(df, pool_runs=True, resamples=3000, seed=4).iloc[0]
+    assert (row.r_low, row.r_high) == (low, high) and row.runs == 2 and row.n == 128
+
+
+def test_cluster_interval_is_wider_when_layers_repeat_over_steps():
+    # 8 layers of information, not 64 points: the point bootstrap believes 64, the layer bootstrap does not.
+    df = layered(runs=("a",))
+    layers = correlations(df).iloc[0]
+    points_table = correlations(df, bootstrap="points").iloc[0]
+    assert points_table.bootstrap == "points" and layers.r == points_table.r
+    assert layers.r_high - layers.r_low > 2 * (points_table.r_high - points_table.r_low)
+    assert layers.r_low < layers.r < layers.r_high
+
+
+def test_cluster_bootstrap_needs_three_layers_and_rejects_unknown_kinds():
+    x, y = np.arange(8.0), np.arange(8.0) ** 2
+    assert all(math.isnan(v) for v in cluster_bootstrap_interval(x, y, np.repeat([0, 1], 4)))
+    assert all(np.isfinite(cluster_bootstrap_interval(x, y, np.repeat([0, 1, 2, 3], 2))))
+    with pytest.raises(ValueError, match="bootstrap"):
+        correlations(synthetic_series(), bootstrap="blocks")

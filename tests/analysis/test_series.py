@@ -40,9 +40,10 @@ def test_series_rows_match_peft_merged_weights_and_float64_reference(tiny_runs):
     for method in ("ft", "lora", "dora"):
         for step in STEPS:
             rows = df[(df.method == method) & (df.step == step)]
-            modules = set(rows.module)
+            modules = {m.rsplit(".", 1)[-1] for m in rows.module}
             # FT changes every linear weight; the adapters only query and value
             assert modules == ({"query", "value"} if method != "ft" else modules | {"query", "key", "value"})
+            assert set(rows[rows.tensor.str.startswith("encoder.")]["stack"]) == {"encoder"}
             for row in rows.itertuples():
                 dm, dd = reference_deltas(base[row.tensor], merged[(method, step)][row.tensor])
                 assert row.delta_magnitude == pytest.approx(dm, rel=1e-5, abs=1e-9)
@@ -124,7 +125,7 @@ def test_method_comes_from_adapter_config_without_run_json_or_is_given(tmp_path)
 def test_base_defaults_to_run_json_and_history_is_read(tiny_runs):
     base_dir, runs, _ = tiny_runs
     df = analyze_series(None, [runs["ft"]], include=r"attention\.self\.query")
-    assert set(df.module) == {"query"} and len(df) == 2 * len(STEPS)
+    assert set(df.module) == {"attention.self.query"} and len(df) == 2 * len(STEPS)
     lone = analyze_series(None, [runs["lora"] / "checkpoint-20"])  # base and method from ../run.json
     assert set(lone.method) == {"lora"} and set(lone.step) == {20} and set(lone.run) == {"lora"}
     history = training_history(list(runs.values()))

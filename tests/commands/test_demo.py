@@ -43,7 +43,7 @@ def test_demo_writes_series_figures_and_report(demo):
     assert set(result.runs) == {"ft", "lora", "dora"}
     series = pd.read_csv(out / "series.csv")
     assert set(series.method) == {"ft", "lora", "dora"} and set(series.step) == {2, 4}
-    assert set(series[series.method == "lora"].module) == {"query", "value"}
+    assert set(series[series.method == "lora"].module) == {"attention.self.query", "attention.self.value"}
     # correlations.csv is correlations() of the written series
     written = pd.read_csv(out / "correlations.csv")
     recomputed = correlations(series)
@@ -58,15 +58,26 @@ def test_demo_writes_series_figures_and_report(demo):
             "final_layers_query",
             "final_layers_value",
             "training_curves",
+            "update_spectrum_query",
+            "update_spectrum_value",
+            "intruders",
+            "subspace_to_final_query",
+            "subspace_to_final_value",
         )
     )
+    # the update's shape: LoRA's rank90 is at most its rank; every final checkpoint agrees with itself
+    assert (series.loc[series.method == "lora", "update_rank90"] <= 8).all()
+    last = series[series.step == 4]
+    assert last["subspace_to_final"].dropna().to_numpy() == pytest.approx(1.0)
     report = (out / "report.md").read_text()
     for text in (
         "## Accuracy per method",
         "| FT | ft | 4 |",
-        "| LoRA | query |",
+        "| LoRA | attention.self.query |",
         "paper r = -0.62",
         "![direction_magnitude_query](figures/direction_magnitude_query.png)",
+        "## The shape of the update (beyond the paper)",
+        "![intruders](figures/intruders.png)",
         f"on the pre-trained weights in `{config.model.resolve()}`",  # not the packaged model: its path
     ):
         assert text in report

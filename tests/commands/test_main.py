@@ -111,7 +111,9 @@ def test_output_file_is_written_once_and_not_overwritten(tmp_path: Path, capsys)
     args = ["compare", tmp_path / "base", tmp_path / "tuned", "--format", "csv", "--output", out]
     assert _run(capsys, *args)[0] == 0
     first = out.read_text()
-    assert first.splitlines()[0].startswith("tensor,layer,module,shape,rows,delta_magnitude,delta_direction")
+    assert first.splitlines()[0].startswith(
+        "tensor,stack,layer,module,shape,rows,delta_magnitude,delta_direction"
+    )
     code, _, err = _run(capsys, *args, "--include", "query")
     assert code == 2 and "already exists" in err and str(out) in err
     assert out.read_text() == first
@@ -215,3 +217,31 @@ def test_module_entry_point_exit_status(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "no such file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_output_format_follows_the_extension_and_formats_hold_the_same_numbers(
+    tmp_path: Path, capsys
+) -> None:
+    import pandas as pd
+
+    save_tiny_bert(tmp_path / "base", seed=0)
+    save_tiny_bert(tmp_path / "tuned", seed=1)
+    frames = {}
+    for ext in ("csv", "json", "parquet"):
+        out = tmp_path / f"deltas.{ext}"
+        code, stdout, err = _run(capsys, "compare", tmp_path / "base", tmp_path / "tuned", "--output", out)
+        assert code == 0 and stdout == "", err
+        if ext == "json":
+            records = json.loads(out.read_text())  # JSON although no --format was given
+            assert all(type(r["rows"]) is int for r in records)
+            frames[ext] = pd.DataFrame(records)
+        else:
+            frames[ext] = pd.read_csv(out) if ext == "csv" else pd.read_parquet(out)
+    for column in ("delta_magnitude", "delta_direction", "base_magnitude_mean", "tuned_magnitude_mean"):
+        values = [frames[ext][column].to_numpy(dtype=np.float64) for ext in frames]
+        assert all(np.array_equal(values[0], v, equal_nan=True) for v in values[1:]), column
+    assert (
+        frames["csv"]["tensor"].tolist()
+        == frames["json"]["tensor"].tolist()
+        == frames["parquet"]["tensor"].tolist()
+    )

@@ -4,13 +4,16 @@ import pytest
 import torch
 
 from dora_analysis.readers.names import (
+    NameParts,
     as_rows,
     canonical_name,
     is_default_analysed,
     layer_index,
     match_names,
     module_name,
+    name_layout,
     row_layout,
+    split_name,
 )
 
 
@@ -27,19 +30,35 @@ def test_canonical_name(name: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "layer", "module"),
+    ("name", "stack", "layer", "module"),
     [
-        ("encoder.layer.3.attention.self.query.weight", 3, "query"),
-        ("encoder.layer.3.attention.output.dense.weight", 3, "attention.output.dense"),
-        ("encoder.layer.11.intermediate.dense.weight", 11, "intermediate.dense"),
-        ("model.layers.0.mlp.gate_proj.weight", 0, "gate_proj"),
-        ("transformer.h.2.attn.c_attn.weight", 2, "c_attn"),
-        ("classifier.weight", None, "classifier"),
+        ("encoder.layer.3.attention.self.query.weight", "encoder", 3, "attention.self.query"),
+        ("bert.encoder.layer.11.intermediate.dense.weight", "encoder", 11, "intermediate.dense"),
+        ("model.layers.0.mlp.gate_proj.weight", "model", 0, "mlp.gate_proj"),
+        ("transformer.h.2.attn.c_attn.weight", "model", 2, "attn.c_attn"),
+        ("classifier.weight", "model", None, "classifier"),
+        ("model.encoder.layers.3.self_attn.q_proj.weight", "encoder", 3, "self_attn.q_proj"),
+        ("model.decoder.layers.3.self_attn.q_proj.weight", "decoder", 3, "self_attn.q_proj"),
+        ("model.decoder.layers.3.encoder_attn.q_proj.weight", "decoder", 3, "encoder_attn.q_proj"),
+        ("decoder.block.1.layer.1.EncDecAttention.q.weight", "decoder", 1, "EncDecAttention.q"),
+        ("encoder.block.1.layer.0.SelfAttention.q.weight", "encoder", 1, "SelfAttention.q"),
+        ("vision_model.encoder.layers.0.self_attn.q_proj.weight", "vision.encoder", 0, "self_attn.q_proj"),
+        ("text_model.encoder.layers.0.self_attn.q_proj.weight", "text.encoder", 0, "self_attn.q_proj"),
+        ("model.layers.1.mlp.experts.3.w1.weight", "model", 1, "mlp.experts.3.w1"),
+        ("model.decoder.embed_tokens.weight", "decoder", None, "embed_tokens"),
+        ("classifier.0.weight", "model", None, "classifier.0"),
     ],
 )
-def test_layer_and_module(name: str, layer: int | None, module: str) -> None:
-    assert layer_index(name) == layer
-    assert module_name(name) == module
+def test_stack_layer_and_module(name: str, stack: str, layer: int | None, module: str) -> None:
+    assert split_name(name) == NameParts(stack, layer, module)
+    assert layer_index(name) == layer and module_name(name) == module
+
+
+def test_name_layout_says_when_the_name_is_a_guess() -> None:
+    assert name_layout("transformer.h.0.attn.c_attn.weight", (32, 96)) == ("transposed", True)
+    assert name_layout("embed_out.weight", (100, 32)) == ("embedding", True)
+    assert name_layout("model.embed_tokens.weight", (100, 32)) == ("embedding", False)
+    assert name_layout("model.layers.0.self_attn.q_proj.weight", (32, 32)) == ("linear", False)
 
 
 def test_row_layouts_follow_peft_conventions() -> None:

@@ -1,0 +1,423 @@
+"""The shape of an update: its singular spectrum, intruder dimensions, and subspace agreement.
+
+For a weight in row layout (``(out, in)``, one row per output unit, as for ΔM/ΔD) and its update
+``ΔW = W_t - W_0`` (merged weights), with singular values ``σ_1 >= σ_2 >= ...`` of ``ΔW``:
+
+- ``update_rel_norm`` = ||ΔW||_F / ||W_0||_F
+- ``update_stable_rank`` = ||ΔW||_F^2 / σ_1^2
+- ``update_effective_rank`` = exp(-Σ p_i log p_i), p_i = σ_i / Σ_j σ_j (Roy & Vetterli 2007)
+- ``update_rank90`` = the smallest k with Σ_{i<=k} σ_i^2 >= 0.9 ||ΔW||_F^2 (Biderman et al. 2024)
+- ``update_top_singular`` = σ_1
+- ``intruder_dimensions``: Shuttleworth et al. 2024 ("LoRA vs Full Fine-tuning: An Illusion of
+  Equivalence", Algorithm 1): of the top ``k`` **left** singular vectors of ``W_t`` (the columns of
+  ``U_t`` in ``W_t = U_t Σ_t V_tᵀ``, i.e. directions in the *output* space of the ``(out, in)``
+  weight, as the paper's code computes them with ``torch.linalg.svd(weight)`` on PyTorch's layout),
+  those whose largest |cosine| with every left singular vector of ``W_0`` (all ``min(out, in)`` of
+  them, ``full_matrices=False``) is below ``eps``. The absolute value is taken because a singular
+  vector's sign is arbitrary.
+- subspace agreement, the LoRA paper's (Hu et al. 2021, §7) φ(ΔW_1, ΔW_2, i, j) =
+  ||U_1^(i)ᵀ U_2^(j)||_F^2 / min(i, j) in [0, 1], with ``U^(i)`` the top-i left singular vectors of
+  each update. Where an update has fewer than ``i`` non-zero singular values (a rank-4 LoRA, a
+  zero update), ``i`` is lowered to that rank (numerical rank as NumPy's ``matrix_rank`` counts it),
+  so directions spanning a null space are never compared; a zero update gives NaN.
+
+How each update is computed, and what it costs (``out x in`` weight, adapter rank ``r``):
+
+- **LoRA** ``ΔW = s B A`` from the factors: QR of ``B`` ``(out, r)`` and ``Aᵀ`` ``(in, r)``, then the
+  SVD of the ``r x r`` core ``s R_B R_Aᵀ``: O((out + in) r^2), no dense matrix. Exact.
+- **DoRA** ``ΔW = (diag(g) - I) W_0 + diag(g) s B A`` with ``g = m / ||W_0 + s B A||_c`` is not low
+  rank (the first term scales every row of ``W_0``): it is formed densely in float64,
+  O(out · in · r), and its SVD costs as much as a full fine-tuning update's.
+- **Dense** updates (full fine-tuning, any tuned tensor without factors): ``W_t - W_0`` in float64
+  and ``torch.linalg.svdvals`` (or ``svd`` where vectors are needed): O(out · in · min(out, in)).
+- **Intruders** need the top-k left singular vectors of the dense ``W_t`` for every method (a LoRA
+  ``W_t = W_0 + s B A`` is full rank), and all left singular vectors of ``W_0``, computed once per
+  tensor (:class:`BaseSpectrum`) and shared by every checkpoint of a series.
+
+All SVDs run in float64 on the device the rows are on (CPU by default). With
+``SpectrumOptions(svd_rank=q)`` the per-checkpoint dense SVDs (FT/DoRA updates and ``W_t`` for
+intruders) use a randomised range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4: a Gaussian test
+matrix with ``q + 10`` columns, ``power_iterations`` subspace iterations, then an exact SVD of the
+small projection) instead, O(out · in · (q + 10) · (2 · power_iterations + 1)). Its error: every
+computed σ̃_i satisfies σ_i - ||(I - QQᵀ)ΔW||_2 <= σ̃_i <= σ_i (Weyl's inequality and the
+projection), and by their Cor. 10.10 E||(I - QQᵀ)ΔW||_2 <=
+[(1 + sqrt(q/9) + e·sqrt(q + 10)/10 · sqrt(min(out, in) - q))]^(1/(2·power_iterations + 1)) σ_{q+1}.
+``update_rel_norm`` and ``update_stable_rank`` use the exact ||ΔW||_F; ``update_rank90`` is exact
+when the top q singular values reach 90% of it and NaN otherwise; ``update_effective_rank`` needs the
+whole spectrum and is NaN unless the top q capture all of ||ΔW||_F^2 (to 1e-12), i.e. the update has
+rank <= q. The base's SVD stays exact. Singular *vectors* from the randomised path are accurate only
+where the spectrum has a gap after them, so intruder counts of a ``W_t`` with a flat top spectrum can
+differ from the exact ones (``benchmarks/bench_spectrum.py``'s 1024 x 1024 DoRA case: 10 against 9).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from dora_analysis.analysis import fused_rows
+
+__all__ = [
+    "METRIC_GROUPS",
+    "SPECTRUM_COLUMNS",
+    "INTRUDER_COLUMNS",
+    "SUBSPACE_COLUMN",
+    "SpectrumOptions",
+    "Factors",
+    "update_metrics",
+    "factored_svd",
+    "dense_svd",
+    "randomized_svd",
+    "merged_weight",
+    "intruder_count",
+    "subspace_similarity",
+    "numerical_rank",
+    "BaseSpectrum",
+    "tensor_spectra",
+]
+
+#: The metric groups ``compare``/``series`` take (``metrics=``); ``decomposition`` is ΔM/ΔD.
+METRIC_GROUPS = ("decomposition", "spectrum", "intruders")
+SPECTRUM_COLUMNS = [
+    "update_rel_norm",
+    "update_stable_rank",
+    "update_effective_rank",
+    "update_rank90",
+    "update_top_singular",
+]
+INTRUDER_COLUMNS = ["intruder_dimensions"]
+#: φ to a reference update (the run's final checkpoint in a series, ``--relative`` in compare).
+SUBSPACE_COLUMN = "subspace_to_reference"
+
+# Oversampling of the randomised range finder (Halko et al. recommend 5-10).
+OVERSAMPLE = 10
+# Matrices with at least this many elements (a 2048 x 2048 weight) are decomposed on every core.
+PARALLEL_ELEMENTS = 1 << 22
+# Tolerance of "the top q capture all of ||ΔW||_F^2" (randomised path, effective rank).
+COMPLETE = 1e-12
+
+
+@dataclass(frozen=True)
+class SpectrumOptions:
+    """How the spectral columns are computed.
+
+    ``intruder_k``/``intruder_eps``: Algorithm 1's k and ε. ``subspace_dim``: i = j of φ.
+    ``svd_rank``: None for exact dense SVDs; q for the randomised top-q SVD of dense updates
+    (see the module docstring for its error). ``power_iterations``: of the randomised path.
+    """
+
+    intruder_k: int = 10
+    intruder_eps: float = 0.5
+    subspace_dim: int = 8
+    svd_rank: int | None = None
+    power_iterations: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.intruder_k < 1:
+            raise ValueError(f"intruder_k must be at least 1, got {self.intruder_k}")
+        if not 0 < self.intruder_eps <= 1:
+            raise ValueError(f"intruder_eps must be in (0, 1], got {self.intruder_eps}")
+        if self.subspace_dim < 1:
+            raise ValueError(f"subspace_dim must be at least 1, got {self.subspace_dim}")
+        if self.svd_rank is not None and self.svd_rank < 1:
+            raise ValueError(f"svd_rank must be at least 1, got {self.svd_rank}")
+
+
+class Factors(Protocol):
+    """A LoRA/DoRA update as its factors (the readers' ``LowRankUpdate`` has this shape)."""
+
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    scale: float
+    magnitude: torch.Tensor | None  # (out,) for DoRA
+
+
+# ------------------------------------------------------------------------------------ the numbers
+
+
+def update_metrics(sigma: torch.Tensor, frob_sq: float, base_frob_sq: float, complete: bool = True) -> dict:
+    """The five spectrum columns from the singular values of ``ΔW``.
+
+    Args:
+        sigma: ``(q,)`` singular values, descending (all of them, or the top q).
+        frob_sq: ||ΔW||_F^2, exact.
+        base_frob_sq: ||W_0||_F^2.
+        complete: ``sigma`` holds the whole spectrum (False: the top q of a randomised SVD).
+    Returns:
+        ``{column: float}``; a zero update has norm 0, rank90 0 and NaN ranks.
+    """
+    sigma = sigma.detach().double().cpu()
+    top = float(sigma[0]) if sigma.numel() else 0.0
+    rel = math.sqrt(frob_sq / base_frob_sq) if base_frob_sq > 0 else math.nan
+    if frob_sq <= 0 or top <= 0:
+        return dict(zip(SPECTRUM_COLUMNS, (rel, math.nan, math.nan, 0.0, 0.0), strict=True))
+    energy = torch.cumsum(sigma * sigma, 0)
+    # The whole spectrum's energy is Σσ² itself (consistent rounding); a partial one uses the exact norm.
+    total = float(energy[-1]) if complete else frob_sq
+    captured = bool(complete or float(energy[-1]) >= (1 - COMPLETE) * frob_sq)
+    reached = torch.nonzero(energy >= 0.9 * total)
+    rank90 = float(int(reached[0]) + 1) if len(reached) else math.nan
+    if captured:
+        p = sigma[sigma > 0] / sigma.sum()
+        effective = math.exp(float(-(p * p.log()).sum()))
+    else:
+        effective = math.nan
+    return {
+        "update_rel_norm": rel,
+        "update_stable_rank": frob_sq / (top * top),
+        "update_effective_rank": effective,
+        "update_rank90": rank90,
+        "update_top_singular": top,
+    }
+
+
+def factored_svd(
+    lora_B: torch.Tensor, lora_A: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors and singular values of ``s B A`` from the factors, float64.
+
+    ``B = Q_B R_B``, ``Aᵀ = Q_A R_A`` (reduced QR), so ``s B A = Q_B (s R_B R_Aᵀ) Q_Aᵀ`` and the SVD
+    of the ``r x r`` core gives those of the product. O((out + in) r^2).
+
+    Args:
+        lora_B: ``(out, r)``; lora_A: ``(r, in)``; scale: ``s``.
+    Returns:
+        ``U`` ``(out, r')`` and ``σ`` ``(r',)`` descending, ``r' = min(r, out, in)``.
+    """
+    b = lora_B.double()
+    a = lora_A.double()
+    q_b, r_b = torch.linalg.qr(b)  # (out, r'), (r', r)
+    q_a, r_a = torch.linalg.qr(a.T)  # (in, r''), (r'', r)
+    core = float(scale) * (r_b @ r_a.T)  # (r', r'')
+    u_core, sigma, _ = torch.linalg.svd(core, full_matrices=False)
+    return q_b @ u_core, sigma
+
+
+def randomized_svd(
+    matrix: torch.Tensor, rank: int, power_iterations: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` left singular vectors and values of ``matrix`` ``(m, n)`` by a randomised range finder.
+
+    Halko, Martinsson & Tropp 2011, Alg. 4.4 (subspace iteration, re-orthonormalised each half step)
+    with ``rank + 10`` samples; deterministic for a given ``seed``. Error: see the module docstring.
+
+    Returns:
+        ``U`` ``(m, q)``, ``σ`` ``(q,)`` with ``q = min(rank, m, n)``; σ̃_i <= σ_i.
+    """
+    m, n = matrix.shape
+    width = min(rank + OVERSAMPLE, m, n)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    omega = torch.randn(n, width, generator=generator, dtype=matrix.dtype, device=matrix.device)
+    q, _ = torch.linalg.qr(matrix @ omega)  # (m, width)
+    for _ in range(power_iterations):
+        z, _ = torch.linalg.qr(matrix.T @ q)  # (n, width)
+        q, _ = torch.linalg.qr(matrix @ z)
+    u_small, sigma, _ = torch.linalg.svd(q.T @ matrix, full_matrices=False)  # (width, width)
+    keep = min(rank, m, n)
+    return (q @ u_small)[:, :keep], sigma[:keep]
+
+
+def dense_svd(
+    matrix: torch.Tensor, options: SpectrumOptions, vectors: bool, rank: int | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor, bool]:
+    """``(U or None, σ, complete)`` of a float64 ``(m, n)`` matrix: exact, or randomised (``options.svd_rank``).
+
+    ``rank``: how many singular values the caller needs at least (the randomised path computes
+    ``max(rank, svd_rank)``). ``complete``: σ is the whole spectrum.
+    """
+    target = options.svd_rank
+    if target is not None and rank is not None:
+        target = max(target, rank)
+    if target is None or target + OVERSAMPLE >= min(matrix.shape):
+        if not vectors:
+            return None, torch.linalg.svdvals(matrix), True
+        u, sigma, _ = torch.linalg.svd(matrix, full_matrices=False)
+        return u, sigma, True
+    u, sigma = randomized_svd(matrix, target, options.power_iterations, options.seed)
+    return (u if vectors else None), sigma, False
+
+
+def merged_weight(base64: torch.Tensor, factors: Factors) -> torch.Tensor:
+    """``W_t`` ``(out, in)`` float64 of a LoRA (``W_0 + s B A``) or DoRA (``m V / ||V||_c``) update.
+
+    Rows where ``V`` is zero come out NaN, as the merge divides 0 by 0 there.
+    """
+    device = base64.device
+    b = factors.lora_B.to(device=device, dtype=torch.float64)
+    a = factors.lora_A.to(device=device, dtype=torch.float64)
+    v = base64 + float(factors.scale) * (b @ a)
+    if factors.magnitude is None:
+        return v
+    m = factors.magnitude.to(device=device, dtype=torch.float64)
+    return v * (m / torch.linalg.vector_norm(v, dim=1))[:, None]
+
+
+def numerical_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many of ``sigma`` exceed NumPy ``matrix_rank``'s tolerance σ_1 · max(m, n) · eps(float64)."""
+    if sigma.numel() == 0 or float(sigma[0]) <= 0:
+        return 0
+    tolerance = float(sigma[0]) * max(shape) * torch.finfo(torch.float64).eps
+    return int((sigma > tolerance).sum())
+
+
+def intruder_count(tuned_left: torch.Tensor, base_left: torch.Tensor, eps: float) -> int:
+    """How many columns of ``tuned_left`` ``(out, k)`` have max |cos| < ``eps`` with every column of
+    ``base_left`` ``(out, n)`` (both orthonormal, so the dot product is the cosine)."""
+    cosines = (tuned_left.T @ base_left).abs()  # (k, n)
+    return int((cosines.max(dim=1).values < eps).sum())
+
+
+def subspace_similarity(u1: torch.Tensor, u2: torch.Tensor) -> float:
+    """φ = ||U1ᵀ U2||_F^2 / min(i, j) for orthonormal ``u1`` ``(out, i)`` and ``u2`` ``(out, j)``;
+    NaN where either is empty (a zero update)."""
+    i, j = u1.shape[1], u2.shape[1]
+    if min(i, j) == 0:
+        return math.nan
+    return float(torch.linalg.matrix_norm(u1.T @ u2) ** 2) / min(i, j)
+
+
+# ----------------------------------------------------------------------------- one tensor, a series
+
+
+class BaseSpectrum:
+    """The base tensor's float64 rows, ||W_0||_F^2 and (on first use) its left singular vectors.
+
+    Built once per tensor and shared by every checkpoint compared with it.
+    """
+
+    def __init__(self, base_rows: torch.Tensor) -> None:
+        self.rows = base_rows.to(torch.float64)  # (out, in)
+        self.frob_sq = float(torch.linalg.vector_norm(self.rows) ** 2)
+        self._left: torch.Tensor | None = None
+
+    @property
+    def left(self) -> torch.Tensor:
+        """``U_0`` ``(out, min(out, in))``: every left singular vector of ``W_0``, exact."""
+        if self._left is None:
+            self._left = torch.linalg.svd(self.rows, full_matrices=False)[0]
+        return self._left
+
+
+Update = Factors | Callable[[], torch.Tensor]
+
+
+def tensor_spectra(
+    base_rows: torch.Tensor,
+    updates: Sequence[Update],
+    metrics: Collection[str],
+    options: SpectrumOptions | None = None,
+    references: Sequence[int | None] | None = None,
+) -> list[dict[str, float]]:
+    """The spectral columns of every update of one base tensor.
+
+    Args:
+        base_rows: ``W_0`` ``(out, in)`` in row layout, any float dtype and device.
+        updates: per tuned checkpoint, its LoRA/DoRA :class:`Factors` (matching ``base_rows``), or a
+            callable returning its tuned rows ``(out, in)`` (called once, dropped after use).
+        metrics: which groups: ``"spectrum"`` and/or ``"intruders"`` (others are ignored).
+        options: :class:`SpectrumOptions` (default: exact, k = 10, ε = 0.5, i = j = 8).
+        references: per update, the index of the update its φ is taken to (None: no φ); given at
+            all, every record gets :data:`SUBSPACE_COLUMN`.
+    Returns:
+        One ``{column: value}`` per update, in order.
+    """
+    options = options or SpectrumOptions()
+    spectrum = "spectrum" in metrics
+    intruders = "intruders" in metrics
+    want_vectors = references is not None and any(r is not None for r in references)
+    needed = {r for r in (references or ()) if r is not None} | {
+        i for i, r in enumerate(references or ()) if r is not None
+    }
+    records: list[dict[str, float]] = []
+    left: dict[int, torch.Tensor] = {}
+    with _all_threads(base_rows.numel() >= PARALLEL_ELEMENTS):
+        base = BaseSpectrum(base_rows)
+        finite_base = bool(torch.isfinite(base.rows).all())
+        for index, update in enumerate(updates):
+            record: dict[str, float] = {}
+            vectors = want_vectors and index in needed
+            tuned = None
+            if callable(update):
+                tuned = update().to(device=base.rows.device, dtype=torch.float64)
+            if not finite_base or (tuned is not None and not bool(torch.isfinite(tuned).all())):
+                records.append(_nan_record(spectrum, intruders))  # non-finite weights: no SVD
+                continue
+            if spectrum or vectors:
+                u, sigma, complete, frob_sq = _update_svd(base, update, tuned, options, vectors)
+                if spectrum:
+                    record.update(update_metrics(sigma, frob_sq, base.frob_sq, complete))
+                if vectors:
+                    keep = min(options.subspace_dim, numerical_rank(sigma, tuple(base.rows.shape)))
+                    left[index] = u[:, :keep]
+            if intruders:
+                weight = tuned if tuned is not None else merged_weight(base.rows, update)
+                record["intruder_dimensions"] = _intruders(base, weight, options)
+            records.append(record)
+            del tuned
+        if references is not None:
+            for index, record in enumerate(records):
+                target = references[index]
+                have = target is not None and index in left and target in left
+                record[SUBSPACE_COLUMN] = subspace_similarity(left[index], left[target]) if have else math.nan
+    return records
+
+
+def _update_svd(
+    base: BaseSpectrum, update: Update, tuned: torch.Tensor | None, options: SpectrumOptions, vectors: bool
+) -> tuple[torch.Tensor | None, torch.Tensor, bool, float]:
+    """``(U, σ, complete, ||ΔW||_F^2)`` of one update, from the factors where it is a LoRA."""
+    if tuned is None and update.magnitude is None:  # LoRA: rank r, from the factors
+        u, sigma = factored_svd(
+            update.lora_B.to(base.rows.device), update.lora_A.to(base.rows.device), update.scale
+        )
+        return u, sigma, True, float((sigma * sigma).sum())
+    weight = tuned if tuned is not None else merged_weight(base.rows, update)  # FT, DoRA: dense
+    delta = weight - base.rows
+    del weight
+    frob_sq = float(torch.linalg.vector_norm(delta) ** 2)
+    if not math.isfinite(frob_sq):  # a DoRA row with V = 0
+        return torch.empty(delta.shape[0], 0, dtype=torch.float64), torch.full((1,), math.nan), True, math.nan
+    u, sigma, complete = dense_svd(delta, options, vectors, rank=options.subspace_dim if vectors else None)
+    return u, sigma, complete, frob_sq
+
+
+def _intruders(base: BaseSpectrum, weight: torch.Tensor, options: SpectrumOptions) -> float:
+    if not bool(torch.isfinite(weight).all()):
+        return math.nan
+    k = min(options.intruder_k, *weight.shape)
+    if options.svd_rank is None:
+        u = torch.linalg.svd(weight, full_matrices=False)[0][:, :k]
+    else:
+        u, _, _ = dense_svd(weight, options, vectors=True, rank=k)
+        u = u[:, :k]
+    return float(intruder_count(u, base.left, options.intruder_eps))
+
+
+def _nan_record(spectrum: bool, intruders: bool) -> dict[str, float]:
+    columns = (SPECTRUM_COLUMNS if spectrum else []) + (INTRUDER_COLUMNS if intruders else [])
+    return dict.fromkeys(columns, math.nan)
+
+
+@contextmanager
+def _all_threads(enabled: bool = True) -> Iterator[None]:
+    """SVDs of large matrices use every core, also inside the comparison's single-threaded region.
+
+    Only large ones (:data:`PARALLEL_ELEMENTS`): an SVD is hundreds of BLAS calls, and on a loaded
+    machine each multi-threaded call stalls until all its threads get a core (measured: a series of
+    384 x 384 SVDs took 18x longer with 2 threads than with 1 at load 15 on 2 cores).
+    """
+    workers = (fused_rows._WORKERS.get() or torch.get_num_threads()) if enabled else torch.get_num_threads()
+    previous = torch.get_num_threads()
+    if workers != previous:
+        torch.set_num_threads(workers)
+    try:
+        yield
+    finally:
+        if workers != previous:
+            torch.set_num_threads(previous)

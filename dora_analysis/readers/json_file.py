@@ -1,0 +1,74 @@
+"""The one JSON loader for every JSON file we read: bounded, and one :class:`InputError` line on failure.
+
+Used for safetensors headers, shard indexes, ``adapter_config.json``, ``trainer_state.json`` and
+``run.json``. Bounds (a hostile or broken file costs at most this much, then is refused):
+
+- size: at most ``max_bytes`` bytes (default :data:`MAX_JSON_BYTES`), checked before reading;
+- integers: at most :data:`MAX_INT_DIGITS` digits (a 5000-digit integer would otherwise cost
+  quadratic time to convert, or raise ``ValueError``);
+- nesting: refused beyond the interpreter's recursion limit (``RecursionError`` becomes one line);
+  the values we use are type-checked by their readers, so nothing recurses into them later.
+
+Time is linear in the text's length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dora_analysis.errors import InputError
+
+__all__ = ["MAX_INT_DIGITS", "MAX_JSON_BYTES", "parse_json", "read_json", "read_json_object"]
+
+MAX_INT_DIGITS = 20  # every int64/uint64 fits; nothing we read needs more
+MAX_JSON_BYTES = 100 * 1024 * 1024  # safetensors' own header limit; configs are far smaller
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _TooLong(len(text))
+    return int(text)
+
+
+class _TooLong(ValueError):
+    pass
+
+
+def parse_json(path: Path | str, raw: bytes | str, what: str = "JSON") -> object:
+    """``raw`` (the text of ``path``) parsed within the bounds above; :class:`InputError` naming ``path``.
+
+    ``what`` names the file's role in messages (``"safetensors header"``, ``"adapter config"``).
+    """
+    try:
+        return json.loads(raw, parse_int=_parse_int)
+    except _TooLong as e:
+        raise InputError.of(
+            path, f"{what} holds an integer of {e.args[0]} digits (at most {MAX_INT_DIGITS} are read)"
+        ) from None
+    except RecursionError:
+        raise InputError.of(path, f"{what} is nested too deeply to read") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise InputError.of(path, f"{what} is not valid JSON ({message})") from None
+
+
+def read_json(path: Path | str, what: str = "JSON", *, max_bytes: int = MAX_JSON_BYTES) -> object:
+    """The JSON value in the file ``path``; :class:`InputError` when unreadable, too large or malformed."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise InputError.of(path, f"{what} cannot be read ({e.strerror or type(e).__name__})") from None
+    if len(raw) > max_bytes:
+        raise InputError.of(path, f"{what} is larger than {max_bytes} bytes; refusing to parse it")
+    return parse_json(path, raw, what)
+
+
+def read_json_object(path: Path | str, what: str = "JSON", *, max_bytes: int = MAX_JSON_BYTES) -> dict:
+    """:func:`read_json` for a file that must hold a JSON object."""
+    value = read_json(path, what, max_bytes=max_bytes)
+    if not isinstance(value, dict):
+        raise InputError.of(path, f"{what} is not a JSON object")
+    return value
