@@ -77,8 +77,8 @@ class StudyConfig:
 def study_plan(quick: bool = False, seeds: tuple[int, ...] | None = None) -> StudyPlan:
     """The grid: the base configuration and one cell per factor value.
 
-    The full grid is 11 cells (66 runs of 160 steps with 8 checkpoints each); ``quick`` is the base
-    and one weight-decay cell, 2 seeds, 8 steps.
+    The full grid is 7 configurations (57 runs of 160 steps with 8 checkpoints each, about 45
+    minutes on 2 CPU cores); ``quick`` is the base and one weight-decay cell, 2 seeds, 8 steps.
     """
     base = Cell("base", "base", "AdamW, default lr, wd 0, query/value, r 8")
     if quick:
@@ -90,7 +90,6 @@ def study_plan(quick: bool = False, seeds: tuple[int, ...] | None = None) -> Stu
     all_linear = ("query", "key", "value", "dense")  # every Linear of BERT's blocks (and the pooler)
     cells = (
         base,
-        Cell("lr-x0.3", "learning rate", "x0.3", lr_by_method={"ft": 3e-5, "lora": 1e-3, "dora": 1e-3}),
         Cell("lr-x3", "learning rate", "x3", lr_by_method={"ft": 3e-4, "lora": 1e-2, "dora": 1e-2}),
         Cell("wd-0.01", "weight decay", "0.01", {"weight_decay": 0.01}),
         Cell("wd-0.1", "weight decay", "0.1", {"weight_decay": 0.1}),
