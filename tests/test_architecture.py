@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dora_analysis"
 
 SUBPACKAGES = {"readers", "analysis", "adapters", "training", "views", "commands"}
 # Foundations every layer may use: the error type, atomic writes, the frame's shared names.
-FOUNDATIONS = {"errors", "atomic", "schema"}
+FOUNDATIONS = {"errors", "atomic", "schema", "devices"}
 # The pure math of the analysis: tensors and frames in, numbers out; no files, no readers.
 MATH = {"decomposition", "fused_rows", "row_blocks", "low_rank", "correlation", "spectrum", "conventions"}
 

@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from dora_analysis.errors import DoraAnalysisError, InputError
-from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.base import CheckpointReader, ReaderWrapper
 from dora_analysis.readers.hub import resolve_model
 
 __all__ = [
@@ -217,42 +217,19 @@ def _exact(names: Sequence[str]) -> str:
 # ------------------------------------------------------------------------------------ the task
 
 
-class _Metered:
+class _Metered(ReaderWrapper):
     """A reader that counts what ``get`` returns: calls per name and bytes."""
 
     def __init__(self, reader: CheckpointReader) -> None:
-        self._reader = reader
-        self.source = reader.source
-        self.partial = reader.partial
+        super().__init__(reader)
         self.reads: dict[str, int] = {}
         self.bytes = 0
-
-    def names(self) -> list[str]:
-        return self._reader.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._reader.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._reader.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         tensor = self._reader.get(name)
         self.reads[name] = self.reads.get(name, 0) + 1
         self.bytes += tensor.numel() * tensor.element_size()
         return tensor
-
-    def low_rank(self, name: str) -> LowRankUpdate | None:
-        return self._reader.low_rank(name)
-
-    def close(self) -> None:
-        self._reader.close()
-
-    def __enter__(self) -> _Metered:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _rss_anon_mb() -> float | None:

@@ -373,21 +373,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     Raises:
         InputError: not a torch device name, or an accelerator this torch build or machine lacks.
     """
-    if device is None:
-        return None
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise InputError.of("--device", f"not a torch device: {device!r} ({error})") from None
-    if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InputError.of("--device", f"{device}: torch {torch.__version__} sees no CUDA GPU here")
-        if resolved.index is not None and resolved.index >= count:
-            raise InputError.of("--device", f"{device}: only {count} CUDA GPU(s) here")
-    elif resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError.of("--device", f"{device}: Apple's MPS is not available here")
-    return resolved
+    from dora_analysis.devices import resolve_device as checked
+
+    return None if device is None else checked(device)
 
 
 def _to(rows: torch.Tensor, device: str | torch.device | None) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 from dora_analysis.analysis.spectrum import SUBSPACE_COLUMN, SpectrumOptions
 from dora_analysis.errors import InputError
 from dora_analysis.readers.adapter_config import read_adapter_config
-from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.base import CheckpointReader, ReaderWrapper
 from dora_analysis.readers.json_file import read_json
 from dora_analysis.readers.trainer import STATE_FILE, checkpoint_step, trainer_step
 from dora_analysis.schema import default_metric
@@ -300,7 +300,7 @@ def training_history(runs: PathLike | Sequence[PathLike], method: str | None = N
 # ----------------------------------------------------------------------------------------- series
 
 
-class ReusingReader:
+class ReusingReader(ReaderWrapper):
     """A base reader that keeps the last tensor it returned, so a second ``get`` of the same name
     (an adapter merging over the base right after the comparison read it) costs nothing.
 
@@ -309,20 +309,9 @@ class ReusingReader:
     """
 
     def __init__(self, reader: CheckpointReader, on_new_tensor: Callable[[int], None] | None = None) -> None:
-        self._reader = reader
+        super().__init__(reader)
         self._on_new = on_new_tensor
         self._last: tuple[str, torch.Tensor] | None = None
-        self.source = reader.source
-        self.partial = reader.partial
-
-    def names(self) -> list[str]:
-        return self._reader.names()
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._reader.shape(name)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self._reader.dtype(name)
 
     def get(self, name: str) -> torch.Tensor:
         if self._last is None or self._last[0] != name:
@@ -332,22 +321,8 @@ class ReusingReader:
                 self._on_new(1)
         return self._last[1]
 
-    def low_rank(self, name: str) -> LowRankUpdate | None:
-        return self._reader.low_rank(name)
-
-    def read_order(self, names: list[str]) -> list[str]:
-        """The wrapped reader's own reading order of ``names`` (see :class:`ShardedReader`)."""
-        inner = getattr(self._reader, "read_order", None)
-        return inner(names) if callable(inner) else list(names)
-
     def close(self) -> None:
         self._last = None
-
-    def __enter__(self) -> ReusingReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def analyze_series(

@@ -7,16 +7,13 @@ minutes on 2 CPU cores; --quick runs in about a minute (fewer steps, examples an
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from dora_analysis.commands.options import (
-    add_model_argument,
-    add_overwrite_argument,
+    add_job_arguments,
     add_quiet_argument,
     add_seed_argument,
     add_threads_argument,
     at_least,
-    output_folder,
     require_module,
 )
 
@@ -24,12 +21,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", type=output_folder, default=Path("dora_demo"), help="output folder (default ./dora_demo)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a run of about a minute, to try things out")
-    add_overwrite_argument(parser, "replace the results of an earlier demo in --out")
-    add_model_argument(parser)
+    add_job_arguments(parser, "demo", "a run of about a minute, to try things out")
     parser.add_argument(
         "--steps", type=at_least(1), default=None, help="optimizer steps per method (default 100; quick 24)"
     )

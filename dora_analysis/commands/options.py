@@ -223,6 +223,19 @@ def spectrum_options(args: argparse.Namespace):
         raise InputError.of("--intruder-k/--intruder-eps/--svd-rank", str(error)) from None
 
 
+def add_job_arguments(parser: argparse.ArgumentParser, name: str, quick: str) -> None:
+    """``--out``, ``--quick``, ``--overwrite`` and ``--model`` of the end-to-end jobs (demo, study)."""
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        default=Path(f"dora_{name}"),
+        help=f"output folder (default ./dora_{name})",
+    )
+    parser.add_argument("--quick", action="store_true", help=quick)
+    add_overwrite_argument(parser, f"replace the results of an earlier {name} in --out")
+    add_model_argument(parser)
+
+
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     """``--method`` of every run analysed (series, figures)."""
     parser.add_argument(

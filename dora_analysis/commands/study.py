@@ -8,15 +8,12 @@ a small grid of short runs.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from dora_analysis.commands.options import (
-    add_model_argument,
-    add_overwrite_argument,
+    add_job_arguments,
     add_quiet_argument,
     add_threads_argument,
     at_least,
-    output_folder,
     require_module,
 )
 
@@ -24,12 +21,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--out", type=output_folder, default=Path("dora_study"), help="output folder (default ./dora_study)"
-    )
-    parser.add_argument("--quick", action="store_true", help="a small grid of short runs, to try it")
-    add_overwrite_argument(parser, "replace the results (not the runs) of an earlier study in --out")
-    add_model_argument(parser)
+    add_job_arguments(parser, "study", "a small grid of short runs, to try it")
     parser.add_argument(
         "--device", default=None, help="train and analyse on this torch device, e.g. cuda (default: cpu)"
     )

@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["CheckpointReader", "LowRankUpdate"]
+__all__ = ["CheckpointReader", "LowRankUpdate", "ReaderWrapper"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +69,45 @@ class CheckpointReader(Protocol):
     def __enter__(self) -> CheckpointReader: ...
 
     def __exit__(self, *exc: object) -> None: ...
+
+
+class ReaderWrapper:
+    """A reader that passes every call through to ``reader``; subclasses change what they need.
+
+    The wrapped reader is not owned: closing the wrapper leaves it open. ``read_order`` is passed
+    through too, so a wrapped sharded checkpoint is still read shard by shard.
+    """
+
+    def __init__(self, reader: CheckpointReader) -> None:
+        self._reader = reader
+        self.source = reader.source
+        self.partial = reader.partial
+
+    def names(self) -> list[str]:
+        return self._reader.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._reader.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._reader.dtype(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._reader.get(name)
+
+    def low_rank(self, name: str) -> LowRankUpdate | None:
+        return self._reader.low_rank(name)
+
+    def read_order(self, names: list[str]) -> list[str]:
+        """The wrapped reader's own reading order of ``names`` (see ``ShardedReader.read_order``)."""
+        inner = getattr(self._reader, "read_order", None)
+        return inner(names) if callable(inner) else list(names)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ReaderWrapper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

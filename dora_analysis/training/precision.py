@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from dora_analysis.errors import InputError
+from dora_analysis.devices import resolve_device
 
 __all__ = ["Precision", "PRECISIONS", "check_device", "autocast", "grad_scaler"]
 
@@ -17,22 +17,8 @@ PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 
 def check_device(device: str) -> torch.device:
-    """``device`` as a torch device this machine has; an :class:`InputError` otherwise."""
-    try:
-        chosen = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise InputError.of("--device", f"not a torch device: {device!r} ({error})") from None
-    if chosen.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise InputError.of("--device", f"{device}: torch {torch.__version__} sees no CUDA GPU here")
-        if chosen.index is not None and chosen.index >= count:
-            raise InputError.of("--device", f"{device}: only {count} CUDA GPU(s) here")
-    elif chosen.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError.of("--device", f"{device}: Apple's MPS is not available here")
-    elif chosen.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise InputError.of("--device", f"{device}: training supports cpu, cuda, mps and xpu")
-    return chosen
+    """``device`` as a torch device this machine has and training supports; an :class:`InputError` otherwise."""
+    return resolve_device(device, ("cpu", "cuda", "mps", "xpu"), "training")
 
 
 def autocast(device: torch.device, precision: str) -> AbstractContextManager:
