@@ -146,16 +146,17 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
     config = dataclasses.replace(config, out=Path(config.out))
     plan = study_plan(config.quick, config.seeds)
     _check_out(config)
-    started = time.perf_counter()
     jobs = [(c, m, s) for c in plan.cells for m in c.methods for s in plan.seeds]
     bar = tqdm(
         total=len(jobs) * plan.steps, desc="study: train", unit="step", file=sys.stderr, disable=not progress
     )
     runs: list[tuple[Cell, str, int, Path]] = []
+    trained = 0
     try:
         for cell, method, seed in jobs:
             run = _run_dir(config.out, cell, method, seed)
             if not _completed(run, plan.steps):
+                trained += 1
                 fields = {**plan.train, **cell.overrides}
                 train(
                     TrainConfig(
@@ -178,10 +179,29 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
             runs.append((cell, method, seed, run))
     finally:
         bar.close()
+    analysed = time.perf_counter()
     points = study_points(runs, plan, device=config.device, progress=progress)
     table = study_table(points, plan)
-    _write_results(config, plan, points, table, time.perf_counter() - started)
+    timing = _timing([run for *_, run in runs], trained, time.perf_counter() - analysed)
+    _write_results(config, plan, points, table, timing)
     return table
+
+
+def _timing(runs: list[Path], trained: int, analysis_seconds: float) -> str:
+    """What the study cost: the runs' own training times (from their run.json, so reused runs count
+    too) and this call's analysis."""
+    seconds = 0.0
+    for run in runs:
+        try:
+            seconds += float(json.loads((run / "run.json").read_text(encoding="utf-8")).get("seconds", 0.0))
+        except (OSError, ValueError, TypeError):
+            pass
+    reused = len(runs) - trained
+    return (
+        f"Training {len(runs)} runs took {seconds / 60:.1f} min of their own recorded time"
+        + (f" ({reused} reused from an earlier call)" if reused else "")
+        + f"; the analysis {analysis_seconds / 60:.1f} min"
+    )
 
 
 def study_points(
@@ -313,7 +333,7 @@ def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
 
 
 def _write_results(
-    config: StudyConfig, plan: StudyPlan, points: pd.DataFrame, table: pd.DataFrame, seconds: float
+    config: StudyConfig, plan: StudyPlan, points: pd.DataFrame, table: pd.DataFrame, timing: str
 ) -> None:
     from dora_analysis.views.study import render_study_report, write_sign_maps
     from dora_analysis.views.tables import atomic_write
@@ -328,7 +348,7 @@ def _write_results(
         f"({len(points.groupby(['cell', 'method', 'seed']))} runs), {plan.steps} steps each, a checkpoint "
         f"every {plan.save_every}" + (" (quick)" if config.quick else ""),
         "Windows: " + "; ".join(f"{k} = steps {', '.join(map(str, v))}" for k, v in plan.windows.items()),
-        f"Whole job {seconds / 60:.1f} min",
+        timing,
     ]
     text = render_study_report(table, figures, relative_to=out, context=context)
     atomic_write(out / "report.md", text, overwrite=overwrite)
