@@ -19,8 +19,8 @@ from dora_analysis.commands.options import (
     add_metrics_arguments,
     add_output_arguments,
     add_selection_arguments,
+    analysis_options,
     prepare_output,
-    spectrum_options,
     write_output,
 )
 
@@ -90,18 +90,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.tuned is None:  # an adapter alone: its adapter_config.json names the base
         base, tuned = None, args.base
     frame = compare(
-        base,
-        tuned,
-        include=args.include,
-        exclude=args.exclude,
-        progress=True,
-        device=args.device,
-        cluster=args.cluster,
-        layout=args.layout,
-        per_row=args.per_row,
-        metrics=args.metrics,
-        spectrum=spectrum_options(args),
-        reference=reference,
+        base, tuned, progress=True, per_row=args.per_row, reference=reference, **analysis_options(args)
     )
     write_output(frame, args)
     if args.per_row:

@@ -236,6 +236,19 @@ def add_job_arguments(parser: argparse.ArgumentParser, name: str, quick: str) ->
     add_model_argument(parser)
 
 
+def analysis_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments ``compare`` and ``analyze_series`` take from the shared options."""
+    return {
+        "include": args.include,
+        "exclude": args.exclude,
+        "device": args.device,
+        "cluster": args.cluster,
+        "layout": args.layout,
+        "metrics": args.metrics,
+        "spectrum": spectrum_options(args),
+    }
+
+
 def add_method_argument(parser: argparse.ArgumentParser) -> None:
     """``--method`` of every run analysed (series, figures)."""
     parser.add_argument(

@@ -18,8 +18,8 @@ from dora_analysis.commands.options import (
     add_metrics_arguments,
     add_output_arguments,
     add_selection_arguments,
+    analysis_options,
     prepare_output,
-    spectrum_options,
     write_output,
 )
 
@@ -44,19 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.series import analyze_series
 
     prepare_output(args, [args.base, *args.runs])
-    frame = analyze_series(
-        args.base,
-        args.runs,
-        method=args.method,
-        include=args.include,
-        exclude=args.exclude,
-        progress=True,
-        device=args.device,
-        cluster=args.cluster,
-        layout=args.layout,
-        metrics=args.metrics,
-        spectrum=spectrum_options(args),
-    )
+    frame = analyze_series(args.base, args.runs, method=args.method, progress=True, **analysis_options(args))
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame
     )  # paths make tables unreadable
