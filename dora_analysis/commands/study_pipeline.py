@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,37 +235,42 @@ def _module_pattern() -> str:
 
 
 def _other_conventions(series: pd.DataFrame, run: Path) -> pd.DataFrame:
-    """The non-paper conventions for every row of one run's ``series`` (same steps and tensors)."""
+    """The non-paper conventions for every row of one run's ``series`` (same steps and tensors).
+
+    Tensor-major, as the analysis itself: each base tensor is read once for all of the run's
+    checkpoints (adapters merge over it through the reusing reader); rows keep ``series``' order.
+    """
     from dora_analysis.analysis.comparison import select_tensors
     from dora_analysis.analysis.conventions import CONVENTIONS, MERGE_SCALED, convention_deltas
+    from dora_analysis.analysis.series import ReusingReader
     from dora_analysis.readers import open_checkpoint
     from dora_analysis.readers.merge import merge_low_rank
 
-    base = _base_of(run)
-    rows = []
-    with open_checkpoint(base) as base_reader:
-        for checkpoint, part in series.groupby("checkpoint", sort=False):
-            with open_checkpoint(Path(checkpoint), base=base_reader) as tuned:
-                pairs = select_tensors(base_reader, tuned, include=_module_pattern()).pairs
-                for row in part.itertuples(index=False):
-                    tuned_name = pairs[row.tensor]  # ``tensor`` is the base's name
-                    w0 = base_reader.get(row.tensor)
-                    update = tuned.low_rank(tuned_name)
-                    scaled = tuned.get(tuned_name)
-                    for convention in CONVENTIONS[1:]:
-                        w = scaled
-                        if update is not None and not MERGE_SCALED[convention]:
-                            w = merge_low_rank(w0, dataclasses.replace(update, scale=1.0))
-                        dm, dd = convention_deltas(w0, w, convention)
-                        rows.append(
-                            {
-                                **row._asdict(),
-                                "convention": convention,
-                                "delta_magnitude": dm,
-                                "delta_direction": dd,
-                            }
-                        )
-    return pd.DataFrame(rows, columns=[*series.columns, "convention"])
+    rows: list[tuple[int, int, int, dict]] = []  # (checkpoint rank, series position, convention, row)
+    with open_checkpoint(_base_of(run)) as opened, ExitStack() as stack:
+        base = ReusingReader(opened)
+        order = {c: rank for rank, c in enumerate(dict.fromkeys(series["checkpoint"]))}
+        tuned = {c: stack.enter_context(open_checkpoint(Path(c), base=base)) for c in order}
+        pairs = {c: select_tensors(base, r, include=_module_pattern()).pairs for c, r in tuned.items()}
+        for tensor, part in series.reset_index(drop=True).groupby("tensor", sort=False):
+            w0 = base.get(tensor)  # ``tensor`` is the base's name
+            for position, row in zip(part.index, part.itertuples(index=False), strict=True):
+                reader, name = tuned[row.checkpoint], pairs[row.checkpoint][tensor]
+                update, scaled = reader.low_rank(name), reader.get(name)
+                for k, convention in enumerate(CONVENTIONS[1:]):
+                    w = scaled
+                    if update is not None and not MERGE_SCALED[convention]:
+                        w = merge_low_rank(w0, dataclasses.replace(update, scale=1.0))
+                    dm, dd = convention_deltas(w0, w, convention)
+                    record = {
+                        **row._asdict(),
+                        "convention": convention,
+                        "delta_magnitude": dm,
+                        "delta_direction": dd,
+                    }
+                    rows.append((order[row.checkpoint], position, k, record))
+    rows.sort(key=lambda item: item[:3])
+    return pd.DataFrame([r for *_, r in rows], columns=[*series.columns, "convention"])
 
 
 def _base_of(run: Path) -> Path:
