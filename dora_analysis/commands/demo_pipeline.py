@@ -15,7 +15,6 @@ One progress bar covers the whole job (training steps, then base tensors analyse
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from dora_analysis.errors import InputError
+from dora_analysis.training.checkpoints import is_completed_run, read_run_record
 
 __all__ = ["DemoConfig", "DemoResult", "RESULT_FILES", "demo_plan", "run_demo"]
 
@@ -145,7 +145,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     try:
         for method in config.methods:
             bar.set_description(f"demo: train {method}")
-            if config.reuse_runs and _completed(config.out / "runs" / method, config.steps):
+            if config.reuse_runs and is_completed_run(config.out / "runs" / method, config.steps):
                 runs[method] = config.out / "runs" / method
                 reused.append(method)
                 bar.update(config.steps)
@@ -238,21 +238,9 @@ def _quiet_transformers():
     return hf_logging.enable_progress_bar if was_enabled else (lambda: None)
 
 
-def _completed(run: Path, steps: int) -> bool:
-    record = _run_record(run)
-    return record.get("status") == "completed" and record.get("config", {}).get("steps") == steps
-
-
-def _run_record(run: Path) -> dict:
-    try:
-        return json.loads((run / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def _majority(runs: dict[str, Path]) -> float | None:
     for run in runs.values():
-        value = _run_record(run).get("task", {}).get("majority_accuracy")
+        value = read_run_record(run).get("task", {}).get("majority_accuracy")
         if value is not None:
             return float(value)
     return None
@@ -275,7 +263,7 @@ def _describe_weights(base_model: str | None) -> str:
 
 def _context(config: DemoConfig, runs: dict[str, Path], seconds: float, reused: list[str]) -> list[str]:
     """Lines that say what was run, for the top of the report."""
-    records = {m: _run_record(p) for m, p in runs.items()}
+    records = {m: read_run_record(p) for m, p in runs.items()}
     first = next(iter(records.values()), {})
     task = first.get("task", {})
     cfg = first.get("config", {})

@@ -18,7 +18,6 @@ Layout of the output folder::
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from contextlib import ExitStack
@@ -29,6 +28,7 @@ import pandas as pd
 
 from dora_analysis.errors import InputError
 from dora_analysis.schema import METHODS
+from dora_analysis.training.checkpoints import is_completed_run, read_run_record
 
 __all__ = ["Cell", "StudyConfig", "StudyPlan", "study_plan", "run_study", "RESULT_FILES"]
 
@@ -123,15 +123,6 @@ def _run_dir(out: Path, cell: Cell, method: str, seed: int) -> Path:
     return out / "runs" / cell.name / f"{method}-seed{seed}"
 
 
-def _completed(run: Path, steps: int) -> bool:
-    """A run an earlier (interrupted) study finished: reused, so the study can be resumed."""
-    try:
-        record = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return record.get("status") == "completed" and record.get("config", {}).get("steps") == steps
-
-
 def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
     """Train the grid (reusing completed runs), analyse it, write study.csv, figures and report.md.
 
@@ -156,7 +147,7 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
     try:
         for cell, method, seed in jobs:
             run = _run_dir(config.out, cell, method, seed)
-            if not _completed(run, plan.steps):
+            if not is_completed_run(run, plan.steps):
                 trained += 1
                 fields = {**plan.train, **cell.overrides}
                 train(
@@ -194,8 +185,8 @@ def _timing(runs: list[Path], trained: int, analysis_seconds: float) -> str:
     seconds = 0.0
     for run in runs:
         try:
-            seconds += float(json.loads((run / "run.json").read_text(encoding="utf-8")).get("seconds", 0.0))
-        except (OSError, ValueError, TypeError):
+            seconds += float(read_run_record(run).get("seconds", 0.0))
+        except (TypeError, ValueError):
             pass
     reused = len(runs) - trained
     return (
@@ -274,8 +265,7 @@ def _other_conventions(series: pd.DataFrame, run: Path) -> pd.DataFrame:
 
 
 def _base_of(run: Path) -> Path:
-    record = json.loads((run / "run.json").read_text(encoding="utf-8"))
-    return Path(record["base_model"])
+    return Path(read_run_record(run)["base_model"])
 
 
 def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:

@@ -37,6 +37,8 @@ __all__ = [
     "config_record",
     "trainer_state",
     "load_trained_model",
+    "read_run_record",
+    "is_completed_run",
 ]
 
 
@@ -140,6 +142,24 @@ def trainer_state(
     }
 
 
+def read_run_record(run: str | Path) -> dict:
+    """``RUN_DIR/run.json`` through the bounded JSON loader; ``{}`` when it is missing or unreadable
+    (callers treat such a run as one to train again)."""
+    from dora_analysis.readers.json_file import read_json_object
+
+    try:
+        return read_json_object(Path(run) / RUN_FILE, RUN_FILE)
+    except (OSError, InputError):
+        return {}
+
+
+def is_completed_run(run: str | Path, steps: int) -> bool:
+    """Whether ``run`` holds a finished run of ``steps`` steps (reused by the demo and the study)."""
+    record = read_run_record(run)
+    config = record.get("config")
+    return record.get("status") == "completed" and isinstance(config, dict) and config.get("steps") == steps
+
+
 def load_trained_model(checkpoint: str | Path) -> torch.nn.Module:
     """The model saved in ``RUN_DIR/checkpoint-<step>`` (rebuilt from ``RUN_DIR/run.json``), in eval mode.
 
@@ -149,7 +169,9 @@ def load_trained_model(checkpoint: str | Path) -> torch.nn.Module:
     run_file = checkpoint.parent / RUN_FILE
     if not run_file.is_file():
         raise InputError.of(checkpoint, f"no {RUN_FILE} in the folder above: not a checkpoint of a train run")
-    record = json.loads(run_file.read_text())
+    from dora_analysis.readers.json_file import read_json_object
+
+    record = read_json_object(run_file, RUN_FILE)
     method = record["method"]
     num_labels = len(record["task"]["labels"])
     if method == "ft":
