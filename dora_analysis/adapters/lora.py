@@ -118,9 +118,11 @@ class LoRALinear(WrappedLinear):
             result.addmm_(down, self.lora_B.t(), alpha=self.scale)
         else:
             result = result + (F.linear(down, self.lora_B) * self.scale).to(result.dtype)
-        if x.dim() == 2:  # no view: FSDP2 warns about (and mishandles in-place ops on) returned views
+        if x.dim() == 2:
             return result
-        return result.view(*x.shape[:-1], self.out_features)
+        # Not a view (as matmul does): FSDP2 drops its pre-backward hook when an in-place op follows a
+        # returned view. Safe, since nothing else holds ``result``.
+        return torch.ops.aten._unsafe_view(result, (*x.shape[:-1], self.out_features))
 
     @torch.no_grad()
     def reset_adapter_parameters(self) -> None:

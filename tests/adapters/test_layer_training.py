@@ -102,14 +102,18 @@ def test_16_bit_base_weights(cls, base_dtype, autocast):
 
 @pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
 @pytest.mark.parametrize("bias", [True, False])
-def test_in_place_op_after_the_layer(cls, bias):
+@pytest.mark.parametrize("shape", [(5,), (3, 5)])
+def test_in_place_op_after_the_layer(cls, bias, shape):
     torch.manual_seed(2)
     layer = cls(nn.Linear(24, 16, bias=bias), 4, 8)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.3)
     model = nn.Sequential(layer, nn.ReLU(inplace=True))
     reference = nn.Sequential(copy.deepcopy(layer), nn.ReLU())
-    x, grad = torch.randn(5, 24), torch.randn(5, 16)
+    x, grad = torch.randn(*shape, 24), torch.randn(*shape, 16)
+    for mode in (True, False):  # with autograd never a view: FSDP2 drops its hook on in-place ops on views
+        assert not layer.train(mode)(x)._is_view()
+    layer.train()
     model(x).backward(grad)  # raised "modified by an inplace operation" before
     reference(x).backward(grad)
     for (name, p), q in zip(layer.named_parameters(), reference[0].parameters(), strict=True):
