@@ -31,6 +31,7 @@ __all__ = [
     "RUN_FILE",
     "STATE_FILE",
     "prepare_out",
+    "remove_if_empty",
     "write_json",
     "versions",
     "save_checkpoint",
@@ -56,8 +57,10 @@ def existing_outputs(out: Path) -> list[Path]:
     )
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse (or, with ``overwrite``, clear only our own files from) a RUN_DIR that holds a run."""
+def prepare_out(out: Path, overwrite: bool) -> bool:
+    """Refuse (or, with ``overwrite``, clear only our own files from) a RUN_DIR that holds a run.
+
+    Returns whether the folder was created here (so a run that fails before writing can remove it)."""
     if out.exists() and not out.is_dir():
         raise InputError.of(out, "exists and is not a folder")
     existing = existing_outputs(out)
@@ -67,7 +70,17 @@ def prepare_out(out: Path, overwrite: bool) -> None:
         )
     for path in existing:  # only checkpoint-*/run.json: never anything else the user keeps there
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def remove_if_empty(out: Path) -> None:
+    """Remove a RUN_DIR this run created if nothing was written into it (a run that failed early)."""
+    try:
+        out.rmdir()  # fails, harmlessly, unless the folder is empty
+    except OSError:
+        pass
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -22,6 +22,7 @@ from dora_analysis.training.checkpoints import (
     RUN_FILE,
     config_record,
     prepare_out,
+    remove_if_empty,
     save_checkpoint,
     trainer_state,
     versions,
@@ -101,8 +102,7 @@ def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> P
             raise InputError.of(
                 "--fsdp", "shards over processes: start it with torchrun --nproc-per-node N (N >= 2)"
             )
-        if ranks.main:
-            prepare_out(out, config.overwrite)
+        created = prepare_out(out, config.overwrite) if ranks.main else False
         _barrier(ranks)  # nobody trains into a folder rank 0 has not checked
         threads_before = torch.get_num_threads()
         if config.threads is not None:
@@ -111,6 +111,10 @@ def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> P
             with torch.random.fork_rng(devices=[]):  # seed dropout without touching the caller's RNG
                 torch.manual_seed(config.seed)
                 return _run(config, model_path, task, out, progress if ranks.main else False, ranks)
+        except BaseException:
+            if created:  # e.g. --targets that match nothing: leave no empty RUN_DIR behind
+                remove_if_empty(out)
+            raise
         finally:
             torch.set_num_threads(threads_before)
     finally:

@@ -291,6 +291,14 @@ def test_targets_that_match_nothing_are_reported(tiny_model, tmp_path):
     config = TrainConfig(method="dora", out=tmp_path / "run", model=tiny_model, targets=("qkv",), **QUICK)
     with pytest.raises(InputError, match="qkv"):
         train(config, progress=False)
+    assert not config.out.exists()  # the RUN_DIR it created is removed again, being empty
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(InputError, match="qkv"):
+        train(
+            TrainConfig(method="dora", out=kept, model=tiny_model, targets=("qkv",), **QUICK), progress=False
+        )
+    assert kept.is_dir()  # a folder the user made stays
 
 
 def test_ctrl_c_while_saving_leaves_no_partial_checkpoint(tiny_model, tmp_path, monkeypatch):
