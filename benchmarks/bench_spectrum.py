@@ -19,6 +19,7 @@ of W_0 and W_t (the base's would be shared by every checkpoint of a series).
     python benchmarks/bench_spectrum.py --size 1024 --repeats 3
     python benchmarks/bench_spectrum.py --device cuda
     python benchmarks/bench_spectrum.py --variants decomposition,spectrum,spectrum-randomized  # no W_0 SVD
+    python benchmarks/bench_spectrum.py --base-spectrum decaying   # a base shaped like trained weights
 """
 
 from __future__ import annotations
@@ -38,10 +39,20 @@ NAME = "model.layers.0.self_attn.q_proj.weight"
 RANK = 16
 
 
-def make_checkpoints(folder: Path, size: int) -> dict[str, Path]:
+def make_base(size: int, spectrum: str, g: torch.Generator) -> torch.Tensor:
+    """``(size, size)`` float32 with entries of about 0.02 rms: Gaussian (a flat top spectrum) or
+    ``G1 diag(s) G2`` with ``s_i = (i + 8)^-0.6`` (decaying, like pre-trained weights' spectra)."""
+    if spectrum == "flat":
+        return 0.02 * torch.randn(size, size, generator=g)
+    s = (torch.arange(size, dtype=torch.float32) + 8) ** -0.6
+    base = (torch.randn(size, size, generator=g) * s) @ torch.randn(size, size, generator=g)
+    return base * (0.02 / float(base.square().mean().sqrt()))
+
+
+def make_checkpoints(folder: Path, size: int, spectrum: str = "flat") -> dict[str, Path]:
     """The base, an FT copy, and LoRA/DoRA adapter folders (rank 16, alpha 32) over it."""
     g = torch.Generator().manual_seed(0)
-    base = 0.02 * torch.randn(size, size, generator=g)
+    base = make_base(size, spectrum, g)
     save_file({NAME: base.to(torch.bfloat16)}, folder / "base.safetensors")
     tuned = base * (1 + 0.01 * torch.randn(size, 1, generator=g)) + 0.002 * torch.randn(
         size, size, generator=g
@@ -92,6 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--svd-rank", type=int, default=64)
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--base-spectrum",
+        choices=("flat", "decaying"),
+        default="flat",
+        help="the base weight: Gaussian (flat top spectrum, default) or with a decaying spectrum",
+    )
     parser.add_argument("--methods", default="ft,lora,dora", help="which tuned checkpoints (default all)")
     parser.add_argument(
         "--variants",
@@ -106,10 +123,11 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = Path(tempfile.mkdtemp(prefix="bench_spectrum_"))
     try:
-        paths = make_checkpoints(folder, args.size)
+        paths = make_checkpoints(folder, args.size, args.base_spectrum)
         base = folder / "base.safetensors"
         print(
-            f"{args.size}x{args.size} bf16, rank {RANK} adapters, device {args.device or 'cpu'}, "
+            f"{args.size}x{args.size} bf16 ({args.base_spectrum} base spectrum), rank {RANK} adapters, "
+            f"device {args.device or 'cpu'}, "
             f"torch threads {torch.get_num_threads()}, median of {args.repeats}"
         )
         known = {

@@ -12,9 +12,11 @@ from dora_analysis.analysis.spectrum import (
     SUBSPACE_COLUMN,
     SpectrumOptions,
     factored_svd,
+    intruder_count,
     randomized_svd,
     tensor_spectra,
     update_metrics,
+    vector_errors,
 )
 from dora_analysis.readers.base import LowRankUpdate
 
@@ -178,6 +180,55 @@ def test_randomized_path_is_within_its_stated_error():
     for column in ("update_rel_norm", "update_stable_rank", "update_rank90", "update_top_singular"):
         assert fast[column] == pytest.approx(exact[column], rel=1e-6), column
     assert math.isnan(fast["update_effective_rank"])  # needs the whole spectrum: not claimed
+
+
+def test_randomized_intruders_fall_back_to_the_exact_svd_on_a_flat_spectrum(monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    # Gaussian weights: a flat top spectrum, where a randomised range finder's vectors are mixtures
+    base = torch.randn(300, 240, generator=g, dtype=torch.float64)
+    tuned = base + 0.01 * torch.randn(300, 240, generator=g, dtype=torch.float64)
+    options = SpectrumOptions(svd_rank=10, power_iterations=2)
+    raw_u, raw_sigma = randomized_svd(tuned, 10, power_iterations=2)
+    expected = _reference_intruders(base.numpy(), tuned.numpy(), 10, 0.5)
+    assert intruder_count(raw_u, torch.linalg.svd(base)[0], 0.5) != expected  # unchecked, they miscount
+    exact_calls = _count_exact_svds(monkeypatch)
+    record = tensor_spectra(base, [lambda: tuned], {"intruders"}, options)[0]
+    assert record["intruder_dimensions"] == expected
+    assert exact_calls.count((300, 240)) == 2  # the base's, and the fallback for the tuned weight
+
+    # a planted low-rank update over the same base: clear gaps, the randomised count is certified
+    u, _ = torch.linalg.qr(torch.randn(300, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(240, 6, generator=g, dtype=torch.float64))
+    planted = base + u @ torch.diag(torch.tensor([400.0, 300, 220, 160, 120, 90], dtype=torch.float64)) @ v.T
+    exact_calls.clear()
+    record = tensor_spectra(
+        base, [lambda: planted], {"intruders"}, SpectrumOptions(svd_rank=10, intruder_k=6)
+    )[0]
+    assert record["intruder_dimensions"] == _reference_intruders(base.numpy(), planted.numpy(), 6, 0.5) == 6
+    assert exact_calls.count((300, 240)) == 1  # only the base's
+
+
+def test_vector_errors_bound_the_true_angles():
+    g = torch.Generator().manual_seed(12)
+    u, _ = torch.linalg.qr(torch.randn(200, 150, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(150, 150, generator=g, dtype=torch.float64))
+    matrix = u @ torch.diag(0.9 ** torch.arange(150, dtype=torch.float64)) @ v.T
+    for iterations in (0, 1, 3):
+        left, sigma = randomized_svd(matrix, 10, power_iterations=iterations)
+        true_sin = torch.sqrt((1 - (left[:, :10] * u[:, :10]).sum(0).square()).clamp(min=0))
+        assert torch.all(true_sin <= vector_errors(matrix, left, sigma, 10) + 1e-12), iterations
+
+
+def _count_exact_svds(monkeypatch) -> list[tuple[int, int]]:
+    calls: list[tuple[int, int]] = []
+    svd = torch.linalg.svd
+
+    def counted(matrix, *args, **kwargs):
+        calls.append(tuple(matrix.shape))
+        return svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", counted)
+    return calls
 
 
 def test_update_metrics_rank90_beyond_a_partial_spectrum_is_unknown():
