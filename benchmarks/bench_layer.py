@@ -6,7 +6,9 @@ Each variant is built from the same base layer and adapter weights.
 
 Time: ``--reps`` timed repetitions of forward + ``backward(grad)`` with a fixed random output
 gradient (after ``--warmup`` untimed ones); the median is printed. All variants run interleaved,
-round by round, so a slow phase of the machine (other jobs) hits every variant alike.
+round by round, so a slow phase of the machine (other jobs) hits every variant alike. Each ratio
+line gives the ratio of the medians and, in brackets, the median and interquartile range of the
+per-round ratios (the two variants timed back to back): the spread there is the run's own noise.
 
 Peak memory: the kernel's peak resident set size, measured in a child process (the timing runs with
 the ordinary allocator). The child runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so glibc serves every tensor above 64 KiB by its own ``mmap`` and
@@ -275,6 +277,13 @@ def peaks_from_child(args) -> dict[tuple[str, int], float]:
     return peaks
 
 
+def paired(times: dict[str, list[float]], a: str, b: str) -> str:
+    """``a / b`` per round (the two timed back to back): ``[median, IQR q1-q3]`` as text."""
+    ratios = [x / y for x, y in zip(times[a], times[b], strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"[per round: median {statistics.median(ratios):.3f}, IQR {q1:.3f}-{q3:.3f}]"
+
+
 def _loadavg() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -349,7 +358,12 @@ def main() -> None:
         print(f"  ratios (load average now {_loadavg()}):")
         if args.mode == "eval":
             print(
-                f"    time  ours DoRA / ours LoRA  = {med['ours DoRA'] / med['ours LoRA']:.3f}   (target <= 1.05)"
+                f"    time  ours DoRA / ours LoRA  = {med['ours DoRA'] / med['ours LoRA']:.3f}   (target <= 1.05) "
+                f"{paired(times, 'ours DoRA', 'ours LoRA')}"
+            )
+            twin = "ours DoRA, detach_norm=False"  # the same computation in eval: its ratio is noise
+            print(
+                f"    time  {twin} / ours DoRA = {med[twin] / med['ours DoRA']:.3f} (same code here: noise)"
             )
             print(f"    time  PEFT DoRA / PEFT LoRA  = {med['PEFT DoRA'] / med['PEFT LoRA']:.3f}")
             cached = med["PEFT DoRA, DoraCaching()"]
@@ -358,10 +372,12 @@ def main() -> None:
             print(f"    peak  ours DoRA / ours LoRA  = {peaks['ours DoRA'] / peaks['ours LoRA']:.3f}")
             continue
         print(
-            f"    time  ours DoRA / ours LoRA  = {med['ours DoRA'] / med['ours LoRA']:.3f}   (target <= 1.10)"
+            f"    time  ours DoRA / ours LoRA  = {med['ours DoRA'] / med['ours LoRA']:.3f}   (target <= 1.10) "
+            f"{paired(times, 'ours DoRA', 'ours LoRA')}"
         )
         print(
-            f"    time  ours DoRA / PEFT DoRA  = {med['ours DoRA'] / med['PEFT DoRA']:.3f}   (target <= 0.85)"
+            f"    time  ours DoRA / PEFT DoRA  = {med['ours DoRA'] / med['PEFT DoRA']:.3f}   (target <= 0.85) "
+            f"{paired(times, 'ours DoRA', 'PEFT DoRA')}"
         )
         print(f"    time  PEFT DoRA / PEFT LoRA  = {med['PEFT DoRA'] / med['PEFT LoRA']:.3f}")
         print(f"    time  ours LoRA / PEFT LoRA  = {med['ours LoRA'] / med['PEFT LoRA']:.3f}")
