@@ -393,10 +393,13 @@ class DoRALinear(WrappedLinear):
         weight, bias = self.base.weight, self.base.bias
         result = F.linear(x, weight, bias)
         x = F.dropout(x, self.dropout, training=True)
+        autocast_on = compute_dtype(x) != x.dtype
+        if autocast_on:  # cast once for both products, not once each
+            x = x.to(compute_dtype(x))
         extra = (g - 1) * F.linear(x, weight).to(g.dtype)
         if self.lora_A is not None:
-            autocast_on = compute_dtype(x) != x.dtype or x.dtype == self.lora_A.dtype
-            down = F.linear(x if autocast_on else x.to(self.lora_A.dtype), self.lora_A)
+            same = autocast_on or x.dtype == self.lora_A.dtype  # else the factors' dtype, as before
+            down = F.linear(x if same else x.to(self.lora_A.dtype), self.lora_A)
             extra = extra + g * F.linear(down, self.lora_B).to(g.dtype) * self.scale
         return (result + extra).to(result.dtype)
 

@@ -106,12 +106,19 @@ class LoRALinear(WrappedLinear):
         if self.merged:
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)
-        result = F.linear(x2, self.base.weight, self.base.bias)  # (N, out), bit-identical to the base layer
-        if self.dropout > 0 and self.training:
-            x2 = F.dropout(x2, self.dropout, training=True)
         autocast_on = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
+        cast = autocast_on and x2.dtype != torch.float64  # what autocast casts (float64 it leaves)
+        # Cast once, as autocast would: otherwise each product casts (and saves) its own 16-bit copy.
+        x_base = x2.to(torch.get_autocast_dtype(x.device.type)) if cast else x2
+        result = F.linear(
+            x_base, self.base.weight, self.base.bias
+        )  # (N, out), bit-identical to the base layer
+        x_adapter = x_base
+        if self.dropout > 0 and self.training:
+            x_adapter = F.dropout(x2, self.dropout, training=True)  # on the input, then cast (as PEFT)
+            x_adapter = x_adapter.to(x_base.dtype) if cast else x_adapter
         # Under autocast F.linear picks the compute dtype itself; otherwise the factors' dtype.
-        down = F.linear(x2 if autocast_on else x2.to(self.lora_A.dtype), self.lora_A)  # (N, r)
+        down = F.linear(x_adapter if autocast_on else x_adapter.to(self.lora_A.dtype), self.lora_A)  # (N, r)
         if not autocast_on and result.dtype == down.dtype:
             # Fold the update into the base output in place: no extra (N, out) tensors. Safe for
             # autograd: neither the base matmul nor addmm_ saves ``result``.

@@ -73,11 +73,12 @@ def test_autocast_bf16_matches_float32_and_peft(use_dora):
 @pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
 @pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_16_bit_base_weights(cls, base_dtype, autocast):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_16_bit_base_weights(cls, base_dtype, autocast, dropout):
     torch.manual_seed(1)
     base32 = nn.Linear(24, 16)
-    ours = cls(copy.deepcopy(base32).to(base_dtype), 4, 8)
-    exact = cls(copy.deepcopy(base32), 4, 8)
+    ours = cls(copy.deepcopy(base32).to(base_dtype), 4, 8, dropout=dropout)
+    exact = cls(copy.deepcopy(base32), 4, 8, dropout=dropout)
     with torch.no_grad():
         base32.weight.copy_(ours.base.weight.float())  # the same (rounded) base for the reference
         base32.bias.copy_(ours.base.bias.float())
@@ -91,8 +92,10 @@ def test_16_bit_base_weights(cls, base_dtype, autocast):
             exact.magnitude.copy_(ours.magnitude)
     x, grad = torch.randn(6, 24), torch.randn(6, 16)
     dtype = base_dtype if autocast else None
+    torch.manual_seed(5)  # the same dropout mask in both
     y, gx = forward_backward(ours, x.to(base_dtype) if not autocast else x, grad, dtype)
     assert y.dtype == base_dtype
+    torch.manual_seed(5)
     y_ref, gx_ref = forward_backward(exact, x, grad)
     assert rel_err(y, y_ref) < BF16_TOL and rel_err(gx, gx_ref) < BF16_TOL
     for name in OURS[cls is DoRALinear]:
@@ -275,3 +278,23 @@ def test_sync_free_cancellation_fix_matches_the_exact_one(cancelled, monkeypatch
     else:  # more cancelled rows than the fixed budget: the 5 worst are fixed, no others touched
         fixed = (masked != sq).sum()
         assert fixed == 5 and torch.equal(masked[masked != sq], exact[masked != sq])
+
+
+@pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_autocast_casts_the_input_once(cls, dropout):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(3)
+    layer = cls(nn.Linear(24, 16), 4, 8, dropout=dropout)
+    x = torch.randn(3, 5, 24, requires_grad=True) * 1.0  # an activation: autocast's cast cache skips it
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)  # the forward: backward casts gradients of this shape too
+    casts = [
+        e
+        for e in prof.events()
+        if e.name == "aten::_to_copy" and e.input_shapes and list(e.input_shapes[0]) in ([3, 5, 24], [15, 24])
+    ]
+    # one cast for both products; with dropout the adapter's input is another tensor, cast once more
+    assert len(casts) == (1 if dropout == 0 else 2), [e.input_shapes for e in casts]
