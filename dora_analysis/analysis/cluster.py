@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dora_analysis.analysis.spectrum import SpectrumOptions
 from dora_analysis.errors import DoraAnalysisError, InputError
 from dora_analysis.readers.base import CheckpointReader, ReaderWrapper
 from dora_analysis.readers.hub import resolve_model
@@ -89,6 +90,9 @@ class GroupJob:
     device: str | None = None
     measure_memory: bool = False
     layout: str | None = None  # as compare_many's ``layout=`` (None: the config.json decides)
+    metrics: tuple[str, ...] = ("decomposition",)  # as compare_many's ``metrics=``
+    spectrum: SpectrumOptions | None = None  # as compare_many's ``spectrum=``
+    references: tuple[int | None, ...] | None = None  # φ references, as indices into ``tuned``
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,16 @@ def analyse_group(job: GroupJob) -> GroupResult:
         base = _Metered(stack.enter_context(open_checkpoint(Path(job.base))))
         shared = ReusingReader(base)  # adapters merging over the base reuse the tensor just read
         tuned = [_Metered(stack.enter_context(open_checkpoint(Path(p), base=shared))) for _, p in job.tuned]
-        frames = compare_many(shared, tuned, include=_exact(job.names), device=job.device, layout=job.layout)
+        frames = compare_many(
+            shared,
+            tuned,
+            include=_exact(job.names),
+            device=job.device,
+            layout=job.layout,
+            metrics=job.metrics,
+            spectrum=job.spectrum,
+            references=job.references,
+        )
         rows = [
             (index, frame.to_dict("records")) for (index, _), frame in zip(job.tuned, frames, strict=True)
         ]
@@ -328,12 +341,17 @@ def compare_many_on_cluster(
     cluster: Cluster | str | bool = True,
     *,
     layout: str | None = None,
+    metrics: Sequence[str] = ("decomposition",),
+    spectrum: SpectrumOptions | None = None,
+    references: Sequence[int | None] | None = None,
 ) -> list[pd.DataFrame]:
-    """:func:`~dora_analysis.analysis.comparison.compare_many` on Ray: the same frames, bit for bit.
+    """:func:`~dora_analysis.analysis.comparison.compare_many` on Ray: the same frames (ΔM/ΔD bit for
+    bit; the spectral columns up to the SVDs' rounding, which depends on each worker's thread count).
 
     Args:
         base, tuned: checkpoint paths every Ray worker can read (open readers cannot travel).
-        include, exclude, device, layout: as for ``compare_many`` (``cuda`` asks one GPU per task).
+        include, exclude, device, layout, metrics, spectrum, references: as for ``compare_many``
+            (``cuda`` asks one GPU per task; ``metrics`` as :func:`parse_metrics` returns them).
         progress: True for a bar over tasks on stderr, or a callable given the number of base
             tensors each finished task analysed.
         cluster: see :func:`as_cluster`.
@@ -341,7 +359,7 @@ def compare_many_on_cluster(
         InputError: as ``compare_many`` (from any worker, unwrapped from Ray's error), a reader
             given instead of a path, Ray missing, or no cluster at the address.
     """
-    from dora_analysis.analysis.comparison import COLUMNS, sort_rows
+    from dora_analysis.analysis.comparison import COLUMNS, metric_columns, sort_rows
 
     config = as_cluster(cluster) or Cluster()
     base_path, tuned_paths = _paths(base, tuned)
@@ -357,11 +375,25 @@ def compare_many_on_cluster(
             for k, (path, selection) in enumerate(zip(tuned_paths, selections, strict=True))
             if not wanted.isdisjoint(selection.pairs)
         )
+        local = {k: position for position, (k, _) in enumerate(members)}
         jobs.append(
-            GroupJob(index, str(base_path), members, tuple(names), device_name, config.measure_memory, layout)
+            GroupJob(
+                index,
+                str(base_path),
+                members,
+                tuple(names),
+                device_name,
+                config.measure_memory,
+                layout,
+                tuple(metrics),
+                spectrum,
+                # a reference outside the group has none of its tensors: φ is NaN there, as in-process
+                None if references is None else tuple(local.get(references[k]) for k, _ in members),
+            )
         )
     with _connected(ray, config):
         results = _run(ray, jobs, config, progress, device_name)
+    columns = COLUMNS + metric_columns(tuple(metrics), reference=references is not None)
     records: list[list[dict]] = [[] for _ in tuned_paths]
     for result in results:  # in group order, which is the in-process tensor order
         for index, rows in result.rows:
@@ -369,7 +401,7 @@ def compare_many_on_cluster(
     frames = []
     for rows, selection in zip(records, selections, strict=True):
         # Sorted by stack, layer, module and tensor, as in-process: the task order does not matter.
-        frame = sort_rows(pd.DataFrame(rows, columns=COLUMNS))
+        frame = sort_rows(pd.DataFrame(rows, columns=columns))
         frame.attrs["base_only"] = selection.base_only
         frame.attrs["tuned_only"] = selection.tuned_only
         frame.attrs["layout_rule"] = rule

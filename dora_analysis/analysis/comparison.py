@@ -452,10 +452,18 @@ def compare_many(
 
         if per_row:
             raise InputError.of("--per-row", "is not available with --cluster: run it in one process")
-        if spectral is not None:
-            raise InputError.of("--metrics", "only decomposition is available with --cluster so far")
         return compare_many_on_cluster(
-            base, tuned, include, exclude, progress, device, cluster, layout=layout
+            base,
+            tuned,
+            include,
+            exclude,
+            progress,
+            device,
+            cluster,
+            layout=layout,
+            metrics=groups,
+            spectrum=spectrum,
+            references=references,
         )
     device = resolve_device(device)
     with ExitStack() as stack:

@@ -369,7 +369,7 @@ def analyze_series(
         >>> df = analyze_series(None, ["runs/ft", "runs/lora", "runs/dora"])  # doctest: +SKIP
         >>> df.groupby(["method", "step"])[["delta_magnitude", "delta_direction"]].mean()  # doctest: +SKIP
     """
-    from dora_analysis.analysis.comparison import compare_many, metric_columns, parse_metrics
+    from dora_analysis.analysis.comparison import compare_many, parse_metrics
 
     checkpoints = run_checkpoints(runs, method)
     if not checkpoints:
@@ -379,13 +379,22 @@ def analyze_series(
     if cluster is not None and cluster is not False:
         from dora_analysis.analysis.cluster import compare_many_on_cluster
 
-        if parse_metrics(metrics) != ("decomposition",):
-            raise InputError.of("--metrics", "only decomposition is available with --cluster so far")
-        paths = [c.path for c in checkpoints]
+        groups = parse_metrics(metrics)
+        spectral = "spectrum" in groups
         frames = compare_many_on_cluster(
-            base, paths, include, exclude, progress, device, cluster, layout=layout
+            base,
+            [c.path for c in checkpoints],
+            include,
+            exclude,
+            progress,
+            device,
+            cluster,
+            layout=layout,
+            metrics=groups,
+            spectrum=spectrum,
+            references=_finals(checkpoints) if spectral else None,
         )
-        return _assemble(checkpoints, frames)
+        return _assembled_with_metrics(checkpoints, frames, groups)
     on_new = progress if callable(progress) else None
     owned = None
     if isinstance(base, CheckpointReader):
@@ -417,7 +426,15 @@ def analyze_series(
     finally:
         if owned is not None:
             owned.close()
-    groups = parse_metrics(metrics)
+    return _assembled_with_metrics(checkpoints, frames, parse_metrics(metrics))
+
+
+def _assembled_with_metrics(
+    checkpoints: list[Checkpoint], frames: list[pd.DataFrame], groups: tuple[str, ...]
+) -> pd.DataFrame:
+    """:func:`_assemble` with the metric groups' columns, φ's named ``subspace_to_final``."""
+    from dora_analysis.analysis.comparison import metric_columns
+
     extra = metric_columns(groups, reference="spectrum" in groups)
     frames = [f.rename(columns={SUBSPACE_COLUMN: FINAL_COLUMN}) for f in frames]
     return _assemble(checkpoints, frames, [FINAL_COLUMN if c == SUBSPACE_COLUMN else c for c in extra])

@@ -180,6 +180,21 @@ def test_series_on_ray_is_the_in_process_frame_and_reads_each_base_tensor_once(
     assert len({r.worker for r in reports}) == 2  # both workers took part
 
 
+def test_spectral_series_on_ray_is_the_in_process_frame(tiny_runs, local_ray):
+    """The spectrum, intruder and φ-to-final columns too: φ needs each run's final checkpoint in the
+    same task as every other one of its steps, which tasks split by tensor keep."""
+    base_dir, runs = tiny_runs
+    metrics = "decomposition,spectrum,intruders"
+    expected = analyze_series(base_dir, runs, metrics=metrics)
+    got = analyze_series(base_dir, runs, metrics=metrics, cluster=cl.Cluster(group_bytes=40_000))
+    assert list(got.columns) == list(expected.columns) and "subspace_to_final" in got
+    assert got["subspace_to_final"].notna().any() and got["intruder_dimensions"].notna().any()
+    # ΔM/ΔD bit for bit; the SVDs' rounding depends on the workers' thread count
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-9, atol=1e-12)
+    decomposition = ["delta_magnitude", "delta_direction", "rows"]
+    pd.testing.assert_frame_equal(got[decomposition], expected[decomposition], check_exact=True)
+
+
 def test_compare_on_ray_keeps_dtypes_and_attrs(tiny_runs, local_ray):
     base_dir, runs = tiny_runs
     ft, lora = runs[0] / "checkpoint-20", runs[1] / "checkpoint-10"
