@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,7 +394,7 @@ def compare_many(
     tuned: Sequence[PathOrReader],
     include: str | None = None,
     exclude: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[int], None] = False,
     device: str | torch.device | None = None,
     cluster: Cluster | str | bool | None = None,
     *,
@@ -412,7 +412,8 @@ def compare_many(
             ``tuned`` must name the same one).
         tuned: fine-tuned checkpoints or adapter folders over ``base`` (paths or open readers).
         include, exclude: regular expressions on tensor names (see :func:`select_tensors`).
-        progress: show a progress bar on stderr (only where stderr is a terminal).
+        progress: show a progress bar on stderr (only where stderr is a terminal); with ``cluster``
+            also a callable, given the number of base tensors each finished task analysed.
         device: where the tensors are analysed (e.g. ``"cuda"``); default: where the reader puts them.
         cluster: run on Ray (``True``: a local Ray for the call; ``"auto"``/``"HOST:PORT"``: join a
             cluster; see :mod:`dora_analysis.analysis.cluster`); the frames are the same, bit for bit.

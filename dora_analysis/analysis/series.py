@@ -376,25 +376,23 @@ def analyze_series(
         raise InputError.of(runs, "no checkpoint found")
     if base is None:
         base = _base_from_runs(checkpoints)
-    if cluster is not None and cluster is not False:
-        from dora_analysis.analysis.cluster import compare_many_on_cluster
-
-        groups = parse_metrics(metrics)
-        spectral = "spectrum" in groups
-        frames = compare_many_on_cluster(
+    if cluster is not None and cluster is not False:  # compare_many hands it to Ray: one pass, all steps
+        spectral = "spectrum" in parse_metrics(metrics)
+        paths = [c.path for c in checkpoints]
+        frames = compare_many(
             base,
-            [c.path for c in checkpoints],
+            paths,
             include,
             exclude,
             progress,
             device,
             cluster,
             layout=layout,
-            metrics=groups,
+            metrics=metrics,
             spectrum=spectrum,
             references=_finals(checkpoints) if spectral else None,
         )
-        return _assembled_with_metrics(checkpoints, frames, groups)
+        return _assembled_with_metrics(checkpoints, frames, parse_metrics(metrics))
     on_new = progress if callable(progress) else None
     owned = None
     if isinstance(base, CheckpointReader):
