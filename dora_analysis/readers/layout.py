@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -35,6 +35,7 @@ __all__ = [
     "ModelLayout",
     "find_config",
     "model_layout",
+    "model_names",
 ]
 
 #: ``--layout`` values and the row layout each forces; ``auto`` decides per tensor as above.
@@ -179,6 +180,22 @@ def model_layout(sources: list[Path | str], override: str | None = None) -> Mode
     if built is None:
         return ModelLayout(config=config, model_type=model_type)
     return ModelLayout(config=config, model_type=model_type, modules=built[0], rename=built[1])
+
+
+def model_names(source: Path | str, names: Iterable[str]) -> dict[str, str]:
+    """``{the model's own name: stored name}`` for the stored ``names`` that the model described by the
+    ``config.json`` beside ``source`` loads under another name (transformers 5 loads ViT's stored
+    ``encoder.layer.0.attention.attention.query.weight`` as ``layers.0.attention.q_proj.weight``, and
+    PEFT names an adapter's modules after the loaded model). Empty without a config or renamings."""
+    rename = model_layout([source]).rename
+    if rename is None:
+        return {}
+    found = {}
+    for name in names:
+        renamed = rename(canonical_name(name))
+        if renamed != canonical_name(name):
+            found[renamed] = name
+    return found
 
 
 @lru_cache(maxsize=8)

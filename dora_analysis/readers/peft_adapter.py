@@ -18,6 +18,7 @@ from dora_analysis.readers.adapter_config import AdapterConfig, read_adapter_con
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.files import open_weight_file
 from dora_analysis.readers.json_file import read_json
+from dora_analysis.readers.layout import model_names
 from dora_analysis.readers.merged import BiasTarget, Entry, MergedReader, MergeTarget, StoredCopy
 from dora_analysis.readers.names import match_names
 
@@ -133,6 +134,11 @@ def _entries(config: AdapterConfig, factors: CheckpointReader, base: CheckpointR
         wanted.setdefault(name, ("copy", name))
     matched = match_names(base.names(), list(wanted))
     base_name_of = {tuned: base_name for base_name, tuned in matched.pairs}
+    unmatched = [n for n, (kind, _) in wanted.items() if kind != "copy" and n not in base_name_of]
+    if unmatched:  # PEFT names modules as the model loads them; some families are stored under older names
+        loaded = model_names(base.source, base.names())
+        again = match_names(list(loaded), unmatched) if loaded else None
+        base_name_of.update({tuned: loaded[name] for name, tuned in again.pairs} if again else {})
     entries: dict[str, Entry] = {}
     for tuned_name, (kind, path) in wanted.items():
         base_name = base_name_of.get(tuned_name)

@@ -75,8 +75,9 @@ FAMILIES = {
     ),
 }  # fmt: skip
 
-# ViT is left out: transformers 5 saves it under its old names (encoder.layer.0.attention.attention.query)
-# while its modules (and so PEFT adapters) are named layers.0.attention.q_proj; CLIP covers vision.
+# ViT has its own test below: transformers 5 saves it under its old names
+# (encoder.layer.0.attention.attention.query) while its modules, and so PEFT adapters, are named
+# layers.0.attention.q_proj.
 
 # Stacks and modules a family must keep apart (a BART or T5 series never pools them).
 SEPARATE = {
@@ -311,3 +312,50 @@ def test_families_saved_under_older_names_still_get_the_models_layout(
     assert (frame["delta_direction"].abs() < 1e-12).all()
     if model_class == "GPTNeoXForCausalLM":
         assert frame.set_index("tensor").loc["embed_out.weight", "rows"] == 50  # vocabulary rows
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_vit_adapter_named_after_the_loaded_modules_finds_its_stored_base(
+    use_dora: bool, tmp_path: Path
+) -> None:
+    """A PEFT adapter on transformers 5's ViT names ``layers.0.attention.q_proj``; the base stores
+    ``encoder.layer.0.attention.attention.query``. The model's own renamings pair them, and the adapter
+    equals PEFT's ``merge_and_unload`` (saved, under the stored names) and the float64 reference."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        image_size=8,
+        patch_size=4,
+    )
+    model = transformers.ViTModel(config).eval()
+    model.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(
+        model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=use_dora)
+    )
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=generator))
+            elif "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LayoutWarning)
+        frame = compare(tmp_path / "base", tmp_path / "adapter")
+    expected = {
+        f"encoder.layer.{i}.attention.attention.{m}.weight" for i in range(2) for m in ("query", "value")
+    }
+    assert set(frame["tensor"]) == expected and set(frame["layout"]) == {"linear"}
+    base = {n: t.double().numpy() for n, t in load_file(tmp_path / "base" / "model.safetensors").items()}
+    merged = {n: t.double().numpy() for n, t in load_file(tmp_path / "merged" / "model.safetensors").items()}
+    assert set(expected) <= set(merged)  # PEFT's merge, saved under the stored names
+    _check(frame, {n: base[n] for n in expected}, {n: merged[n] for n in expected}, rel=1e-5)
