@@ -44,6 +44,7 @@ __all__ = [
     "GroupResult",
     "as_cluster",
     "plan_groups",
+    "spectral_memory",
     "analyse_group",
     "compare_many_on_cluster",
 ]
@@ -52,6 +53,10 @@ __all__ = [
 # is noise next to reading the group, small enough to keep every worker busy to the end (a 1 GB
 # model gives ~16 tasks; a 70B bf16 model, ~140 GB, ~2200: well within what Ray schedules).
 GROUP_BYTES = 64 << 20
+# Memory a task with spectral metrics reserves (Ray's ``memory=``), in float64 copies of its largest
+# matrix: its rows, the dense update, W_t, the SVDs' factors and LAPACK's workspace (measured: a worker
+# grew by 8.2 copies of a 5504 x 2048 update). ΔM/ΔD alone streams row blocks and reserves nothing.
+SPECTRAL_COPIES = 10
 EXTRA = 'Ray is not installed: --cluster needs the cluster extra (pip install "dora-analysis[cluster]")'
 _ADDRESS = re.compile(r"^(auto|local|ray://\S+|[A-Za-z0-9_.\-]+:\d+|\[[0-9A-Fa-f:.]+\]:\d+)$")
 
@@ -93,6 +98,7 @@ class GroupJob:
     metrics: tuple[str, ...] = ("decomposition",)  # as compare_many's ``metrics=``
     spectrum: SpectrumOptions | None = None  # as compare_many's ``spectrum=``
     references: tuple[int | None, ...] | None = None  # φ references, as indices into ``tuned``
+    memory: int | None = None  # bytes the task reserves from Ray (spectral metrics), None: none
 
 
 @dataclass(frozen=True)
@@ -200,6 +206,18 @@ def _plan(
         order = list(dict.fromkeys(name for s in selections for name in s.pairs))
         sizes = {name: _numel(base_reader.shape(name)) * _itemsize(base_reader.dtype(name)) for name in order}
     return selections, order, sizes, layouts.rule, ambiguous
+
+
+def spectral_memory(numel: int) -> int:
+    """Bytes a task with spectral metrics reserves for a largest matrix of ``numel`` elements."""
+    return SPECTRAL_COPIES * 8 * numel
+
+
+def _numels(base: Path, names: Sequence[str]) -> dict[str, int]:
+    from dora_analysis.readers import open_checkpoint
+
+    with open_checkpoint(base) as reader:
+        return {name: _numel(reader.shape(name)) for name in names}
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -366,6 +384,7 @@ def compare_many_on_cluster(
     device_name = _device_name(device)
     ray = import_ray()  # before any planning: a missing extra is the first thing to say
     selections, order, sizes, rule, ambiguous = _plan(base_path, tuned_paths, include, exclude, layout)
+    numels = _numels(base_path, order) if tuple(metrics) != ("decomposition",) else None
     groups = plan_groups(order, sizes, config.group_bytes or GROUP_BYTES)
     jobs = []
     for index, names in enumerate(groups):
@@ -389,6 +408,7 @@ def compare_many_on_cluster(
                 spectrum,
                 # a reference outside the group has none of its tensors: φ is NaN there, as in-process
                 None if references is None else tuple(local.get(references[k]) for k, _ in members),
+                None if numels is None else spectral_memory(max(numels[n] for n in names)),
             )
         )
     with _connected(ray, config):
@@ -496,7 +516,18 @@ def _run(
         options["num_gpus"] = 1
     cpus = max(1, int(resources.get("CPU", 1)) // max(1, config.cpus_per_task))
     limit = config.max_in_flight or 2 * cpus
-    remote = ray.remote(_run_group).options(**options)
+    task = ray.remote(_run_group)
+    remote = task.options(**options)
+    largest = _largest_node_memory(ray)
+
+    def submit(job: GroupJob):
+        if job.memory is None:
+            return remote.remote(job)
+        # Ray then runs no more of these on a node than its memory holds; a reservation above every
+        # node's memory would never be scheduled, so it is capped there (the task then runs alone).
+        reserve = job.memory if largest is None else min(job.memory, largest)
+        return task.options(**options, memory=reserve).remote(job)
+
     bar = _progress_bar(len(jobs), progress is True)
     tick = progress if callable(progress) else None
     results: list[GroupResult | None] = [None] * len(jobs)
@@ -510,7 +541,7 @@ def _run(
                 if job is None:
                     more = False
                     break
-                pending[remote.remote(job)] = job
+                pending[submit(job)] = job
             if not pending:
                 break
             # A timeout keeps the loop in Python now and then, so Ctrl-C is seen promptly.
@@ -545,6 +576,15 @@ def _run(
         bar.close()
     assert all(r is not None for r in results)
     return results  # type: ignore[return-value]
+
+
+def _largest_node_memory(ray) -> int | None:
+    """The largest ``memory`` resource of a live node (bytes), or None where Ray does not say."""
+    try:
+        found = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    except Exception:  # noqa: BLE001 - an older or remote client without node listings
+        return None
+    return int(max(found)) if found and max(found) > 0 else None
 
 
 def _first_line(error: BaseException) -> str:

@@ -7,6 +7,7 @@ and joins it by address from another process. Ray starts slowly: keep the Ray-us
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -193,6 +194,36 @@ def test_spectral_series_on_ray_is_the_in_process_frame(tiny_runs, local_ray):
     pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-9, atol=1e-12)
     decomposition = ["delta_magnitude", "delta_direction", "rows"]
     pd.testing.assert_frame_equal(got[decomposition], expected[decomposition], check_exact=True)
+
+
+def test_spectral_tasks_reserve_memory_for_their_largest_matrix(tiny_runs, monkeypatch):
+    """Spectral tasks hold several float64 copies of a matrix (SVD factors, workspace): each reserves
+    memory from Ray for its largest one, capped at the largest node's; ΔM/ΔD tasks reserve none."""
+    from contextlib import nullcontext
+
+    base_dir, runs = tiny_runs
+    jobs: list = []
+    monkeypatch.setattr(cl, "_connected", lambda ray, config: nullcontext())
+    monkeypatch.setattr(cl, "_run", lambda ray, batch, *rest: jobs.extend(batch) or [])
+    tuned = [runs[0] / "checkpoint-20"]
+    cl.compare_many_on_cluster(base_dir, tuned, cluster=cl.Cluster(group_bytes=40_000))
+    assert jobs and all(job.memory is None for job in jobs)
+    jobs.clear()
+    cl.compare_many_on_cluster(
+        base_dir, tuned, cluster=cl.Cluster(group_bytes=40_000), metrics=("decomposition", "spectrum")
+    )
+    with open_checkpoint(base_dir) as reader:
+        for job in jobs:
+            largest = max(math.prod(reader.shape(n)) for n in job.names)
+            assert job.memory == cl.spectral_memory(largest) == cl.SPECTRAL_COPIES * 8 * largest
+
+    class Nodes:
+        def __init__(self, nodes):
+            self.nodes = lambda: nodes
+
+    alive = [{"Alive": True, "Resources": {"memory": 4e9}}, {"Alive": True, "Resources": {"memory": 8e9}}]
+    assert cl._largest_node_memory(Nodes(alive + [{"Alive": False, "Resources": {"memory": 1e12}}])) == 8e9
+    assert cl._largest_node_memory(Nodes([])) is None
 
 
 def test_compare_on_ray_keeps_dtypes_and_attrs(tiny_runs, local_ray):
