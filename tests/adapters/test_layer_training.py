@@ -256,6 +256,32 @@ def test_torch_compile_same_outputs_and_gradients():
     assert (end - start).abs().min() > 0
 
 
+def test_torch_compile_with_inductor_the_default_backend():
+    """What users get from plain ``torch.compile``: generated C++ kernels, no graph break; the fused
+    reductions may sum in another order, hence float32 tolerances rather than equality."""
+    torch.manual_seed(8)
+    layer = DoRALinear(nn.Linear(64, 32), 4, 8)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    reference = copy.deepcopy(layer)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    x, grad = torch.randn(5, 7, 64), torch.randn(5, 7, 32)
+    y = compiled(x)
+    y.backward(grad)
+    expected = reference(x)
+    expected.backward(grad)
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=1e-5)
+    for p, q in zip(layer.parameters(), reference.parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+    assert layer.magnitude.grad.abs().sum() > 0
+    layer.eval()
+    reference.eval()
+    with torch.no_grad():  # eval under compile bypasses the g cache: the same numbers
+        torch.testing.assert_close(compiled(x), reference(x), atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cancelled", [3, 8])  # rows the update nearly cancels (all 8 in the second case)
 def test_sync_free_cancellation_fix_matches_the_exact_one(cancelled, monkeypatch):
     """Off the CPU the cancelled rows are fixed with a fixed-size topk and a mask: same result."""
