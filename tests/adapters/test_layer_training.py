@@ -256,11 +256,12 @@ def test_torch_compile_same_outputs_and_gradients():
     assert (end - start).abs().min() > 0
 
 
-def test_torch_compile_with_inductor_the_default_backend():
+@pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
+def test_torch_compile_with_inductor_the_default_backend(cls):
     """What users get from plain ``torch.compile``: generated C++ kernels, no graph break; the fused
     reductions may sum in another order, hence float32 tolerances rather than equality."""
     torch.manual_seed(8)
-    layer = DoRALinear(nn.Linear(64, 32), 4, 8)
+    layer = cls(nn.Linear(64, 32), 4, 8)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.3)
     reference = copy.deepcopy(layer)
@@ -275,7 +276,7 @@ def test_torch_compile_with_inductor_the_default_backend():
     for p, q in zip(layer.parameters(), reference.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
-    assert layer.magnitude.grad.abs().sum() > 0
+    assert not y._is_view() and (cls is LoRALinear or layer.magnitude.grad.abs().sum() > 0)
     layer.eval()
     reference.eval()
     with torch.no_grad():  # eval under compile bypasses the g cache: the same numbers
