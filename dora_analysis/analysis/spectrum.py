@@ -47,11 +47,11 @@ when the top q singular values reach 90% of it and NaN otherwise; ``update_effec
 whole spectrum and is NaN unless the top q capture all of ||ΔW||_F^2 (to 1e-12), i.e. the update has
 rank <= q. The base's SVD stays exact. Singular *vectors* from the randomised path are accurate only
 where the spectrum has a gap after them: on a flat top spectrum the intruder count came out 9 where
-the exact SVD finds 0. So the randomised intruder count is checked: each top-k
-vector's error is estimated from its residual and the gaps to the other values (Davis-Kahan,
-:func:`vector_errors`, two thin products); where it could move a cosine across ε, the power
-iterations are doubled (4, 9, 19, ...) while they cost less than the exact SVD, and failing that the
-matrix gets the exact SVD. φ from randomised vectors is not checked this way (it is continuous in them).
+the exact SVD finds 0. So the randomised intruder count is checked: each top-k vector's error is
+estimated from its residual and the gaps to the other values (Davis-Kahan, :func:`vector_errors`,
+two thin products); where it could move a cosine across ε, the power iterations are doubled (4, 9,
+19, ...) while they cost less than the exact SVD, and failing that the matrix gets the exact SVD.
+φ from randomised vectors is not checked this way (it is continuous in them).
 """
 
 from __future__ import annotations
