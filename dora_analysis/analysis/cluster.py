@@ -384,7 +384,8 @@ def compare_many_on_cluster(
     device_name = _device_name(device)
     ray = import_ray()  # before any planning: a missing extra is the first thing to say
     selections, order, sizes, rule, ambiguous = _plan(base_path, tuned_paths, include, exclude, layout)
-    numels = _numels(base_path, order) if tuple(metrics) != ("decomposition",) else None
+    spectral = tuple(metrics) != ("decomposition",) or references is not None  # φ needs SVDs too
+    numels = _numels(base_path, order) if spectral else None
     groups = plan_groups(order, sizes, config.group_bytes or GROUP_BYTES)
     jobs = []
     for index, names in enumerate(groups):
