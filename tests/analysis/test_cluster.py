@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from series_builders import make_runs
 
 from dora_analysis.analysis import cluster as cl
-from dora_analysis.analysis.comparison import compare_many
+from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.analysis.series import analyze_series
 from dora_analysis.commands.main import build_parser, main
 from dora_analysis.errors import InputError
@@ -194,6 +194,12 @@ def test_spectral_series_on_ray_is_the_in_process_frame(tiny_runs, local_ray):
     pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-9, atol=1e-12)
     decomposition = ["delta_magnitude", "delta_direction", "rows"]
     pd.testing.assert_frame_equal(got[decomposition], expected[decomposition], check_exact=True)
+    # compare A B --relative: φ between two checkpoints of one base, the reference in the same tasks
+    a, b = runs[0] / "checkpoint-10", runs[0] / "checkpoint-20"
+    expected = compare(base_dir, b, reference=a)
+    got = compare(base_dir, b, reference=a, cluster=cl.Cluster(group_bytes=40_000))
+    assert got["subspace_to_reference"].notna().all()
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-9, atol=1e-12)
 
 
 def test_spectral_tasks_reserve_memory_for_their_largest_matrix(tiny_runs, monkeypatch):
