@@ -153,13 +153,7 @@ def test_family_layouts_names_ft_and_adapters(family: str, tmp_path: Path) -> No
             r=2, lora_alpha=4, target_modules=targets, use_dora=use_dora, fan_in_fan_out=family == "gpt2"
         ),
     )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=generator))
-            elif "lora_" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    generator = _move_adapter(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     merged_model = peft_model.merge_and_unload()
     merged = {n: _rows64(m.weight, t) for n, (m, t) in _true_rows(merged_model).items() if n in truth}
@@ -207,6 +201,18 @@ def test_family_layouts_names_ft_and_adapters(family: str, tmp_path: Path) -> No
     keys = list(zip(frame["stack"], frame["layer"].astype(object), frame["module"], strict=True))
     assert len(set(keys)) == len(keys)
     assert SEPARATE.get(family, set()) <= set(zip(frame["stack"], frame["module"], strict=True))
+
+
+def _move_adapter(peft_model: torch.nn.Module) -> torch.Generator:
+    """Move every LoRA factor (and DoRA magnitude) off its initial value; returns the generator, for more."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=generator))
+            elif "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return generator
 
 
 def _saved_names(folder: Path) -> list[str]:
@@ -339,13 +345,7 @@ def test_vit_adapter_named_after_the_loaded_modules_finds_its_stored_base(
     peft_model = get_peft_model(
         model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=use_dora)
     )
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=generator))
-            elif "lora_" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    _move_adapter(peft_model)
     peft_model.save_pretrained(tmp_path / "adapter")
     peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
     with warnings.catch_warnings():
