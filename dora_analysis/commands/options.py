@@ -171,6 +171,13 @@ def add_cluster_argument(parser: argparse.ArgumentParser) -> None:
         help="run on Ray (pip install 'dora-analysis[cluster]'): alone, a local Ray for this command; "
         "'auto' or HOST:PORT joins a running cluster. Paths must be visible to every worker",
     )
+    parser.add_argument(
+        "--task-mb",
+        type=positive_float,
+        metavar="MB",
+        help="with --cluster: base weights per Ray task (default 64); smaller spreads the SVDs of "
+        "--metrics spectrum,intruders over more workers",
+    )
 
 
 def add_layout_argument(parser: argparse.ArgumentParser) -> None:
@@ -236,13 +243,27 @@ def add_job_arguments(parser: argparse.ArgumentParser, name: str, quick: str) ->
     add_model_argument(parser)
 
 
+def _cluster(args: argparse.Namespace):
+    """``--cluster`` as given, or with ``--task-mb`` a Cluster of that task size."""
+    task_mb = getattr(args, "task_mb", None)
+    if task_mb is None:
+        return args.cluster
+    if args.cluster is None:
+        raise InputError.of("--task-mb", "sizes the Ray tasks: use it with --cluster")
+    from dataclasses import replace
+
+    from dora_analysis.analysis.cluster import as_cluster
+
+    return replace(as_cluster(args.cluster), group_bytes=max(1, int(task_mb * 2**20)))
+
+
 def analysis_options(args: argparse.Namespace) -> dict:
     """The keyword arguments ``compare`` and ``analyze_series`` take from the shared options."""
     return {
         "include": args.include,
         "exclude": args.exclude,
         "device": args.device,
-        "cluster": args.cluster,
+        "cluster": _cluster(args),
         "layout": args.layout,
         "metrics": args.metrics,
         "spectrum": spectrum_options(args),

@@ -28,6 +28,7 @@ from dora_analysis.analysis import cluster as cl
 from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.analysis.series import analyze_series
 from dora_analysis.commands.main import build_parser, main
+from dora_analysis.commands.options import analysis_options
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint
 
@@ -299,6 +300,9 @@ def test_cli_options_and_their_errors(tiny_runs, monkeypatch, capsys):
     assert parse(["series", "b", "r", "--cluster", "auto"]).cluster == "auto"
     assert parse(["compare", "b", "t", "--cluster=10.0.0.1:6379"]).cluster == "10.0.0.1:6379"
     assert parse(["compare", "b", "t"]).cluster is None
+    sized = analysis_options(parse(["series", "b", "r", "--cluster", "auto", "--task-mb", "8"]))["cluster"]
+    assert sized == cl.Cluster(address="auto", group_bytes=8 << 20)
+    assert analysis_options(parse(["series", "b", "r", "--cluster"]))["cluster"] == "local"
     with pytest.raises(InputError, match="not a Ray address"):
         cl.as_cluster("runs/ft")  # `series --cluster BASE RUN...` would take BASE as the address
     with open_checkpoint(base_dir) as reader, pytest.raises(InputError, match="not an open reader"):

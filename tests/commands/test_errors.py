@@ -46,6 +46,8 @@ CASES = [
     ("compare {root}/base {root}/tuned --include [", "--include"),
     ("compare {root}/base {root}/tuned --exclude (a", "--exclude"),
     ("compare {root}/base {root}/tuned --device xla", "--device"),
+    ("compare {root}/base {root}/tuned --task-mb 8", "--task-mb"),
+    ("compare {root}/base {root}/tuned --task-mb 0 --cluster", "--task-mb"),
     ("compare {root}/base {root}/tuned --device meta", "--device"),
     ("compare {root}/base {root}/tuned --device gpu0", "--device"),
     ("compare {root}/base {root}/tuned --format xml", "--format"),
