@@ -393,9 +393,10 @@ class DoRALinear(WrappedLinear):
         weight, bias = self.base.weight, self.base.bias
         result = F.linear(x, weight, bias)
         x = F.dropout(x, self.dropout, training=True)
-        autocast_on = compute_dtype(x) != x.dtype
+        dtype = compute_dtype(x)
+        autocast_on = dtype != x.dtype
         if autocast_on:  # cast once for both products, not once each
-            x = x.to(compute_dtype(x))
+            x = x.to(dtype)
         extra = (g - 1) * F.linear(x, weight).to(g.dtype)
         if self.lora_A is not None:
             same = autocast_on or x.dtype == self.lora_A.dtype  # else the factors' dtype, as before

@@ -190,9 +190,10 @@ def plan_groups(order: Sequence[str], sizes: dict[str, int], group_bytes: int) -
 
 def _plan(
     base: Path, tuned: Sequence[Path], include: str | None, exclude: str | None, layout: str | None
-) -> tuple[list, list[str], dict[str, int], str, list[str]]:
-    """The in-process run's selections and tensor order, each base tensor's stored bytes, the rule
-    that decided the layouts and the tensors whose layout only the name suggested (warned once, here)."""
+) -> tuple[list, list[str], dict[str, int], dict[str, int], str, list[str]]:
+    """The in-process run's selections and tensor order, each base tensor's stored bytes and element
+    count, the rule that decided the layouts and the tensors whose layout only the name suggested
+    (warned once, here)."""
     from dora_analysis.analysis.comparison import _layout_sources, _warn_ambiguous, select_tensors
     from dora_analysis.readers import open_checkpoint
     from dora_analysis.readers.layout import model_layout
@@ -204,20 +205,14 @@ def _plan(
         selections = [select_tensors(base_reader, r, include, exclude, layouts) for r in readers]
         ambiguous = _warn_ambiguous(selections)
         order = list(dict.fromkeys(name for s in selections for name in s.pairs))
-        sizes = {name: _numel(base_reader.shape(name)) * _itemsize(base_reader.dtype(name)) for name in order}
-    return selections, order, sizes, layouts.rule, ambiguous
+        numels = {name: _numel(base_reader.shape(name)) for name in order}
+        sizes = {name: numels[name] * _itemsize(base_reader.dtype(name)) for name in order}
+    return selections, order, sizes, numels, layouts.rule, ambiguous
 
 
 def spectral_memory(numel: int) -> int:
     """Bytes a task with spectral metrics reserves for a largest matrix of ``numel`` elements."""
     return SPECTRAL_COPIES * 8 * numel
-
-
-def _numels(base: Path, names: Sequence[str]) -> dict[str, int]:
-    from dora_analysis.readers import open_checkpoint
-
-    with open_checkpoint(base) as reader:
-        return {name: _numel(reader.shape(name)) for name in names}
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -383,9 +378,10 @@ def compare_many_on_cluster(
     base_path, tuned_paths = _paths(base, tuned)
     device_name = _device_name(device)
     ray = import_ray()  # before any planning: a missing extra is the first thing to say
-    selections, order, sizes, rule, ambiguous = _plan(base_path, tuned_paths, include, exclude, layout)
+    selections, order, sizes, numels, rule, ambiguous = _plan(
+        base_path, tuned_paths, include, exclude, layout
+    )
     spectral = tuple(metrics) != ("decomposition",) or references is not None  # φ needs SVDs too
-    numels = _numels(base_path, order) if spectral else None
     groups = plan_groups(order, sizes, config.group_bytes or GROUP_BYTES)
     jobs = []
     for index, names in enumerate(groups):
@@ -409,7 +405,7 @@ def compare_many_on_cluster(
                 spectrum,
                 # a reference outside the group has none of its tensors: φ is NaN there, as in-process
                 None if references is None else tuple(local.get(references[k]) for k, _ in members),
-                None if numels is None else spectral_memory(max(numels[n] for n in names)),
+                spectral_memory(max(numels[n] for n in names)) if spectral else None,
             )
         )
     with _connected(ray, config):
@@ -519,7 +515,8 @@ def _run(
     limit = config.max_in_flight or 2 * cpus
     task = ray.remote(_run_group)
     remote = task.options(**options)
-    largest = _largest_node_memory(ray)
+    # only where a task reserves memory: asking the cluster for its nodes is a round trip
+    largest = _largest_node_memory(ray) if any(job.memory is not None for job in jobs) else None
 
     def submit(job: GroupJob):
         if job.memory is None:

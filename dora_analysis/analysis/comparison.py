@@ -440,14 +440,6 @@ def compare_many(
     groups = parse_metrics(metrics)
     if references is not None and len(references) != len(tuned):
         raise ValueError(f"references has {len(references)} entries for {len(tuned)} checkpoints")
-    spectral = None
-    if len(groups) > 1 or references is not None:
-        spectral = _Spectral(
-            frozenset(groups),
-            spectrum or SpectrumOptions(),
-            tuple(references) if references is not None else None,
-        )
-    columns = COLUMNS + metric_columns(groups, reference=references is not None)
     if cluster is not None and cluster is not False:
         from dora_analysis.analysis.cluster import compare_many_on_cluster
 
@@ -466,6 +458,14 @@ def compare_many(
             spectrum=spectrum,
             references=references,
         )
+    spectral = None
+    if len(groups) > 1 or references is not None:
+        spectral = _Spectral(
+            frozenset(groups),
+            spectrum or SpectrumOptions(),
+            tuple(references) if references is not None else None,
+        )
+    columns = COLUMNS + metric_columns(groups, reference=references is not None)
     device = resolve_device(device)
     with ExitStack() as stack:
         base_reader = _open(base, stack)

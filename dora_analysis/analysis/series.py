@@ -376,8 +376,11 @@ def analyze_series(
         raise InputError.of(runs, "no checkpoint found")
     if base is None:
         base = _base_from_runs(checkpoints)
+    metric_groups = parse_metrics(metrics)
+    spectral = (
+        "spectrum" in metric_groups
+    )  # φ to the final checkpoint: each run's final update in the same pass
     if cluster is not None and cluster is not False:  # compare_many hands it to Ray: one pass, all steps
-        spectral = "spectrum" in parse_metrics(metrics)
         paths = [c.path for c in checkpoints]
         frames = compare_many(
             base,
@@ -392,7 +395,7 @@ def analyze_series(
             spectrum=spectrum,
             references=_finals(checkpoints) if spectral else None,
         )
-        return _assembled_with_metrics(checkpoints, frames, parse_metrics(metrics))
+        return _assembled_with_metrics(checkpoints, frames, metric_groups)
     on_new = progress if callable(progress) else None
     owned = None
     if isinstance(base, CheckpointReader):
@@ -404,9 +407,8 @@ def analyze_series(
     frames: list[pd.DataFrame] = []
     try:
         # Checkpoints whose files cannot be memory-mapped (old non-zip pickles) are loaded whole:
-        # compare them in groups so that only one group's copies are in memory at a time.
-        spectral = "spectrum" in parse_metrics(metrics)
-        # φ to the final checkpoint needs each run's final update in the same pass: one group then.
+        # compare them in groups so that only one group's copies are in memory at a time; with φ to
+        # the final checkpoint, one group.
         for group in [checkpoints] if spectral else _memory_groups(checkpoints):
             reusing = ReusingReader(reader, on_new)
             frames += compare_many(
@@ -424,7 +426,7 @@ def analyze_series(
     finally:
         if owned is not None:
             owned.close()
-    return _assembled_with_metrics(checkpoints, frames, parse_metrics(metrics))
+    return _assembled_with_metrics(checkpoints, frames, metric_groups)
 
 
 def _assembled_with_metrics(

@@ -414,12 +414,10 @@ def _intruders(base: BaseSpectrum, weight: torch.Tensor, options: SpectrumOption
         return math.nan
     k = min(options.intruder_k, *weight.shape)
     if options.svd_rank is not None:
-        u, sigma, complete = dense_svd(weight, options, vectors=True, rank=k)
-        if complete:
-            return float(intruder_count(u[:, :k], base.left, options.intruder_eps))
         target, iterations = max(options.svd_rank, k), options.power_iterations
-        width = min(target + OVERSAMPLE, *weight.shape)
-        while True:
+        width = target + OVERSAMPLE  # as dense_svd: at min(out, in) or more, the exact SVD is as cheap
+        while width < min(weight.shape):
+            u, sigma = randomized_svd(weight, target, iterations, options.seed)
             count = _certified_intruders(weight, u, sigma, k, base.left, options.intruder_eps)
             if count is not None:
                 return float(count)
@@ -427,7 +425,6 @@ def _intruders(base: BaseSpectrum, weight: torch.Tensor, options: SpectrumOption
             iterations = 2 * iterations + 1
             if (2 * iterations + 1) * width > min(weight.shape):
                 break
-            u, sigma = randomized_svd(weight, target, iterations, options.seed)
         # a flat top spectrum, where the randomised vectors stay mixtures: count from the exact SVD
     u = torch.linalg.svd(weight, full_matrices=False)[0][:, :k]
     return float(intruder_count(u, base.left, options.intruder_eps))

@@ -245,8 +245,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, name: str, quick: str) ->
 
 def _cluster(args: argparse.Namespace):
     """``--cluster`` as given, or with ``--task-mb`` a Cluster of that task size."""
-    task_mb = getattr(args, "task_mb", None)
-    if task_mb is None:
+    if args.task_mb is None:
         return args.cluster
     if args.cluster is None:
         raise InputError.of("--task-mb", "sizes the Ray tasks: use it with --cluster")
@@ -254,7 +253,7 @@ def _cluster(args: argparse.Namespace):
 
     from dora_analysis.analysis.cluster import as_cluster
 
-    return replace(as_cluster(args.cluster), group_bytes=max(1, int(task_mb * 2**20)))
+    return replace(as_cluster(args.cluster), group_bytes=max(1, int(args.task_mb * 2**20)))
 
 
 def analysis_options(args: argparse.Namespace) -> dict:

@@ -135,10 +135,12 @@ def _entries(config: AdapterConfig, factors: CheckpointReader, base: CheckpointR
     matched = match_names(base.names(), list(wanted))
     base_name_of = {tuned: base_name for base_name, tuned in matched.pairs}
     unmatched = [n for n, (kind, _) in wanted.items() if kind != "copy" and n not in base_name_of]
-    if unmatched:  # PEFT names modules as the model loads them; some families are stored under older names
-        loaded = model_names(base.source, base.names())
-        again = match_names(list(loaded), unmatched) if loaded else None
-        base_name_of.update({tuned: loaded[name] for name, tuned in again.pairs} if again else {})
+    # PEFT names modules as the model loads them; some families (ViT) are stored under older names
+    loaded = model_names(base.source, base.names()) if unmatched else {}
+    if loaded:
+        base_name_of.update(
+            {tuned: loaded[name] for name, tuned in match_names(list(loaded), unmatched).pairs}
+        )
     entries: dict[str, Entry] = {}
     for tuned_name, (kind, path) in wanted.items():
         base_name = base_name_of.get(tuned_name)
