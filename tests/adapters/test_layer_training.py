@@ -299,12 +299,29 @@ def test_sync_free_cancellation_fix_matches_the_exact_one(cancelled, monkeypatch
     exact = _redo_cancelled_rows(sq, weight_sq, w0, lora_A, lora_B, 1.0, sync_free=False)
     monkeypatch.setattr("dora_analysis.adapters.dora._MAX_REDONE", 5)
     masked = _redo_cancelled_rows(sq, weight_sq, w0, lora_A, lora_B, 1.0, sync_free=True)
+    # The two paths multiply differently shaped row subsets, so BLAS may sum in another order:
+    # agreement to the float64 rounding bound of the recomputed rows, not bit for bit.
+    bound = _recomputed_row_bound(w0, lora_A, lora_B)
     if cancelled <= 5:
-        torch.testing.assert_close(masked, exact, atol=0, rtol=0)
-        assert not torch.equal(exact, sq)  # the fix changed something
+        assert ((masked - exact).abs() <= bound).all(), (masked - exact).abs().max()
+        assert ((exact - sq).abs() > 100 * bound).any()  # the fix changed something, beyond rounding
     else:  # more cancelled rows than the fixed budget: the 5 worst are fixed, no others touched
-        fixed = (masked != sq).sum()
-        assert fixed == 5 and torch.equal(masked[masked != sq], exact[masked != sq])
+        fixed = masked != sq
+        assert fixed.sum() == 5 and ((masked - exact).abs()[fixed] <= bound[fixed]).all()
+
+
+def _recomputed_row_bound(w0, lora_A, lora_B):
+    """Bound ``(out,)`` on how far two float64 evaluations of ``||W0_j + B_j A||^2`` may differ.
+
+    Each entry ``d = w + sum_k b_k a_k`` is within ``delta = (r + 1) u (|w| + |b| |a|)`` of the exact
+    value whatever the summation order (u = 2^-53), so two evaluations differ by at most ``2 delta``
+    per entry; squaring and summing ``n`` entries adds ``n u sum d^2`` on each side.
+    """
+    u = torch.finfo(torch.float64).eps / 2
+    rank, n = lora_A.shape
+    d = w0.double() + lora_B @ lora_A
+    delta = (rank + 1) * u * (w0.double().abs() + lora_B.abs() @ lora_A.abs())
+    return (2 * delta * (2 * d.abs() + 2 * delta)).sum(1) + 2 * n * u * d.square().sum(1)
 
 
 @pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
