@@ -6,8 +6,8 @@ row math, compare, series, correlations) -> ``views`` (figures, report, tables),
 ``commands`` (the CLI) on top. Everything a user needs is re-exported here, imported lazily so that
 ``python -m dora_analysis`` starts fast:
 
-- analysis: :func:`compare`, :func:`compare_many`, :func:`analyze_series`, :func:`run_checkpoints`,
-  :func:`training_history`, :func:`correlations`
+- analysis: :func:`compare`, :func:`compare_many`, :func:`analyze_series`, :func:`correlations`
+- runs on disk: :func:`run_checkpoints`, :func:`training_history`
 - math: :func:`magnitude`, :func:`tensor_delta`
 - reading: :func:`open_checkpoint`
 - views: :func:`direction_magnitude_figure`, :func:`final_layers_figure`,
@@ -46,8 +46,8 @@ _EXPORTS = {
     "load_adapter": "dora_analysis.adapters.peft_format",
     "train": "dora_analysis.training",
     "TrainConfig": "dora_analysis.training",
-    "run_checkpoints": "dora_analysis.analysis.series",
-    "training_history": "dora_analysis.analysis.series",
+    "run_checkpoints": "dora_analysis.readers.runs",
+    "training_history": "dora_analysis.readers.runs",
     "direction_magnitude_figure": "dora_analysis.views.figures",
     "final_layers_figure": "dora_analysis.views.figures",
     "training_curves_figure": "dora_analysis.views.figures",
@@ -66,8 +66,8 @@ _EXPORTS = {
     "spectrum_table": "dora_analysis.views.spectrum_report",
     "DoraAnalysisError": "dora_analysis.errors",
     "InputError": "dora_analysis.errors",
-    "LayoutWarning": "dora_analysis.analysis.comparison",
-    "sort_rows": "dora_analysis.analysis.comparison",
+    "LayoutWarning": "dora_analysis.analysis.planning",
+    "sort_rows": "dora_analysis.schema",
     "split_name": "dora_analysis.readers.names",
     "model_layout": "dora_analysis.readers.layout",
     "resolve_model": "dora_analysis.readers",

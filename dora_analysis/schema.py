@@ -1,7 +1,9 @@
-"""The contract between the analysis and its views: the methods, the logged metrics, the points.
+"""The contract between the analysis and its views: the frames' columns, the metric groups, the row
+order, the methods, the logged metrics, the points.
 
-Training writes these names, the analysis groups by them and the views label and filter by them;
-each exists here once, so a new method or metric is added in one place. Pure pandas, no files.
+Training writes these names, the analysis builds its frames from them and the views label and filter
+by them; each exists here once, so a new method, metric or column is added in one place. Pure pandas,
+no files.
 """
 
 from __future__ import annotations
@@ -12,6 +14,18 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
+    "COLUMNS",
+    "PER_ROW_COLUMNS",
+    "SERIES_COLUMNS",
+    "METRIC_GROUPS",
+    "SPECTRUM_COLUMNS",
+    "INTRUDER_COLUMNS",
+    "SUBSPACE_COLUMN",
+    "FINAL_COLUMN",
+    "STACK_ORDER",
+    "parse_metrics",
+    "metric_columns",
+    "sort_rows",
     "METHODS",
     "METHOD_LABELS",
     "method_label",
@@ -23,6 +37,149 @@ __all__ = [
     "module_mask",
     "select_modules",
 ]
+
+# ------------------------------------------------------------------------------------ the columns
+
+#: ``compare``: one row per analysed tensor.
+COLUMNS = [
+    "tensor",
+    "stack",
+    "layer",
+    "module",
+    "shape",
+    "rows",
+    "delta_magnitude",
+    "delta_direction",
+    "base_magnitude_mean",
+    "tuned_magnitude_mean",
+    "rows_excluded",
+    "status",
+    "layout",
+    "layout_source",
+]
+
+#: ``compare(..., per_row=True)``: one row per output unit. ``delta_magnitude`` is ``|m - m0|`` and
+#: ``delta_direction`` ``1 - cos`` of that row (NaN for a zero row, which has no direction).
+PER_ROW_COLUMNS = [
+    "tensor",
+    "stack",
+    "layer",
+    "module",
+    "row",
+    "base_magnitude",
+    "tuned_magnitude",
+    "delta_magnitude",
+    "delta_direction",
+]
+
+#: ``analyze_series``: one row per (run, step, tensor).
+SERIES_COLUMNS = [
+    "run",
+    "method",
+    "step",
+    "stack",
+    "layer",
+    "module",
+    "tensor",
+    "delta_magnitude",
+    "delta_direction",
+    "eval_metric",
+    "eval_metric_name",
+    "eval_loss",
+    "base_magnitude_mean",
+    "tuned_magnitude_mean",
+    "shape",
+    "rows",
+    "rows_excluded",
+    "status",
+    "layout",
+    "layout_source",
+    "checkpoint",
+]
+
+#: The metric groups ``compare``/``series`` take (``metrics=``); ``decomposition`` is ΔM/ΔD.
+METRIC_GROUPS = ("decomposition", "spectrum", "intruders")
+#: What the ``spectrum`` group adds (see :mod:`dora_analysis.analysis.spectrum`).
+SPECTRUM_COLUMNS = [
+    "update_rel_norm",
+    "update_stable_rank",
+    "update_effective_rank",
+    "update_rank90",
+    "update_top_singular",
+]
+#: What the ``intruders`` group adds.
+INTRUDER_COLUMNS = ["intruder_dimensions"]
+#: φ to a reference update (``--relative`` in compare).
+SUBSPACE_COLUMN = "subspace_to_reference"
+#: φ of each checkpoint's update with its run's final one (a series with ``spectrum``).
+FINAL_COLUMN = "subspace_to_final"
+
+#: Stacks in reading order: the input side of a model before its output side; others alphabetically after.
+STACK_ORDER = ("model", "vision", "audio", "text", "encoder", "decoder")
+
+
+def parse_metrics(metrics: str | Iterable[str] | None) -> tuple[str, ...]:
+    """``"decomposition,spectrum"`` (or a list) as the metric groups, in :data:`METRIC_GROUPS` order.
+
+    ``decomposition`` (ΔM/ΔD, the default) is always included: its columns carry each tensor's
+    rows and status, and it costs one pass over the weights.
+
+    Raises:
+        InputError: an unknown group.
+    """
+    if metrics is None:
+        return ("decomposition",)
+    names = metrics.split(",") if isinstance(metrics, str) else list(metrics)
+    names = [n.strip().lower() for n in names if n.strip()]
+    unknown = [n for n in names if n not in METRIC_GROUPS]
+    if unknown:
+        from dora_analysis.errors import InputError
+
+        raise InputError.of(
+            "--metrics", f"unknown metric group {unknown[0]!r}; expected {', '.join(METRIC_GROUPS)}"
+        )
+    return tuple(g for g in METRIC_GROUPS if g in names or g == "decomposition")
+
+
+def metric_columns(metrics: Iterable[str], reference: bool = False) -> list[str]:
+    """The columns the groups ``metrics`` add after :data:`COLUMNS` (and φ's where ``reference``)."""
+    metrics = tuple(metrics)
+    columns = (SPECTRUM_COLUMNS if "spectrum" in metrics else []) + (
+        INTRUDER_COLUMNS if "intruders" in metrics else []
+    )
+    return columns + ([SUBSPACE_COLUMN] if reference else [])
+
+
+# ---------------------------------------------------------------------------------- the row order
+
+
+def sort_rows(frame: pd.DataFrame, first: Iterable[str] = ()) -> pd.DataFrame:
+    """``frame`` ordered by ``first`` columns (kept in their order of appearance), then stack (input
+    side first), layer as a number (rows outside the blocks after them), module and tensor; ``layer``
+    becomes a nullable integer (``Int64``: "no layer" is ``<NA>``)."""
+    frame = frame.copy()
+    frame["layer"] = frame["layer"].astype("Int64")
+    if frame.empty:
+        return frame
+    keys = pd.DataFrame(index=frame.index)
+    for column in first:
+        keys[column] = pd.factorize(frame[column], use_na_sentinel=False)[0]
+    keys["_stack"] = frame["stack"].map(_stack_rank)
+    keys["_stack_name"] = frame["stack"]
+    keys["_no_layer"] = frame["layer"].isna()
+    keys["_layer"] = frame["layer"].fillna(-1).astype("int64")
+    keys["_module"] = frame["module"]
+    keys["_tensor"] = frame["tensor"]
+    order = keys.sort_values(list(keys.columns), kind="stable").index
+    return frame.loc[order].reset_index(drop=True)
+
+
+def _stack_rank(stack: str) -> tuple[int, ...]:
+    words = str(stack).split(".")
+    return tuple(STACK_ORDER.index(w) if w in STACK_ORDER else len(STACK_ORDER) for w in words)
+
+
+# -------------------------------------------------------------------------------- methods, metrics
 
 #: The methods, in the order the paper's figures show them.
 METHODS: tuple[str, ...] = ("ft", "lora", "dora")

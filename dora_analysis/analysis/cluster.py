@@ -1,11 +1,12 @@
 """The comparison and the series on Ray core tasks: one task per group of base tensors.
 
-The in-process comparison is tensor-major (:func:`~dora_analysis.analysis.comparison.compare_many`):
+The in-process comparison is tensor-major (:func:`~dora_analysis.analysis.tensor_major.compare_in_process`):
 each base tensor is read once and compared with every tuned checkpoint before the next. Here the
-driver plans exactly what that run would analyse (names, shapes and dtypes only: no tensor is read),
+driver plans exactly what that run would analyse (:func:`~dora_analysis.analysis.planning.plan_comparison`:
+names, shapes and dtypes only, no tensor is read),
 splits its tensor order into contiguous groups of about :data:`GROUP_BYTES` of base weights, and
 runs one Ray task per group. A task opens the checkpoints itself (paths must be visible to every
-worker: a shared file system), calls ``compare_many`` on its group only (an include-list of exact
+worker: a shared file system), calls ``compare_in_process`` on its group only (an include-list of exact
 names, so the math exists once), reads each of its base tensors once for all the checkpoints, and
 returns plain rows of statistics, never tensors. The driver keeps at most ``max_in_flight`` tasks
 submitted (``ray.wait`` back-pressure) and puts the rows back in the in-process order, so the frames
@@ -17,6 +18,7 @@ cluster is asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -31,10 +33,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dora_analysis.analysis.planning import Plan, finished_frames, plan_comparison
 from dora_analysis.analysis.spectrum import SpectrumOptions
+from dora_analysis.analysis.tensor_major import compare_in_process
+from dora_analysis.devices import parse_device
 from dora_analysis.errors import DoraAnalysisError, InputError
-from dora_analysis.readers.base import CheckpointReader, ReaderWrapper
+from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.hub import resolve_model
+from dora_analysis.readers.reuse import MeteredReader, ReusingReader
+from dora_analysis.schema import COLUMNS, metric_columns
 
 __all__ = [
     "GROUP_BYTES",
@@ -46,7 +53,7 @@ __all__ = [
     "plan_groups",
     "spectral_memory",
     "analyse_group",
-    "compare_many_on_cluster",
+    "compare_on_cluster",
 ]
 
 # Base bytes per task: large enough that opening T+1 checkpoints per task (headers, adapter configs)
@@ -190,24 +197,18 @@ def plan_groups(order: Sequence[str], sizes: dict[str, int], group_bytes: int) -
 
 def _plan(
     base: Path, tuned: Sequence[Path], include: str | None, exclude: str | None, layout: str | None
-) -> tuple[list, list[str], dict[str, int], dict[str, int], str, list[str]]:
-    """The in-process run's selections and tensor order, each base tensor's stored bytes and element
-    count, the rule that decided the layouts and the tensors whose layout only the name suggested
-    (warned once, here)."""
-    from dora_analysis.analysis.comparison import _layout_sources, _warn_ambiguous, select_tensors
+) -> tuple[Plan, dict[str, int], dict[str, int]]:
+    """The in-process run's plan (warned once, here), and each base tensor's stored bytes and element
+    count."""
     from dora_analysis.readers import open_checkpoint
-    from dora_analysis.readers.layout import model_layout
 
     with ExitStack() as stack:
         base_reader = stack.enter_context(open_checkpoint(base))
         readers = [stack.enter_context(open_checkpoint(t, base=base_reader)) for t in tuned]
-        layouts = model_layout(_layout_sources(base_reader, readers), layout)
-        selections = [select_tensors(base_reader, r, include, exclude, layouts) for r in readers]
-        ambiguous = _warn_ambiguous(selections)
-        order = list(dict.fromkeys(name for s in selections for name in s.pairs))
-        numels = {name: _numel(base_reader.shape(name)) for name in order}
-        sizes = {name: numels[name] * _itemsize(base_reader.dtype(name)) for name in order}
-    return selections, order, sizes, numels, layouts.rule, ambiguous
+        plan = plan_comparison(base_reader, readers, include, exclude, layout)
+        numels = {name: _numel(base_reader.shape(name)) for name in plan.order}
+        sizes = {name: numels[name] * _itemsize(base_reader.dtype(name)) for name in plan.order}
+    return plan, sizes, numels
 
 
 def spectral_memory(numel: int) -> int:
@@ -232,21 +233,6 @@ def _exact(names: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------ the task
-
-
-class _Metered(ReaderWrapper):
-    """A reader that counts what ``get`` returns: calls per name and bytes."""
-
-    def __init__(self, reader: CheckpointReader) -> None:
-        super().__init__(reader)
-        self.reads: dict[str, int] = {}
-        self.bytes = 0
-
-    def get(self, name: str) -> torch.Tensor:
-        tensor = self._reader.get(name)
-        self.reads[name] = self.reads.get(name, 0) + 1
-        self.bytes += tensor.numel() * tensor.element_size()
-        return tensor
 
 
 def _rss_anon_mb() -> float | None:
@@ -286,13 +272,11 @@ def _peak_memory(enabled: bool) -> Iterator[list[float | None]]:
 
 
 def analyse_group(job: GroupJob) -> GroupResult:
-    """Run in a Ray worker: ``compare_many`` on the group's tensors, each base tensor read once.
+    """Run in a Ray worker: ``compare_in_process`` on the group's tensors, each base tensor read once.
 
     Raises:
         InputError: a checkpoint this worker cannot read (not on a file system it sees, or bad).
     """
-    from dora_analysis.analysis.comparison import compare_many
-    from dora_analysis.analysis.series import ReusingReader
     from dora_analysis.readers import open_checkpoint
 
     start = time.perf_counter()
@@ -304,10 +288,12 @@ def analyse_group(job: GroupJob) -> GroupResult:
                 "system every worker sees",
             )
     with _peak_memory(job.measure_memory) as memory, ExitStack() as stack:
-        base = _Metered(stack.enter_context(open_checkpoint(Path(job.base))))
+        base = MeteredReader(stack.enter_context(open_checkpoint(Path(job.base))))
         shared = ReusingReader(base)  # adapters merging over the base reuse the tensor just read
-        tuned = [_Metered(stack.enter_context(open_checkpoint(Path(p), base=shared))) for _, p in job.tuned]
-        frames = compare_many(
+        tuned = [
+            MeteredReader(stack.enter_context(open_checkpoint(Path(p), base=shared))) for _, p in job.tuned
+        ]
+        frames = compare_in_process(
             shared,
             tuned,
             include=_exact(job.names),
@@ -344,7 +330,7 @@ _run_group: Callable[[GroupJob], GroupResult] = analyse_group
 # ---------------------------------------------------------------------------------- the driver
 
 
-def compare_many_on_cluster(
+def compare_on_cluster(
     base: str | os.PathLike | CheckpointReader,
     tuned: Sequence[str | os.PathLike | CheckpointReader],
     include: str | None = None,
@@ -364,7 +350,8 @@ def compare_many_on_cluster(
     Args:
         base, tuned: checkpoint paths every Ray worker can read (open readers cannot travel).
         include, exclude, device, layout, metrics, spectrum, references: as for ``compare_many``
-            (``cuda`` asks one GPU per task; ``metrics`` as :func:`parse_metrics` returns them).
+            (``cuda`` asks one GPU per task; ``metrics`` as :func:`~dora_analysis.schema.parse_metrics`
+            returns them).
         progress: True for a bar over tasks on stderr, or a callable given the number of base
             tensors each finished task analysed.
         cluster: see :func:`as_cluster`.
@@ -372,59 +359,57 @@ def compare_many_on_cluster(
         InputError: as ``compare_many`` (from any worker, unwrapped from Ray's error), a reader
             given instead of a path, Ray missing, or no cluster at the address.
     """
-    from dora_analysis.analysis.comparison import COLUMNS, metric_columns, sort_rows
-
     config = as_cluster(cluster) or Cluster()
     base_path, tuned_paths = _paths(base, tuned)
     device_name = _device_name(device)
     ray = import_ray()  # before any planning: a missing extra is the first thing to say
-    selections, order, sizes, numels, rule, ambiguous = _plan(
-        base_path, tuned_paths, include, exclude, layout
+    plan, sizes, numels = _plan(base_path, tuned_paths, include, exclude, layout)
+    template = GroupJob(
+        0, str(base_path), (), (), device_name, config.measure_memory, layout, tuple(metrics), spectrum
     )
     spectral = tuple(metrics) != ("decomposition",) or references is not None  # φ needs SVDs too
-    groups = plan_groups(order, sizes, config.group_bytes or GROUP_BYTES)
-    jobs = []
-    for index, names in enumerate(groups):
-        wanted = set(names)
-        members = tuple(
-            (k, str(path))
-            for k, (path, selection) in enumerate(zip(tuned_paths, selections, strict=True))
-            if not wanted.isdisjoint(selection.pairs)
-        )
-        local = {k: position for position, (k, _) in enumerate(members)}
-        jobs.append(
-            GroupJob(
-                index,
-                str(base_path),
-                members,
-                tuple(names),
-                device_name,
-                config.measure_memory,
-                layout,
-                tuple(metrics),
-                spectrum,
-                # a reference outside the group has none of its tensors: φ is NaN there, as in-process
-                None if references is None else tuple(local.get(references[k]) for k, _ in members),
-                spectral_memory(max(numels[n] for n in names)) if spectral else None,
-            )
-        )
+    groups = plan_groups(plan.order, sizes, config.group_bytes or GROUP_BYTES)
+    jobs = [
+        _job(template, index, names, tuned_paths, plan, references, numels if spectral else None)
+        for index, names in enumerate(groups)
+    ]
     with _connected(ray, config):
         results = _run(ray, jobs, config, progress, device_name)
-    columns = COLUMNS + metric_columns(tuple(metrics), reference=references is not None)
     records: list[list[dict]] = [[] for _ in tuned_paths]
     for result in results:  # in group order, which is the in-process tensor order
         for index, rows in result.rows:
             records[index].extend(rows)
-    frames = []
-    for rows, selection in zip(records, selections, strict=True):
-        # Sorted by stack, layer, module and tensor, as in-process: the task order does not matter.
-        frame = sort_rows(pd.DataFrame(rows, columns=columns))
-        frame.attrs["base_only"] = selection.base_only
-        frame.attrs["tuned_only"] = selection.tuned_only
-        frame.attrs["layout_rule"] = rule
-        frame.attrs["layout_ambiguous"] = [n for n in ambiguous if n in selection.pairs]
-        frames.append(frame)
-    return frames
+    # Sorted by stack, layer, module and tensor, as in-process: the task order does not matter.
+    return finished_frames(records, plan, COLUMNS + metric_columns(metrics, reference=references is not None))
+
+
+def _job(
+    template: GroupJob,
+    index: int,
+    names: list[str],
+    tuned_paths: list[Path],
+    plan: Plan,
+    references: Sequence[int | None] | None,
+    numels: dict[str, int] | None,
+) -> GroupJob:
+    """The task of group ``index``: its tensors against the tuned checkpoints that have some of them;
+    with ``numels`` (spectral metrics) it reserves memory for its largest matrix."""
+    wanted = set(names)
+    members = tuple(
+        (k, str(path))
+        for k, (path, selection) in enumerate(zip(tuned_paths, plan.selections, strict=True))
+        if not wanted.isdisjoint(selection.pairs)
+    )
+    local = {k: position for position, (k, _) in enumerate(members)}
+    return dataclasses.replace(
+        template,
+        index=index,
+        tuned=members,
+        names=tuple(names),
+        # a reference outside the group has none of its tensors: φ is NaN there, as in-process
+        references=None if references is None else tuple(local.get(references[k]) for k, _ in members),
+        memory=spectral_memory(max(numels[n] for n in names)) if numels is not None else None,
+    )
 
 
 def _paths(
@@ -446,10 +431,7 @@ def _device_name(device: str | torch.device | None) -> str | None:
     """The device each worker analyses on: checked for syntax here, for presence on the workers."""
     if device is None:
         return None
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise InputError.of("--device", f"not a torch device: {device!r} ({error})") from None
+    resolved = parse_device(device)
     # Ray gives each GPU task its own GPU as cuda:0 (CUDA_VISIBLE_DEVICES): an index cannot carry over.
     return "cuda" if resolved.type == "cuda" else str(resolved)
 
@@ -503,8 +485,47 @@ def _run(
     A task error carrying one of our errors (bad input) is raised as that error; on any error or
     Ctrl-C the tasks still pending are cancelled (their workers stopped) before it propagates.
     """
-    from ray.exceptions import RayTaskError
+    submit, limit = _submitter(ray, jobs, config, device)
+    bar = _progress_bar(len(jobs), progress is True)
+    tick = progress if callable(progress) else None
+    results: list[GroupResult | None] = [None] * len(jobs)
+    pending: dict = {}
+    waiting = iter(jobs)
+    try:
+        more = True
+        while more or pending:
+            while more and len(pending) < limit:
+                job = next(waiting, None)
+                more = job is not None
+                if more:
+                    pending[submit(job)] = job
+            if not pending:
+                break
+            # A timeout keeps the loop in Python now and then, so Ctrl-C is seen promptly.
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in done:
+                job = pending.pop(ref)
+                result = results[job.index] = _result(ray, ref, job, config)
+                bar.update(1)
+                if tick is not None:
+                    tick(len(job.names))
+                if config.on_task is not None:
+                    config.on_task(result.report)
+    except BaseException:
+        _cancel(ray, pending)
+        raise
+    finally:
+        bar.close()
+    assert all(r is not None for r in results)
+    return results  # type: ignore[return-value]
 
+
+def _submitter(ray, jobs: list[GroupJob], config: Cluster, device: str | None) -> tuple[Callable, int]:
+    """A function submitting one job with the cluster's resource options, and how many may be in flight.
+
+    Raises:
+        InputError: a GPU asked of a cluster that has none.
+    """
     resources = ray.cluster_resources()
     options: dict = {"num_cpus": config.cpus_per_task, "max_retries": config.max_retries}
     if device is not None and device.startswith("cuda"):
@@ -526,54 +547,33 @@ def _run(
         reserve = job.memory if largest is None else min(job.memory, largest)
         return task.options(**options, memory=reserve).remote(job)
 
-    bar = _progress_bar(len(jobs), progress is True)
-    tick = progress if callable(progress) else None
-    results: list[GroupResult | None] = [None] * len(jobs)
-    pending: dict = {}
-    waiting = iter(jobs)
+    return submit, limit
+
+
+def _result(ray, ref, job: GroupJob, config: Cluster) -> GroupResult:
+    """A finished task's result; one of our errors (bad input) raised from a worker is raised as it is."""
+    from ray.exceptions import RayTaskError
+
     try:
-        more = True
-        while more or pending:
-            while more and len(pending) < limit:
-                job = next(waiting, None)
-                if job is None:
-                    more = False
-                    break
-                pending[submit(job)] = job
-            if not pending:
-                break
-            # A timeout keeps the loop in Python now and then, so Ctrl-C is seen promptly.
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            for ref in done:
-                job = pending.pop(ref)
-                try:
-                    result = ray.get(ref)
-                except RayTaskError as error:
-                    if isinstance(error.cause, DoraAnalysisError):
-                        raise error.cause from None
-                    raise
-                except ray.exceptions.RayError as error:
-                    raise DoraAnalysisError(
-                        f"Ray task for tensors {job.names[0]} .. {job.names[-1]} failed after "
-                        f"{config.max_retries} retries: {_first_line(error)}"
-                    ) from error
-                results[job.index] = result
-                bar.update(1)
-                if tick is not None:
-                    tick(len(job.names))
-                if config.on_task is not None:
-                    config.on_task(result.report)
-    except BaseException:
-        for ref in pending:
-            try:
-                ray.cancel(ref, force=True)  # stops the worker running it: nothing more is read
-            except Exception:  # noqa: BLE001 - never mask the error or Ctrl-C that brought us here
-                pass
+        return ray.get(ref)
+    except RayTaskError as error:
+        if isinstance(error.cause, DoraAnalysisError):
+            raise error.cause from None
         raise
-    finally:
-        bar.close()
-    assert all(r is not None for r in results)
-    return results  # type: ignore[return-value]
+    except ray.exceptions.RayError as error:
+        raise DoraAnalysisError(
+            f"Ray task for tensors {job.names[0]} .. {job.names[-1]} failed after "
+            f"{config.max_retries} retries: {_first_line(error)}"
+        ) from error
+
+
+def _cancel(ray, pending: dict) -> None:
+    """Cancel the tasks still pending, stopping their workers: nothing more is read."""
+    for ref in pending:
+        try:
+            ray.cancel(ref, force=True)
+        except Exception:  # noqa: BLE001 - never mask the error or Ctrl-C that brought us here
+            pass
 
 
 def _largest_node_memory(ray) -> int | None:

@@ -107,8 +107,8 @@ def _relative_base(args: argparse.Namespace) -> str:
     """``--base``, else the one base model A's and B's run.json name."""
     if args.relative_base:
         return args.relative_base
-    from dora_analysis.analysis.series import base_of_runs
     from dora_analysis.errors import InputError
+    from dora_analysis.readers.runs import base_of_runs
 
     try:
         return str(base_of_runs([args.base, args.tuned]))

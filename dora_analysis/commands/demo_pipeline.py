@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from dora_analysis.errors import InputError
-from dora_analysis.training.checkpoints import is_completed_run, read_run_record
+from dora_analysis.readers.runs import read_run_record
+from dora_analysis.training.checkpoints import is_completed_run
 
 __all__ = ["DemoConfig", "DemoResult", "RESULT_FILES", "demo_plan", "run_demo"]
 
@@ -121,8 +122,9 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     from tqdm.auto import tqdm
 
     from dora_analysis.analysis.correlation import correlations
-    from dora_analysis.analysis.series import analyze_series, training_history
+    from dora_analysis.analysis.series import analyze_series
     from dora_analysis.commands.interrupts import raise_if_interrupted
+    from dora_analysis.readers.runs import training_history
     from dora_analysis.training import TrainConfig, train
     from dora_analysis.views.figures import figure_modules, write_figures
     from dora_analysis.views.report import accuracy_table, render_report, write_report

@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.correlation import correlations
-    from dora_analysis.analysis.series import analyze_series, training_history
+    from dora_analysis.analysis.series import analyze_series
+    from dora_analysis.readers.runs import training_history
     from dora_analysis.schema import module_mask, points
     from dora_analysis.views.figures import write_figures
     from dora_analysis.views.tables import render

@@ -27,8 +27,9 @@ from pathlib import Path
 import pandas as pd
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers.runs import read_run_record
 from dora_analysis.schema import METHODS
-from dora_analysis.training.checkpoints import is_completed_run, read_run_record
+from dora_analysis.training.checkpoints import is_completed_run
 
 __all__ = ["Cell", "StudyConfig", "StudyPlan", "study_plan", "run_study", "RESULT_FILES"]
 
@@ -231,11 +232,11 @@ def _other_conventions(series: pd.DataFrame, run: Path) -> pd.DataFrame:
     Tensor-major, as the analysis itself: each base tensor is read once for all of the run's
     checkpoints (adapters merge over it through the reusing reader); rows keep ``series``' order.
     """
-    from dora_analysis.analysis.comparison import select_tensors
     from dora_analysis.analysis.conventions import CONVENTIONS, MERGE_SCALED, convention_deltas
-    from dora_analysis.analysis.series import ReusingReader
+    from dora_analysis.analysis.planning import select_tensors
     from dora_analysis.readers import open_checkpoint
     from dora_analysis.readers.merge import merge_low_rank
+    from dora_analysis.readers.reuse import ReusingReader
 
     rows: list[tuple[int, int, int, dict]] = []  # (checkpoint rank, series position, convention, row)
     with open_checkpoint(_base_of(run)) as opened, ExitStack() as stack:
@@ -265,7 +266,9 @@ def _other_conventions(series: pd.DataFrame, run: Path) -> pd.DataFrame:
 
 
 def _base_of(run: Path) -> Path:
-    return Path(read_run_record(run)["base_model"])
+    from dora_analysis.readers.runs import named_base
+
+    return Path(named_base(run, run))
 
 
 def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:

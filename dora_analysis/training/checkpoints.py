@@ -24,12 +24,12 @@ import torch
 
 from dora_analysis.atomic import atomic_path
 from dora_analysis.errors import InputError
+from dora_analysis.readers.runs import RUN_FILE, read_run_record
+from dora_analysis.readers.trainer import STATE_FILE
 from dora_analysis.training.config import TrainConfig
 from dora_analysis.training.model import load_model
 
 __all__ = [
-    "RUN_FILE",
-    "STATE_FILE",
     "prepare_out",
     "remove_if_empty",
     "write_json",
@@ -38,15 +38,8 @@ __all__ = [
     "config_record",
     "trainer_state",
     "load_trained_model",
-    "read_run_record",
     "is_completed_run",
 ]
-
-
-RUN_FILE = "run.json"
-
-
-STATE_FILE = "trainer_state.json"
 
 
 def existing_outputs(out: Path) -> list[Path]:
@@ -153,17 +146,6 @@ def trainer_state(
         "trial_name": None,
         "trial_params": None,
     }
-
-
-def read_run_record(run: str | Path) -> dict:
-    """``RUN_DIR/run.json`` through the bounded JSON loader; ``{}`` when it is missing or unreadable
-    (callers treat such a run as one to train again)."""
-    from dora_analysis.readers.json_file import read_json_object
-
-    try:
-        return read_json_object(Path(run) / RUN_FILE, RUN_FILE)
-    except (OSError, InputError):
-        return {}
 
 
 def is_completed_run(run: str | Path, steps: int) -> bool:

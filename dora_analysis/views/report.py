@@ -25,7 +25,7 @@ def accuracy_table(history: pd.DataFrame, metric: str = "eval_accuracy") -> pd.D
     """Per run: the metric before training (step 0), at the last step, and the best, with steps.
 
     Args:
-        history: :func:`dora_analysis.analysis.series.training_history` (``run``, ``method``, ``step``, ``metric``).
+        history: :func:`dora_analysis.readers.runs.training_history` (``run``, ``method``, ``step``, ``metric``).
     Returns:
         Columns ``method``, ``run``, ``steps``, ``untrained``, ``final``, ``best``, ``best_step``;
         methods in paper order.

@@ -144,7 +144,8 @@ def test_a_sharded_checkpoint_is_read_shard_by_shard(tmp_path: Path, monkeypatch
 def test_series_holds_one_group_of_unmappable_pickles_at_a_time(tmp_path: Path, monkeypatch) -> None:
     """Old (non-zip) pickles are read whole: a series compares them in groups under a byte budget,
     with the same rows as one pass."""
-    from dora_analysis.analysis import comparison, series
+    from dora_analysis.analysis import series
+    from dora_analysis.readers import runs
 
     g = torch.Generator().manual_seed(0)
     base = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(8, 4, generator=g) for i in range(3)}
@@ -158,12 +159,10 @@ def test_series_holds_one_group_of_unmappable_pickles_at_a_time(tmp_path: Path, 
         )
     whole = analyze_series(tmp_path / "base.safetensors", [run])
     size = (run / "checkpoint-1" / "pytorch_model.bin").stat().st_size
-    monkeypatch.setattr(series, "RESIDENT_BYTES", 2 * size)
+    monkeypatch.setattr(runs, "RESIDENT_BYTES", 2 * size)
     groups: list[int] = []
-    real = comparison.compare_many
-    monkeypatch.setattr(
-        comparison, "compare_many", lambda b, t, **kw: groups.append(len(t)) or real(b, t, **kw)
-    )
+    real = series.compare_many
+    monkeypatch.setattr(series, "compare_many", lambda b, t, **kw: groups.append(len(t)) or real(b, t, **kw))
     grouped = analyze_series(tmp_path / "base.safetensors", [run])
     assert groups == [2, 2]
     pd.testing.assert_frame_equal(whole, grouped)

@@ -213,10 +213,10 @@ def test_spectral_tasks_reserve_memory_for_their_largest_matrix(tiny_runs, monke
     monkeypatch.setattr(cl, "_connected", lambda ray, config: nullcontext())
     monkeypatch.setattr(cl, "_run", lambda ray, batch, *rest: jobs.extend(batch) or [])
     tuned = [runs[0] / "checkpoint-20"]
-    cl.compare_many_on_cluster(base_dir, tuned, cluster=cl.Cluster(group_bytes=40_000))
+    cl.compare_on_cluster(base_dir, tuned, cluster=cl.Cluster(group_bytes=40_000))
     assert jobs and all(job.memory is None for job in jobs)
     jobs.clear()
-    cl.compare_many_on_cluster(
+    cl.compare_on_cluster(
         base_dir, tuned, cluster=cl.Cluster(group_bytes=40_000), metrics=("decomposition", "spectrum")
     )
     with open_checkpoint(base_dir) as reader:

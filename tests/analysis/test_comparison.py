@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dora_analysis.analysis.comparison import COLUMNS, compare, compare_many
+from dora_analysis.analysis.comparison import compare, compare_many
+from dora_analysis.schema import COLUMNS
 from dora_analysis.errors import InputError
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dora_analysis.analysis.comparison import LayoutWarning, compare
+from dora_analysis.analysis.comparison import compare
+from dora_analysis.analysis.planning import LayoutWarning
 
 # family -> (config class, config fields, model class, PEFT target modules)
 FAMILIES = {

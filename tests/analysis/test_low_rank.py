@@ -182,10 +182,10 @@ def test_compare_on_peft_adapters_uses_factors_and_equals_the_dense_path(
         calls.append(len(updates))
         return real(rows, updates)
 
-    monkeypatch.setattr("dora_analysis.analysis.comparison.low_rank_row_changes", counting)
+    monkeypatch.setattr("dora_analysis.analysis.tensor_major.low_rank_row_changes", counting)
     factored = compare_many(base_dir, adapters)
     assert calls and all(n == len(adapters) for n in calls)  # W0 read once for both adapters
-    monkeypatch.setattr("dora_analysis.analysis.comparison._factored_fits", lambda *_: False)
+    monkeypatch.setattr("dora_analysis.analysis.tensor_major._factored_fits", lambda *_: False)
     dense = compare_many(base_dir, adapters)
     from safetensors.torch import load_file
 

@@ -681,7 +681,7 @@ def test_api_hostile_json_raises_input_error(tmp_path: Path) -> None:
 
 
 def test_api_checkpoint_reading_is_bounded_before_any_work(tmp_path: Path) -> None:
-    from dora_analysis.analysis.series import run_checkpoints
+    from dora_analysis.readers.runs import run_checkpoints
 
     _, run = _run(tmp_path, ("checkpoint-99999999999999999999999",))
     with pytest.raises(InputError, match="digits"):

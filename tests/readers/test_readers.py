@@ -245,7 +245,7 @@ def _conv_adapter(folder: Path, **lora):
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_conv_lora_and_dora_merge_like_peft(tmp_path: Path, use_dora: bool, monkeypatch) -> None:
-    from dora_analysis.analysis import comparison
+    from dora_analysis.analysis import tensor_major
     from dora_analysis.analysis.comparison import compare
 
     factored_rows = []  # base rows analysed from factors, never merged
@@ -254,8 +254,8 @@ def test_conv_lora_and_dora_merge_like_peft(tmp_path: Path, use_dora: bool, monk
         factored_rows.append(tuple(base_rows.shape))
         return low_rank_row_changes(base_rows, updates)
 
-    low_rank_row_changes = comparison.low_rank_row_changes
-    monkeypatch.setattr(comparison, "low_rank_row_changes", counting)
+    low_rank_row_changes = tensor_major.low_rank_row_changes
+    monkeypatch.setattr(tensor_major, "low_rank_row_changes", counting)
 
     torch.manual_seed(0)
     model = _conv_adapter(

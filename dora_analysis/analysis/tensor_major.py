@@ -1,0 +1,312 @@
+"""The comparison in this process, tensor-major: one tidy row per tensor and tuned checkpoint.
+
+This module joins the readers (which know files) and the decomposition (which knows math): it
+streams one base tensor at a time and compares it against every tuned checkpoint before moving on,
+so a series of T checkpoints costs about T + 1 reads, not 2T. What is compared was planned by
+:func:`~dora_analysis.analysis.planning.plan_comparison`; the Ray path
+(:mod:`~dora_analysis.analysis.cluster`) runs this same code on groups of tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from dora_analysis.analysis.decomposition import (
+    RowChanges,
+    TensorDelta,
+    row_changes,
+    row_scalars_many,
+    stack_changes,
+    summarize_many,
+)
+from dora_analysis.analysis.fused_rows import single_threaded_torch
+from dora_analysis.analysis.low_rank import fits as low_rank_fits
+from dora_analysis.analysis.low_rank import low_rank_row_changes
+from dora_analysis.analysis.planning import Plan, Selection, finished_frames, label_frame, plan_comparison
+from dora_analysis.analysis.spectrum import SpectrumOptions, tensor_spectra
+from dora_analysis.devices import resolve_device
+from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.names import as_rows, split_name
+from dora_analysis.schema import COLUMNS, PER_ROW_COLUMNS, metric_columns, sort_rows
+
+__all__ = ["PathOrReader", "DENSE_GROUP_BYTES", "Spectral", "compare_in_process", "tensor_records"]
+
+PathOrReader = str | os.PathLike | CheckpointReader
+
+# Dense tuned tensors compared in one pass over a base tensor hold at most about this many bytes
+# (counted as float32): readers that copy (pickles, merged adapters) must not pile up a series.
+DENSE_GROUP_BYTES = 1 << 29
+
+
+@dataclass(frozen=True)
+class Spectral:
+    """What the spectral metrics compute: the metric groups, options, and per tuned index the index
+    of its φ reference (None: none)."""
+
+    metrics: frozenset[str]
+    options: SpectrumOptions
+    references: tuple[int | None, ...] | None
+
+
+def compare_in_process(
+    base: PathOrReader,
+    tuned: Sequence[PathOrReader],
+    include: str | None = None,
+    exclude: str | None = None,
+    progress: bool = False,
+    device: str | torch.device | None = None,
+    *,
+    layout: str | None = None,
+    per_row: bool = False,
+    metrics: Sequence[str] = ("decomposition",),
+    spectrum: SpectrumOptions | None = None,
+    references: Sequence[int | None] | None = None,
+) -> list[pd.DataFrame]:
+    """``compare_many`` in this process (see :func:`dora_analysis.analysis.comparison.compare_many`
+    for the arguments; ``metrics`` as :func:`~dora_analysis.schema.parse_metrics` returns them)."""
+    spectral = None
+    if len(metrics) > 1 or references is not None:
+        spectral = Spectral(
+            frozenset(metrics),
+            spectrum or SpectrumOptions(),
+            tuple(references) if references is not None else None,
+        )
+    checked = None if device is None else resolve_device(device)
+    with ExitStack() as stack:
+        base_reader = _open(base, stack)
+        readers = [_open(t, stack, base=base_reader) for t in tuned]
+        plan = plan_comparison(base_reader, readers, include, exclude, layout)
+        records: list[list[dict]] = [[] for _ in readers]
+        bar = _progress_bar(sum(len(s.pairs) for s in plan.selections), progress)
+        for index, record in tensor_records(base_reader, readers, plan, checked, per_row, spectral):
+            records[index].append(record)
+            bar.update(1)
+        bar.close()
+    if per_row:
+        return [
+            label_frame(_per_row_frame(r), s, plan) for r, s in zip(records, plan.selections, strict=True)
+        ]
+    return finished_frames(records, plan, COLUMNS + metric_columns(metrics, reference=references is not None))
+
+
+def _open(source: PathOrReader, stack: ExitStack, base: CheckpointReader | None = None) -> CheckpointReader:
+    if isinstance(source, CheckpointReader):
+        return source
+    from dora_analysis.readers import open_checkpoint
+
+    return stack.enter_context(open_checkpoint(Path(source), base=base))
+
+
+def tensor_records(
+    base: CheckpointReader,
+    tuned: Sequence[CheckpointReader],
+    plan: Plan,
+    device: torch.device | None = None,
+    per_row: bool = False,
+    spectral: Spectral | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(index into tuned, record)``; each base tensor is read once for all of ``tuned``.
+
+    Tensors go in the base file's own order where the reader has one (``read_order``: a sharded
+    checkpoint shard by shard), not the alphabetical order of a shard index. With ``per_row`` each
+    record also holds ``"changes"``, that tensor's :class:`RowChanges` (``(k,)`` fields, on the CPU).
+
+    Adapters whose reader exposes the unmerged factors (``low_rank``) are analysed from the factors,
+    all of them in one pass over the base tensor (:mod:`dora_analysis.analysis.low_rank`); the other
+    tuned tensors are compared in fused passes, several tuned tensors per pass over the base block
+    (:func:`~dora_analysis.analysis.decomposition.row_scalars_many`). The block loops use every core;
+    torch's own ops run single-threaded meanwhile (see
+    :func:`~dora_analysis.analysis.fused_rows.single_threaded_torch`).
+    """
+    order = plan.order
+    read_order = getattr(base, "read_order", None)
+    if callable(read_order):
+        order = read_order(order)
+    with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
+        for base_name in order:
+            yield from _one_tensor(base, tuned, plan.selections, base_name, device, per_row, spectral)
+
+
+def _one_tensor(
+    base: CheckpointReader,
+    tuned: Sequence[CheckpointReader],
+    selections: Sequence[Selection],
+    base_name: str,
+    device: torch.device | None,
+    per_row: bool,
+    spectral: Spectral | None,
+) -> Iterator[tuple[int, dict]]:
+    """The records of one base tensor, for every tuned checkpoint that has it."""
+    found = next(s.layouts[base_name] for s in selections if base_name in s.layouts)
+    layout = found.layout
+    base_rows = _to(as_rows(base.get(base_name), layout), device)
+    wanted = [
+        (index, reader, selection.pairs[base_name])
+        for index, (reader, selection) in enumerate(zip(tuned, selections, strict=True))
+        if base_name in selection.pairs
+    ]
+    deltas, changes = _tensor_deltas(base_rows, wanted, layout, device, per_row)
+    extra = _spectral_records(spectral, base_rows, wanted, layout, device) if spectral else {}
+    # What the name says is the same for every tuned checkpoint: work it out once.
+    parts = split_name(base_name)
+    about = {
+        "tensor": base_name,
+        "stack": parts.stack,
+        "layer": parts.layer,
+        "module": parts.module,
+        "shape": "x".join(map(str, base.shape(base_name))),
+        "layout": layout,
+        "layout_source": found.source,
+    }
+    for index, _, _ in wanted:
+        delta = deltas[index]
+        record = {
+            **about,
+            "rows": delta.rows,
+            "delta_magnitude": delta.delta_magnitude,
+            "delta_direction": delta.delta_direction,
+            "base_magnitude_mean": delta.base_magnitude_mean,
+            "tuned_magnitude_mean": delta.tuned_magnitude_mean,
+            "rows_excluded": delta.rows_excluded,
+            "status": delta.status,
+            **extra.get(index, {}),
+        }
+        if per_row:
+            record["changes"] = changes[index]
+        yield index, record
+
+
+def _tensor_deltas(
+    base_rows: torch.Tensor,
+    wanted: list[tuple[int, CheckpointReader, str]],
+    layout: str | None,
+    device: torch.device | None,
+    per_row: bool,
+) -> tuple[dict[int, TensorDelta], dict[int, RowChanges]]:
+    """ΔM/ΔD of one base tensor ``(k, n)`` rows against each wanted tuned tensor (by tuned index),
+    and with ``per_row`` each one's row changes: factored adapters in one pass, the dense tensors in
+    fused groups of at most :data:`DENSE_GROUP_BYTES`."""
+    factored, dense = [], []
+    for index, reader, tuned_name in wanted:
+        update = reader.low_rank(tuned_name)
+        if update is not None and _factored_fits(layout, base_rows, update):
+            factored.append((index, update))
+        else:
+            dense.append((index, reader, tuned_name))
+    deltas: dict[int, TensorDelta] = {}
+    per_row_changes: dict[int, RowChanges] = {}
+
+    def keep(indices: list[int], changes: RowChanges) -> None:
+        for i, (index, delta) in enumerate(zip(indices, summarize_many(changes), strict=True)):
+            deltas[index] = delta
+            if per_row:
+                per_row_changes[index] = _row_of(changes, i)
+
+    if factored:
+        keep(
+            [i for i, _ in factored], stack_changes(low_rank_row_changes(base_rows, [u for _, u in factored]))
+        )
+    per_group = max(1, DENSE_GROUP_BYTES // max(4 * base_rows.numel(), 1))
+    for start in range(0, len(dense), per_group):
+        group = dense[start : start + per_group]
+        tuned_rows = [_to(as_rows(reader.get(name), layout), device) for _, reader, name in group]
+        keep([i for i, _, _ in group], row_changes(row_scalars_many(base_rows, tuned_rows)))
+        del tuned_rows
+    return deltas, per_row_changes
+
+
+def _row_of(changes: RowChanges, i: int) -> RowChanges:
+    """Row ``i`` of a series' ``(T, k)`` changes as ``(k,)`` CPU tensors (kept for per-row output)."""
+    fields = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
+    return RowChanges(*(getattr(changes, f)[i].cpu() for f in fields))
+
+
+def _spectral_records(
+    spectral: Spectral,
+    base_rows: torch.Tensor,
+    wanted: list[tuple[int, CheckpointReader, str]],
+    layout: str | None,
+    device: torch.device | None,
+) -> dict[int, dict]:
+    """Spectrum/intruder/φ columns of one base tensor for every tuned checkpoint that has it.
+
+    LoRA/DoRA updates come from their factors where they fit (:mod:`dora_analysis.analysis.spectrum`);
+    other tuned tensors are read again, one at a time, when their turn comes.
+    """
+    updates = []
+    for _, reader, name in wanted:
+        update = reader.low_rank(name)
+        if update is not None and _factored_fits(layout, base_rows, update):
+            updates.append(update)
+        else:
+            updates.append(lambda reader=reader, name=name: _to(as_rows(reader.get(name), layout), device))
+    position = {index: k for k, (index, _, _) in enumerate(wanted)}
+    references = None
+    if spectral.references is not None:
+        references = [position.get(spectral.references[index]) for index, _, _ in wanted]
+    records = tensor_spectra(base_rows, updates, spectral.metrics, spectral.options, references)
+    return {index: record for (index, _, _), record in zip(wanted, records, strict=True)}
+
+
+def _to(rows: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return rows if device is None else rows.to(device)
+
+
+def _factored_fits(layout: str | None, base_rows: torch.Tensor, update: LowRankUpdate) -> bool:
+    """Factors apply to these rows: a linear or conv weight (or a ``fan_in_fan_out`` Conv1D) and 2-D
+    factors (a conv's are served flattened to its rows)."""
+    expected = ("transposed",) if update.fan_in_fan_out else ("linear", "conv")
+    return layout in expected and low_rank_fits(base_rows, update)
+
+
+def _per_row_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per output unit of every record's tensor, columns :data:`PER_ROW_COLUMNS`."""
+    parts = [_rows_of_record(record) for record in records]
+    if not parts:
+        return pd.DataFrame(
+            {c: pd.Series(dtype="Int64" if c == "layer" else object) for c in PER_ROW_COLUMNS}
+        )
+    frame = pd.concat(parts, ignore_index=True)
+    keys = sort_rows(frame[["tensor", "stack", "layer", "module"]].drop_duplicates("tensor"))["tensor"]
+    rank = {t: i for i, t in enumerate(keys)}
+    frame = frame.iloc[frame["tensor"].map(rank).argsort(kind="stable")].reset_index(drop=True)
+    return frame[PER_ROW_COLUMNS]
+
+
+def _rows_of_record(record: dict) -> pd.DataFrame:
+    """The per-row frame of one tensor's record (its ``"changes"``)."""
+    changes: RowChanges = record["changes"]
+    k = int(changes.valid.shape[0])
+    return pd.DataFrame(
+        {
+            "tensor": record["tensor"],
+            "stack": record["stack"],
+            "layer": pd.array([record["layer"]] * k, dtype="Int64"),
+            "module": record["module"],
+            "row": range(k),
+            "base_magnitude": changes.base_magnitude.double().numpy(),
+            "tuned_magnitude": changes.tuned_magnitude.double().numpy(),
+            "delta_magnitude": changes.magnitude_change.double().numpy(),
+            "delta_direction": changes.direction_change.double().numpy(),
+        }
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="tensor",
+        disable=not (enabled and sys.stderr.isatty()),
+        leave=False,
+        file=sys.stderr,
+    )
