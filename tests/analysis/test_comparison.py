@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dora_analysis.analysis.comparison import compare, compare_many
-from dora_analysis.schema import COLUMNS
 from dora_analysis.errors import InputError
+from dora_analysis.schema import COLUMNS
 
 
 class MemoryReader:

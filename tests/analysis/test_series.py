@@ -13,10 +13,10 @@ import torch
 from series_builders import STEPS, make_runs
 
 from dora_analysis.analysis.series import analyze_series
-from dora_analysis.readers.runs import run_checkpoints, training_history
-from dora_analysis.schema import SERIES_COLUMNS
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint
+from dora_analysis.readers.runs import run_checkpoints, training_history
+from dora_analysis.schema import SERIES_COLUMNS
 
 
 @pytest.fixture(scope="module")
