@@ -17,6 +17,7 @@ __all__ = [
     "COLUMNS",
     "PER_ROW_COLUMNS",
     "SERIES_COLUMNS",
+    "SERIES_PER_ROW_COLUMNS",
     "METRIC_GROUPS",
     "SPECTRUM_COLUMNS",
     "INTRUDER_COLUMNS",
@@ -96,6 +97,9 @@ SERIES_COLUMNS = [
     "layout_source",
     "checkpoint",
 ]
+
+#: ``analyze_series(..., per_row=True)``: one row per (run, step, tensor, output unit).
+SERIES_PER_ROW_COLUMNS = ["run", "method", "step", *PER_ROW_COLUMNS, "checkpoint"]
 
 #: The metric groups ``compare``/``series`` take (``metrics=``); ``decomposition`` is ΔM/ΔD.
 METRIC_GROUPS = ("decomposition", "spectrum", "intruders")

@@ -37,6 +37,7 @@ from dora_analysis.readers.runs import (
 from dora_analysis.schema import (
     FINAL_COLUMN,
     SERIES_COLUMNS,
+    SERIES_PER_ROW_COLUMNS,
     SUBSPACE_COLUMN,
     metric_columns,
     parse_metrics,
@@ -62,6 +63,7 @@ def analyze_series(
     layout: str | None = None,
     metrics: str | Sequence[str] | None = None,
     spectrum: SpectrumOptions | None = None,
+    per_row: bool = False,
 ) -> pd.DataFrame:
     """ΔM and ΔD of every analysed tensor at every checkpoint of every run.
 
@@ -83,6 +85,10 @@ def analyze_series(
             checkpoint's update (1 at the final step; NaN for a zero update).
         spectrum: options of the spectral columns (:class:`~dora_analysis.analysis.spectrum.SpectrumOptions`).
         layout: force every 2-D weight's layout (see :func:`~dora_analysis.analysis.comparison.compare_many`).
+        per_row: one row per output unit of every tensor at every checkpoint (columns
+            :data:`~dora_analysis.schema.SERIES_PER_ROW_COLUMNS`: ``delta_magnitude`` is that row's
+            ``|m - m0|``, ``delta_direction`` its ``1 - cos``), the rows the paper's gradient argument
+            is about; in one process, with the decomposition only.
     Returns:
         One row per (run, step, tensor), columns :data:`~dora_analysis.schema.SERIES_COLUMNS`, sorted by run, step, stack,
         layer and module; ``step`` and ``layer`` are nullable integers (``<NA>`` where there is none).
@@ -99,15 +105,17 @@ def analyze_series(
     if base is None:
         base = base_of_runs(checkpoints)
     groups = parse_metrics(metrics)
+    if per_row and groups != ("decomposition",):
+        raise InputError.of("--per-row", "gives the decomposition only: drop --metrics spectrum/intruders")
     spectral = "spectrum" in groups  # φ to the final checkpoint: each run's final update in the same pass
-    options = {"layout": layout, "metrics": metrics, "spectrum": spectrum}
+    options = {"layout": layout, "metrics": metrics, "spectrum": spectrum, "per_row": per_row}
     if cluster is not None and cluster is not False:  # compare_many hands it to Ray: one pass, all steps
         paths = [c.path for c in checkpoints]
         finals = final_indices(checkpoints) if spectral else None
         frames = compare_many(
             base, paths, include, exclude, progress, device, cluster, references=finals, **options
         )
-        return _assembled(checkpoints, frames, groups)
+        return _assembled(checkpoints, frames, groups, per_row)
     on_new = progress if callable(progress) else None
     owned = None
     if isinstance(base, CheckpointReader):
@@ -135,35 +143,30 @@ def analyze_series(
     finally:
         if owned is not None:
             owned.close()
-    return _assembled(checkpoints, frames, groups)
+    return _assembled(checkpoints, frames, groups, per_row)
 
 
 def _assembled(
-    checkpoints: list[Checkpoint], frames: list[pd.DataFrame], groups: tuple[str, ...]
+    checkpoints: list[Checkpoint], frames: list[pd.DataFrame], groups: tuple[str, ...], per_row: bool = False
 ) -> pd.DataFrame:
     """The series frame: each checkpoint's frame with its run, method, step and held-out metric,
     the metric groups' columns after :data:`~dora_analysis.schema.SERIES_COLUMNS` (φ named
-    ``subspace_to_final``)."""
+    ``subspace_to_final``); with ``per_row``, :data:`~dora_analysis.schema.SERIES_PER_ROW_COLUMNS`."""
     extra = [
         FINAL_COLUMN if c == SUBSPACE_COLUMN else c for c in metric_columns(groups, "spectrum" in groups)
     ]
     parts = []
     for checkpoint, frame in zip(checkpoints, frames, strict=True):
-        name, metric, loss = eval_at(checkpoint.path, checkpoint.step)
-        parts.append(
-            frame.rename(columns={SUBSPACE_COLUMN: FINAL_COLUMN}).assign(
-                run=checkpoint.run,
-                method=checkpoint.method,
-                step=checkpoint.step,
-                eval_metric=metric,
-                eval_metric_name=name,
-                eval_loss=loss,
-                checkpoint=str(checkpoint.path),
-            )
-        )
-    columns = SERIES_COLUMNS + extra
+        about = {"run": checkpoint.run, "method": checkpoint.method, "step": checkpoint.step}
+        if not per_row:
+            name, metric, loss = eval_at(checkpoint.path, checkpoint.step)
+            about.update(eval_metric=metric, eval_metric_name=name, eval_loss=loss)
+        about["checkpoint"] = str(checkpoint.path)
+        parts.append(frame.rename(columns={SUBSPACE_COLUMN: FINAL_COLUMN}).assign(**about))
+    columns = SERIES_PER_ROW_COLUMNS if per_row else SERIES_COLUMNS + extra
     df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     df["step"] = df["step"].astype("Int64")
+    # a stable sort: per row, each tensor's rows keep their order
     df = sort_rows(df, first=["run", "step"])
     if frames:
         df.attrs["layout_rule"] = frames[0].attrs.get("layout_rule")

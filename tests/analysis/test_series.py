@@ -163,3 +163,36 @@ def test_series_cli_csv_and_refuses_to_overwrite(tiny_runs, tmp_path):
     assert set(frame.method) == {"lora", "dora"} and len(frame) == 2 * len(STEPS) * 4
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_series_per_row_matches_float64_rows_and_the_per_tensor_means(tiny_runs):
+    """``per_row=True``: one row per output unit at every checkpoint; each row's |m - m0| and 1 - cos
+    against float64 NumPy on the weights PEFT/transformers give, and their means are the per-tensor rows."""
+    base_dir, runs, merged = tiny_runs
+    from safetensors.torch import load_file
+
+    from dora_analysis.schema import SERIES_PER_ROW_COLUMNS
+
+    rows = analyze_series(base_dir, [runs["ft"], runs["dora"]], per_row=True)
+    means = analyze_series(base_dir, [runs["ft"], runs["dora"]])
+    assert list(rows.columns) == SERIES_PER_ROW_COLUMNS
+    base = load_file(base_dir / "model.safetensors")
+    for (method, step, tensor), part in rows.groupby(["method", "step", "tensor"], sort=False):
+        w0, w = base[tensor].double().numpy(), merged[(method, step)][tensor].double().numpy()
+        m0, m = np.linalg.norm(w0, axis=1), np.linalg.norm(w, axis=1)
+        assert part["row"].tolist() == list(range(w0.shape[0]))
+        # Both sides hold float32 weights (PEFT merges in float32, as do we): each norm and cosine may
+        # differ by a few float32 roundings, u32 = 2^-24, relative to the row's magnitude.
+        u32 = 2.0**-24
+        assert (np.abs(part["delta_magnitude"] - np.abs(m - m0)) <= 16 * u32 * m0).all()
+        cos = (w0 * w).sum(axis=1) / (m0 * m)
+        assert (np.abs(part["delta_direction"] - (1 - cos)) <= 16 * u32).all()
+        mean = means[(means.method == method) & (means.step == step) & (means.tensor == tensor)]
+        assert part["delta_magnitude"].mean() == pytest.approx(
+            float(mean["delta_magnitude"].iloc[0]), rel=1e-9
+        )
+    # the same (run, step, tensor) order as the per-tensor frame
+    order = rows[["run", "step", "tensor"]].drop_duplicates().reset_index(drop=True)
+    pd.testing.assert_frame_equal(order, means[["run", "step", "tensor"]].reset_index(drop=True))
+    with pytest.raises(InputError, match="decomposition only"):
+        analyze_series(base_dir, [runs["ft"]], per_row=True, metrics="decomposition,spectrum")
