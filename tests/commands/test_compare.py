@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from hub_builders import MODEL_ID
 from safetensors.torch import load_file, save_file
 from tiny_models import file_digests, make_peft_adapter, save_tiny_bert
 
+from dora_analysis.analysis.comparison import compare
 from dora_analysis.commands.main import main
+from dora_analysis.errors import InputError
 
 TARGETS = ["query", "value"]
 
@@ -207,18 +209,6 @@ def test_bad_inputs_give_one_line_exit_2_and_change_nothing(tmp_path: Path, caps
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_module_entry_point_exit_status(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "dora_analysis", "compare", str(tmp_path / "a"), str(tmp_path / "b")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "no such file" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
-
-
 def test_output_format_follows_the_extension_and_formats_hold_the_same_numbers(
     tmp_path: Path, capsys
 ) -> None:
@@ -245,3 +235,36 @@ def test_output_format_follows_the_extension_and_formats_hold_the_same_numbers(
         == frames["json"]["tensor"].tolist()
         == frames["parquet"]["tensor"].tolist()
     )
+
+
+def test_base_as_a_cached_model_id_or_from_the_adapter_alone(cached_adapter, capsys) -> None:
+    snapshot, adapter, merged = cached_adapter
+    by_path = compare(snapshot, adapter)
+    by_id = compare(MODEL_ID, adapter)
+    alone = compare(None, adapter)
+    pd.testing.assert_frame_equal(by_path, by_id)
+    pd.testing.assert_frame_equal(by_path, alone)
+    assert len(by_path) == 4 and (by_path["delta_direction"] > 0).all()
+    # the numbers are the merged weights' (float64 reference)
+    from safetensors.torch import load_file
+
+    base = load_file(snapshot / "model.safetensors")
+    for row in alone.itertuples():
+        a, b = base[row.tensor].double().numpy(), merged[row.tensor].double().numpy()
+        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+        assert row.delta_direction == pytest.approx(np.mean(1 - (a * b).sum(1) / (na * nb)), rel=1e-5)
+    assert main(["compare", str(adapter), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.count("\n") == 5  # header + 4 tensors
+
+
+def test_an_uncached_model_id_is_one_line(cached_adapter, tmp_path: Path, capsys) -> None:
+    _, adapter, _ = cached_adapter
+    with pytest.raises(InputError, match=r"^other-org/missing: .*local Hugging Face cache"):
+        compare("other-org/missing", adapter)
+    config_file = adapter / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "other-org/missing"
+    config_file.write_text(json.dumps(config))
+    assert main(["compare", str(adapter)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "other-org/missing" in err
