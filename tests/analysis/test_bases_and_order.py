@@ -6,78 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hub_builders import MODEL_ID
 from safetensors.torch import save_file
-from tiny_models import make_peft_adapter, save_tiny_bert
+from tiny_models import save_tiny_bert
 
 from dora_analysis.analysis.comparison import compare
 from dora_analysis.analysis.series import analyze_series
-from dora_analysis.commands.main import main
 from dora_analysis.errors import InputError
-
-MODEL_ID = "tiny-org/tiny-bert"
-
-
-def _fake_hub(root: Path) -> tuple[Path, Path]:
-    """A hub cache laid out as huggingface_hub lays it out; returns (cache dir, snapshot folder)."""
-    cache = root / "hub"
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / "models--tiny-org--tiny-bert"
-    snapshot = repo / "snapshots" / revision
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(revision)
-    return cache, snapshot
-
-
-@pytest.fixture
-def cached_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    cache, snapshot = _fake_hub(tmp_path)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    merged = make_peft_adapter(
-        snapshot, tmp_path / "adapter", model="bert", r=2, lora_alpha=4, target_modules=["query", "value"]
-    )
-    config_file = tmp_path / "adapter" / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = MODEL_ID
-    config_file.write_text(json.dumps(config))
-    return snapshot, tmp_path / "adapter", merged
-
-
-def test_base_as_a_cached_model_id_or_from_the_adapter_alone(cached_adapter, capsys) -> None:
-    snapshot, adapter, merged = cached_adapter
-    by_path = compare(snapshot, adapter)
-    by_id = compare(MODEL_ID, adapter)
-    alone = compare(None, adapter)
-    pd.testing.assert_frame_equal(by_path, by_id)
-    pd.testing.assert_frame_equal(by_path, alone)
-    assert len(by_path) == 4 and (by_path["delta_direction"] > 0).all()
-    # the numbers are the merged weights' (float64 reference)
-    from safetensors.torch import load_file
-
-    base = load_file(snapshot / "model.safetensors")
-    for row in alone.itertuples():
-        a, b = base[row.tensor].double().numpy(), merged[row.tensor].double().numpy()
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        assert row.delta_direction == pytest.approx(np.mean(1 - (a * b).sum(1) / (na * nb)), rel=1e-5)
-    assert main(["compare", str(adapter), "--format", "csv"]) == 0
-    assert capsys.readouterr().out.count("\n") == 5  # header + 4 tensors
-
-
-def test_an_uncached_model_id_is_one_line(cached_adapter, tmp_path: Path, capsys) -> None:
-    _, adapter, _ = cached_adapter
-    with pytest.raises(InputError, match=r"^other-org/missing: .*local Hugging Face cache"):
-        compare("other-org/missing", adapter)
-    config_file = adapter / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["base_model_name_or_path"] = "other-org/missing"
-    config_file.write_text(json.dumps(config))
-    assert main(["compare", str(adapter)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "other-org/missing" in err
 
 
 def test_trainer_runs_name_their_base_without_run_json(cached_adapter, tmp_path: Path) -> None:

@@ -27,8 +27,7 @@ from series_builders import make_runs
 from dora_analysis.analysis import cluster as cl
 from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.analysis.series import analyze_series
-from dora_analysis.commands.main import build_parser, main
-from dora_analysis.commands.options import analysis_options
+from dora_analysis.commands.main import main
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint
 
@@ -291,27 +290,6 @@ def test_bad_input_seen_by_a_worker_is_one_line_and_exit_2(
     assert len(err) == 1 and err[0].startswith("error: ")
     assert str(tuned) in err[0] and bad in err[0] and "shape" in err[0]
     assert "Ray" not in err[0] and "Traceback" not in err[0]
-
-
-def test_cli_options_and_their_errors(tiny_runs, monkeypatch, capsys):
-    base_dir, runs = tiny_runs
-    parse = build_parser().parse_args
-    assert parse(["series", "b", "r", "--cluster"]).cluster == "local"
-    assert parse(["series", "b", "r", "--cluster", "auto"]).cluster == "auto"
-    assert parse(["compare", "b", "t", "--cluster=10.0.0.1:6379"]).cluster == "10.0.0.1:6379"
-    assert parse(["compare", "b", "t"]).cluster is None
-    sized = analysis_options(parse(["series", "b", "r", "--cluster", "auto", "--task-mb", "8"]))["cluster"]
-    assert sized == cl.Cluster(address="auto", group_bytes=8 << 20)
-    assert analysis_options(parse(["series", "b", "r", "--cluster"]))["cluster"] == "local"
-    with pytest.raises(InputError, match="not a Ray address"):
-        cl.as_cluster("runs/ft")  # `series --cluster BASE RUN...` would take BASE as the address
-    with open_checkpoint(base_dir) as reader, pytest.raises(InputError, match="not an open reader"):
-        analyze_series(reader, runs, cluster=True)  # workers open the files: they need paths
-    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
-    assert main(["series", str(base_dir), str(runs[0]), "--cluster"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"error: {cl.EXTRA}"]
-    assert "dora-analysis[cluster]" in err[0]
 
 
 def test_groups_are_contiguous_and_bounded_and_a_missing_file_is_named(tiny_runs, tmp_path):

