@@ -8,7 +8,20 @@ import torch
 
 from dora_analysis.errors import InputError
 
-__all__ = ["resolve_device"]
+__all__ = ["parse_device", "resolve_device"]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, its syntax checked only (not whether this machine has it:
+    a Ray driver names the device its workers use).
+
+    Raises:
+        InputError: not a torch device name; the message names ``--device``.
+    """
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise InputError.of("--device", f"not a torch device: {device!r} ({error})") from None
 
 
 def resolve_device(
@@ -24,10 +37,7 @@ def resolve_device(
         InputError: not a torch device name, an accelerator this torch build or machine lacks, or a
             type not in ``types``; the message names ``--device``.
     """
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise InputError.of("--device", f"not a torch device: {device!r} ({error})") from None
+    resolved = parse_device(device)
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:

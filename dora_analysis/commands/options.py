@@ -98,7 +98,7 @@ def regex(value: str) -> str:
 
 def device(value: str) -> str:
     """A torch device this machine has and the analysis can use (``cpu``, ``cuda[:N]``, ``mps``)."""
-    from dora_analysis.analysis.comparison import resolve_device
+    from dora_analysis.devices import resolve_device
 
     resolved = resolve_device(value)
     if resolved.type not in DEVICE_TYPES:
