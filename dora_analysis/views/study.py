@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from dora_analysis.schema import method_label, method_order
-from dora_analysis.views.style import figure_style, pyplot, save_figure
 from dora_analysis.views.report import markdown_table
+from dora_analysis.views.style import figure_style, pyplot, save_figure
 
 __all__ = ["configuration_labels", "sign_map_figure", "write_sign_maps", "sign_flips", "render_study_report"]
 

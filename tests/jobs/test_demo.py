@@ -11,8 +11,8 @@ import pytest
 from tiny_models import save_tiny_encoder
 
 from dora_analysis.analysis.correlation import correlations
-from dora_analysis.commands.demo_pipeline import DemoConfig, demo_plan, run_demo
 from dora_analysis.errors import InputError
+from dora_analysis.jobs.demo import DemoConfig, demo_plan, run_demo
 from dora_analysis.views.report import PAPER_R, accuracy_table, paper_comparison, render_report
 
 
@@ -109,7 +109,7 @@ def test_demo_cli_refuses_existing_results(demo):
 
 
 def test_report_names_the_packaged_model_not_its_path():
-    from dora_analysis.commands.demo_pipeline import _describe_weights
+    from dora_analysis.jobs.demo import _describe_weights
     from dora_analysis.training import default_model_path
 
     packaged = str(default_model_path())
