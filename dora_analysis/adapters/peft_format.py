@@ -151,22 +151,7 @@ def save_adapter(
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in wrappers.items():
-        key = f"{_PREFIX}{name}."
-        if module.lora_A is None:  # magnitude-only: a rank-1 update that is exactly zero
-            lora_A = module.magnitude.new_zeros(1, module.in_features)
-            lora_B = module.magnitude.new_zeros(module.out_features, 1)
-        else:
-            lora_A, lora_B = module.lora_A, module.lora_B
-        tensors[key + "lora_A.weight"] = lora_A.detach().contiguous()
-        tensors[key + "lora_B.weight"] = lora_B.detach().contiguous()
-        if use_dora:
-            tensors[key + "lora_magnitude_vector"] = module.magnitude.detach().contiguous()
-    for name in keep:
-        for pname, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{_PREFIX}{name}.{pname}"] = value.detach().contiguous()
-
+    tensors = _adapter_tensors(model, wrappers, keep, use_dora)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -193,6 +178,29 @@ def save_adapter(
     folder.parent.mkdir(parents=True, exist_ok=True)
     _write_adapter_folder(folder, tensors, config)
     return folder
+
+
+def _adapter_tensors(
+    model: nn.Module, wrappers: dict[str, nn.Module], keep: list[str], use_dora: bool
+) -> dict[str, torch.Tensor]:
+    """PEFT's state dict: every wrapper's ``lora_A``/``lora_B`` (and DoRA magnitude), then the
+    ``keep`` modules' own tensors. Magnitude-only DoRA modules get a zero rank-1 update."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in wrappers.items():
+        key = f"{_PREFIX}{name}."
+        if module.lora_A is None:  # magnitude-only: a rank-1 update that is exactly zero
+            lora_A = module.magnitude.new_zeros(1, module.in_features)
+            lora_B = module.magnitude.new_zeros(module.out_features, 1)
+        else:
+            lora_A, lora_B = module.lora_A, module.lora_B
+        tensors[key + "lora_A.weight"] = lora_A.detach().contiguous()
+        tensors[key + "lora_B.weight"] = lora_B.detach().contiguous()
+        if use_dora:
+            tensors[key + "lora_magnitude_vector"] = module.magnitude.detach().contiguous()
+    for name in keep:
+        for pname, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{_PREFIX}{name}.{pname}"] = value.detach().contiguous()
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------- loading
