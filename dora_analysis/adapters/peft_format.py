@@ -28,10 +28,10 @@ from torch import nn
 from dora_analysis.adapters.dora import DoRALinear
 from dora_analysis.adapters.inject import (
     MODULES_TO_SAVE_ATTR,
-    _plain_modules,
     adapter_modules,
     inject_adapters,
     matches_target,
+    plain_modules,
 )
 from dora_analysis.atomic import fsync, temporary_name
 from dora_analysis.errors import InputError
@@ -71,7 +71,7 @@ def _target_modules(model: nn.Module, wrapped: list[str], keep: list[str]) -> li
     short = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
     selected = {
         n
-        for n, _ in _plain_modules(model)
+        for n, _ in plain_modules(model)
         if n and matches_target(n, short) and not any(_in_module_to_save(n, k) for k in keep)
     }
     return short if selected == set(wrapped) else list(wrapped)
@@ -274,7 +274,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     config = _read_config(folder)
     path = folder / CONFIG_NAME
-    modules = [(n, m) for n, m in _plain_modules(model) if n]
+    modules = [(n, m) for n, m in plain_modules(model) if n]
     keep_patterns = config.modules_to_save
     keep = [n for n, _ in modules if any(n.endswith(p) for p in keep_patterns)]  # PEFT's rule for these
     selected = [n for n, _ in modules if _peft_selects(n, config, keep)]
