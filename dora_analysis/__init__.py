@@ -2,9 +2,10 @@
 
 The package follows the data: ``readers`` (checkpoints, one tensor at a time) -> ``analysis`` (the
 row math, compare, series, correlations) -> ``views`` (figures, report, tables), with ``adapters``
-(the LoRA/DoRA layers and PEFT's format) and ``training`` producing checkpoints beside them, and
-``commands`` (the CLI) on top. Everything a user needs is re-exported here, imported lazily so that
-``python -m dora_analysis`` starts fast:
+(the LoRA/DoRA layers and PEFT's format) and ``training`` producing checkpoints beside them, then
+``jobs`` (the demo and the study, library code) and ``commands`` (the CLI, calling them) on top.
+Everything a user needs is re-exported here, imported lazily so that ``python -m dora_analysis``
+starts fast:
 
 - analysis: :func:`compare`, :func:`compare_many`, :func:`analyze_series`, :func:`correlations`
 - runs on disk: :func:`run_checkpoints`, :func:`training_history`
@@ -56,8 +57,8 @@ _EXPORTS = {
     "write_frame": "dora_analysis.views.tables",
     "load_trained_model": "dora_analysis.training",
     "default_model_path": "dora_analysis.training",
-    "DemoConfig": "dora_analysis.commands.demo_pipeline",
-    "run_demo": "dora_analysis.commands.demo_pipeline",
+    "DemoConfig": "dora_analysis.jobs.demo",
+    "run_demo": "dora_analysis.jobs.demo",
     "SpectrumOptions": "dora_analysis.analysis.spectrum",
     "spectrum_layers_figure": "dora_analysis.views.spectrum_figures",
     "intruders_figure": "dora_analysis.views.spectrum_figures",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dora_analysis.devices import resolve_device
+from dora_analysis.devices import parse_device, resolve_device
 from dora_analysis.errors import InputError
 
 
@@ -26,3 +26,11 @@ def test_unusable_devices_are_one_line_naming_the_option(device, types, message)
     with pytest.raises(InputError, match=message) as error:
         resolve_device(device, types, "training")
     assert str(error.value).startswith("--device") and "\n" not in str(error.value)
+
+
+def test_parse_device_checks_the_name_only():
+    count = torch.cuda.device_count()
+    assert parse_device(f"cuda:{count}") == torch.device("cuda", count)  # a GPU this machine lacks
+    with pytest.raises(InputError, match="not a torch device") as error:
+        parse_device("no-such-device")
+    assert str(error.value).startswith("--device")

@@ -42,10 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dora_analysis.adapters.lora import (
-    _AUTOCAST_DEVICES,
+    AUTOCAST_DEVICES,
     WrappedLinear,
-    _check_base,
     adapter_dtype,
+    check_base,
     init_lora_factors,
     lora_scale,
 )
@@ -89,7 +89,7 @@ def factored_weight_norm(
 
 
 def _autocast_known(tensor: torch.Tensor) -> bool:
-    return tensor.device.type in _AUTOCAST_DEVICES
+    return tensor.device.type in AUTOCAST_DEVICES
 
 
 def _weight_times_a(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
@@ -276,7 +276,7 @@ class DoRALinear(WrappedLinear):
         detach_norm: bool = True,
     ):
         super().__init__()
-        _check_base(base, r, min_r=0)
+        check_base(base, r, min_r=0)
         base.requires_grad_(False)
         self.base = base
         self.r, self.alpha, self.dropout, self.rslora = r, alpha, float(dropout), rslora

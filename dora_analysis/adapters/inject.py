@@ -23,6 +23,7 @@ __all__ = [
     "merge_adapters",
     "adapter_modules",
     "matches_target",
+    "plain_modules",
     "MODULES_TO_SAVE_ATTR",
 ]
 
@@ -44,7 +45,7 @@ def adapter_modules(model: nn.Module) -> dict[str, LoRALinear | DoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, DoRALinear))}
 
 
-def _plain_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def plain_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Named modules, not descending into existing wrappers."""
     inside = tuple(n + "." for n in adapter_modules(model))
     return [(n, m) for n, m in model.named_modules() if not (inside and n.startswith(inside))]
@@ -106,7 +107,7 @@ def inject_adapters(
         raise ValueError(f"method must be 'dora', 'lora' or 'magnitude', got {method!r}")
     if adapter_modules(model):
         raise InputError.of(type(model).__name__, "the model already holds adapters; inject them once")
-    modules = _plain_modules(model)
+    modules = plain_modules(model)
     keep = [n for n, _ in modules if n and matches_target(n, list(modules_to_save))]
     missing_keep = [t for t in modules_to_save if not any(matches_target(n, [t]) for n in keep)]
     matched = [

@@ -18,9 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRALinear", "lora_scale", "adapter_dtype", "init_lora_factors"]
+__all__ = [
+    "AUTOCAST_DEVICES",
+    "LoRALinear",
+    "WrappedLinear",
+    "adapter_dtype",
+    "check_base",
+    "init_lora_factors",
+    "lora_scale",
+]
 
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
+#: The device types ``torch.autocast`` supports: only these are asked whether autocast is on.
+AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
 
 
 def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
@@ -44,7 +53,12 @@ def init_lora_factors(base: nn.Linear, r: int) -> tuple[nn.Parameter, nn.Paramet
     return nn.Parameter(lora_A), nn.Parameter(lora_B)
 
 
-def _check_base(base: nn.Module, r: int, min_r: int) -> None:
+def check_base(base: nn.Module, r: int, min_r: int) -> None:
+    """Every adapter wraps an ``nn.Linear`` with a rank of at least ``min_r`` (DoRA allows 0).
+
+    Raises:
+        TypeError: ``base`` is not an ``nn.Linear``. ValueError: ``r < min_r``.
+    """
     if not isinstance(base, nn.Linear):
         raise TypeError(f"expected an nn.Linear to wrap, got {type(base).__name__}")
     if r < min_r:
@@ -90,7 +104,7 @@ class LoRALinear(WrappedLinear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
         super().__init__()
-        _check_base(base, r, min_r=1)
+        check_base(base, r, min_r=1)
         base.requires_grad_(False)
         self.base = base
         self.r, self.alpha, self.dropout, self.rslora = r, alpha, float(dropout), rslora
@@ -106,7 +120,7 @@ class LoRALinear(WrappedLinear):
         if self.merged:
             return self.base(x)
         x2 = x.reshape(-1, self.in_features)
-        autocast_on = x.device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
+        autocast_on = x.device.type in AUTOCAST_DEVICES and torch.is_autocast_enabled(x.device.type)
         cast = autocast_on and x2.dtype != torch.float64  # what autocast casts (float64 it leaves)
         # Cast once, as autocast would: otherwise each product casts (and saves) its own 16-bit copy.
         x_base = x2.to(torch.get_autocast_dtype(x.device.type)) if cast else x2

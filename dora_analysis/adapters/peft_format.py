@@ -28,10 +28,10 @@ from torch import nn
 from dora_analysis.adapters.dora import DoRALinear
 from dora_analysis.adapters.inject import (
     MODULES_TO_SAVE_ATTR,
-    _plain_modules,
     adapter_modules,
     inject_adapters,
     matches_target,
+    plain_modules,
 )
 from dora_analysis.atomic import fsync, temporary_name
 from dora_analysis.errors import InputError
@@ -71,7 +71,7 @@ def _target_modules(model: nn.Module, wrapped: list[str], keep: list[str]) -> li
     short = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
     selected = {
         n
-        for n, _ in _plain_modules(model)
+        for n, _ in plain_modules(model)
         if n and matches_target(n, short) and not any(_in_module_to_save(n, k) for k in keep)
     }
     return short if selected == set(wrapped) else list(wrapped)
@@ -151,22 +151,7 @@ def save_adapter(
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
 
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in wrappers.items():
-        key = f"{_PREFIX}{name}."
-        if module.lora_A is None:  # magnitude-only: a rank-1 update that is exactly zero
-            lora_A = module.magnitude.new_zeros(1, module.in_features)
-            lora_B = module.magnitude.new_zeros(module.out_features, 1)
-        else:
-            lora_A, lora_B = module.lora_A, module.lora_B
-        tensors[key + "lora_A.weight"] = lora_A.detach().contiguous()
-        tensors[key + "lora_B.weight"] = lora_B.detach().contiguous()
-        if use_dora:
-            tensors[key + "lora_magnitude_vector"] = module.magnitude.detach().contiguous()
-    for name in keep:
-        for pname, value in model.get_submodule(name).state_dict().items():
-            tensors[f"{_PREFIX}{name}.{pname}"] = value.detach().contiguous()
-
+    tensors = _adapter_tensors(model, wrappers, keep, use_dora)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -193,6 +178,29 @@ def save_adapter(
     folder.parent.mkdir(parents=True, exist_ok=True)
     _write_adapter_folder(folder, tensors, config)
     return folder
+
+
+def _adapter_tensors(
+    model: nn.Module, wrappers: dict[str, nn.Module], keep: list[str], use_dora: bool
+) -> dict[str, torch.Tensor]:
+    """PEFT's state dict: every wrapper's ``lora_A``/``lora_B`` (and DoRA magnitude), then the
+    ``keep`` modules' own tensors. Magnitude-only DoRA modules get a zero rank-1 update."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in wrappers.items():
+        key = f"{_PREFIX}{name}."
+        if module.lora_A is None:  # magnitude-only: a rank-1 update that is exactly zero
+            lora_A = module.magnitude.new_zeros(1, module.in_features)
+            lora_B = module.magnitude.new_zeros(module.out_features, 1)
+        else:
+            lora_A, lora_B = module.lora_A, module.lora_B
+        tensors[key + "lora_A.weight"] = lora_A.detach().contiguous()
+        tensors[key + "lora_B.weight"] = lora_B.detach().contiguous()
+        if use_dora:
+            tensors[key + "lora_magnitude_vector"] = module.magnitude.detach().contiguous()
+    for name in keep:
+        for pname, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{_PREFIX}{name}.{pname}"] = value.detach().contiguous()
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -266,7 +274,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     config = _read_config(folder)
     path = folder / CONFIG_NAME
-    modules = [(n, m) for n, m in _plain_modules(model) if n]
+    modules = [(n, m) for n, m in plain_modules(model) if n]
     keep_patterns = config.modules_to_save
     keep = [n for n, _ in modules if any(n.endswith(p) for p in keep_patterns)]  # PEFT's rule for these
     selected = [n for n, _ in modules if _peft_selects(n, config, keep)]

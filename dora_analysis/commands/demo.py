@@ -44,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_module("transformers")  # the [train] extra: say so before OUT is touched
-    from dora_analysis.commands.demo_pipeline import DemoConfig, run_demo
-    from dora_analysis.views.report import paper_comparison
+    from dora_analysis.commands.interrupts import raise_if_interrupted
+    from dora_analysis.jobs.demo import DemoConfig, demo_summary, run_demo
 
     result = run_demo(
         DemoConfig(
@@ -60,15 +60,7 @@ def run(args: argparse.Namespace) -> int:
             reuse_runs=args.reuse_runs,
         ),
         progress=not args.quiet,
+        check_interrupt=raise_if_interrupted,
     )
-    for row in result.accuracy.itertuples(index=False):
-        print(
-            f"{row.method:>5}: held-out accuracy {row.untrained:.3f} -> {row.final:.3f} at step {row.steps}"
-        )
-    for row in paper_comparison(result.correlations).itertuples(index=False):
-        print(
-            f"{row.method:>5}: query r = {row.our_r:+.2f} [{row.r_low:+.2f}, {row.r_high:+.2f}] "
-            f"(paper {row.paper_r:+.2f}): {row.verdict}"
-        )
-    print(f"report: {result.report} ({result.seconds / 60:.1f} min)")
+    print("\n".join(demo_summary(result)))
     return 0

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_module("transformers")  # the [train] extra: say so before anything is written
-    from dora_analysis.commands.study_pipeline import StudyConfig, run_study
+    from dora_analysis.jobs.study import StudyConfig, run_study, study_summary
 
     table = run_study(
         StudyConfig(
@@ -52,10 +52,5 @@ def run(args: argparse.Namespace) -> int:
         ),
         progress=not args.quiet,
     )
-    base = table[(table["cell"] == "base") & (table["window"] == "paper") & (table["convention"] == "paper")]
-    for row in base[base["module"] == "query"].itertuples(index=False):
-        print(
-            f"{row.method:>5}: query r = {row.r:+.2f} [{row.r_low:+.2f}, {row.r_high:+.2f}] (base configuration)"
-        )
-    print(f"report: {args.out / 'report.md'}")
+    print("\n".join(study_summary(table, args.out)))
     return 0

@@ -32,6 +32,15 @@ def _targets(value: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # In this order in --help: the run, the adapters, the optimisation and data, where it runs.
+    _add_run_arguments(parser)
+    _add_adapter_arguments(parser)
+    _add_optimizer_arguments(parser)
+    _add_execution_arguments(parser)
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--method``, ``--out``, ``--model``, ``--task``, ``--steps``, ``--save-every``."""
     from dora_analysis.training.tasks import DEFAULT_TASK, TASKS
 
     parser.add_argument(
@@ -57,6 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="save and evaluate every K steps and at the end (default 25)",
     )
+
+
+def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--rank``, ``--alpha``, ``--dropout``, ``--targets``, ``--rslora`` (LoRA/DoRA only)."""
     parser.add_argument("--rank", type=at_least(1), default=8, help="LoRA/DoRA rank r (default 8)")
     parser.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA/DoRA alpha (default 16)")
     parser.add_argument("--dropout", type=fraction, default=0.05, help="adapter input dropout (default 0.05)")
@@ -68,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated Linear module names to adapt (default query,value)",
     )
     parser.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+
+
+def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--lr``, ``--optimizer``, ``--momentum``, the batch, the sentences and the seed."""
     parser.add_argument(
         "--lr",
         type=positive_float,
@@ -90,6 +107,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-eval-examples", type=at_least(1), default=None, metavar="N", help="evaluate on a fixed subset"
     )
+
+
+def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, ``--overwrite``, ``--device``, ``--precision``, ``--fsdp``, ``--quiet``."""
     add_threads_argument(parser)
     add_overwrite_argument(parser, "replace the checkpoints already in RUN_DIR")
     parser.add_argument(

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from dora_analysis.training.checkpoints import (
     write_json,
 )
 from dora_analysis.training.config import HEAD_MODULES, TrainConfig, check_config
-from dora_analysis.training.data import batch, encode, evaluate, subset, train_batches
+from dora_analysis.training.data import Encoded, batch, encode, evaluate, subset, train_batches
 from dora_analysis.training.distributed import (
     Ranks,
     full_model,
@@ -128,6 +129,40 @@ def _barrier(ranks: Ranks) -> None:
         dist.barrier()
 
 
+@dataclass
+class _Setup:
+    """What one run trains with, built once by :func:`_set_up` (one process's view under torchrun)."""
+
+    config: TrainConfig
+    model_path: Path
+    ranks: Ranks
+    device: torch.device
+    model: torch.nn.Module  # the unwrapped model (rank 0 evaluates and saves it without FSDP)
+    wrapped: torch.nn.Module  # what the steps run: the model, or its DDP/FSDP2 wrapper
+    shadow: torch.nn.Module | None  # an unsharded copy under FSDP2, for evaluation and saving
+    trainable: list[torch.nn.Parameter]  # DTensors under FSDP2
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler (a no-op without fp16)
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_data: Encoded
+    eval_data: Encoded
+    pad_id: int
+    weights_prefix: str
+    adapted: list[str]
+    total_parameters: int
+    trainable_parameters: int
+
+
+@dataclass
+class _State:
+    """What changes as the run goes: the step, the losses since the last log, the log history."""
+
+    log_history: list[dict[str, Any]]
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    started: float = 0.0
+
+
 def _run(
     config: TrainConfig,
     model_path: Path,
@@ -136,6 +171,39 @@ def _run(
     progress: ProgressCallback | bool,
     ranks: Ranks,
 ) -> Path:
+    """Set up, evaluate the untrained model, write run.json, then train (see :func:`_train_steps`)."""
+    setup = _set_up(config, model_path, task, ranks)
+    untrained = (
+        _evaluate(setup, setup.shadow if setup.shadow is not None else setup.model) if ranks.main else {}
+    )
+    state = _State(log_history=[{"epoch": 0.0, "step": 0, **untrained}])
+    record = _run_record(setup, model_path, task, untrained)
+    if ranks.main:
+        write_json(out / RUN_FILE, record)
+    bar = _progress_bar(config) if progress is True else None
+    batches = train_batches(
+        len(setup.train_data.ids), config.batch_size, torch.Generator().manual_seed(config.seed)
+    )
+    setup.wrapped.train()
+    state.started = time.perf_counter()
+    try:
+        _train_steps(setup, state, record, out, batches, _reporter(bar, progress, state))
+    except KeyboardInterrupt:
+        record.update(status="interrupted", interrupted_at_step=state.step)
+        raise
+    else:
+        record["status"] = "completed"
+    finally:
+        if bar is not None:
+            bar.close()
+        if ranks.main:  # only rank 0 keeps the record
+            _finish_record(record, state)
+            write_json(out / RUN_FILE, record)
+    return out
+
+
+def _set_up(config: TrainConfig, model_path: Path, task: TextTask, ranks: Ranks) -> _Setup:
+    """Tokenize the task, load and adapt the model, wrap it for the ranks, make the optimizer."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
@@ -146,7 +214,6 @@ def _run(
     eval_data = encode(
         tokenizer, *subset(task.eval_texts, task.eval_labels, config.max_eval_examples), config.max_length
     )
-
     device = rank_device(config.device, ranks)
     model = load_model(model_path, len(task.labels), config.seed)
     prefix = weights_prefix(model)
@@ -159,129 +226,179 @@ def _run(
     trainable = [p for p in wrapped.parameters() if p.requires_grad]  # DTensors under FSDP2
     optimizer = _optimizer(trainable, config)
     scaler = grad_scaler(device, config.precision)
+    return _Setup(
+        config,
+        model_path,
+        ranks,
+        device,
+        model,
+        wrapped,
+        shadow,
+        trainable,
+        optimizer,
+        scaler,
+        _schedule(optimizer, config),
+        train_data,
+        eval_data,
+        pad_id,
+        prefix,
+        adapted,
+        total_parameters,
+        trainable_parameters,
+    )
 
-    def evaluate_here(module: torch.nn.Module) -> dict[str, float]:
-        with autocast(device, config.precision):
-            return evaluate(module, eval_data, pad_id, device=device)
 
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Hugging Face's linear schedule with warm-up."""
     warmup = math.ceil(config.warmup_ratio * config.steps)
 
-    def lr_factor(step: int) -> float:  # HF's linear schedule with warm-up
+    def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    batches_per_epoch = max(1, len(train_data.ids) // min(config.batch_size, len(train_data.ids)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    untrained = evaluate_here(shadow if shadow is not None else model) if ranks.main else {}
-    log_history: list[dict[str, Any]] = [{"epoch": 0.0, "step": 0, **untrained}]
-    run_record: dict[str, Any] = {
+
+def _evaluate(setup: _Setup, module: torch.nn.Module) -> dict[str, float]:
+    """Held-out loss and accuracy of ``module``, in the run's precision."""
+    with autocast(setup.device, setup.config.precision):
+        return evaluate(module, setup.eval_data, setup.pad_id, device=setup.device)
+
+
+def _run_record(
+    setup: _Setup, model_path: Path, task: TextTask, untrained: dict[str, float]
+) -> dict[str, Any]:
+    """run.json as written before the first step (``status`` running, no checkpoints yet)."""
+    config, ranks = setup.config, setup.ranks
+    return {
         "method": config.method,
         "seed": config.seed,
         "config": config_record(config, model_path),
         "base_model": str(model_path.resolve()),
-        "model_class": type(model).__name__,
-        "weights_prefix": prefix,
+        "model_class": type(setup.model).__name__,
+        "weights_prefix": setup.weights_prefix,
         "weights_file": "model.safetensors" if config.method == "ft" else "adapter_model.safetensors",
-        "adapted_modules": adapted,
+        "adapted_modules": setup.adapted,
         "modules_to_save": list(HEAD_MODULES),
-        "trainable_parameters": trainable_parameters,
-        "total_parameters": total_parameters,
+        "trainable_parameters": setup.trainable_parameters,
+        "total_parameters": setup.total_parameters,
         "task": {
             "name": task.name,
             "labels": list(task.labels),
             "source": task.source,
-            "n_train": len(train_data.ids),
-            "n_eval": len(eval_data.ids),
+            "n_train": len(setup.train_data.ids),
+            "n_eval": len(setup.eval_data.ids),
             "majority_accuracy": task.majority_accuracy,
         },
         "untrained_accuracy": untrained.get("eval_accuracy"),
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
-        "device": str(device),
+        "device": str(setup.device),
         "precision": config.precision,
         "processes": ranks.world,
         "parallel": ("fsdp2" if config.fsdp else "ddp") if ranks.distributed else None,
         "status": "running",
         "checkpoints": [],
     }
-    if ranks.main:
-        write_json(out / RUN_FILE, run_record)
 
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(
-            total=config.steps,
-            desc=f"train {config.method}",
-            unit="step",
-            file=sys.stderr,
-            dynamic_ncols=True,
-        )
-    generator = torch.Generator().manual_seed(config.seed)
-    batches = train_batches(len(train_data.ids), config.batch_size, generator)
-    wrapped.train()
-    started = time.perf_counter()
-    losses: list[float] = []
-    step = 0
-    try:
-        for step in range(1, config.steps + 1):
-            epoch_index, index = next(batches)
-            inputs = batch(train_data, local_slice(index, ranks), pad_id)
-            with autocast(device, config.precision):
-                loss = wrapped(**{k: v.to(device) for k, v in inputs.items()}).loss
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # clip the true gradients (a no-op without fp16)
-            grad_norm = _total(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-            learning_rate = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)  # skipped when fp16 gradients overflowed
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = mean_over_ranks(loss, ranks)
-            losses.append(step_loss)
-            epoch = round(
-                epoch_index + (step % batches_per_epoch or batches_per_epoch) / batches_per_epoch, 4
-            )
-            if step % config.log_every == 0 or step == config.steps:
-                log_history.append(
-                    {
-                        "epoch": epoch,
-                        "step": step,
-                        "loss": sum(losses) / len(losses),
-                        "grad_norm": grad_norm,
-                        "learning_rate": learning_rate,
-                    }
-                )
-                losses = []
-            if step % config.save_every == 0 or step == config.steps:
-                whole = full_model(wrapped, shadow, config.fsdp)  # a collective under FSDP2
-                if ranks.main:
-                    log_history.append({"epoch": epoch, "step": step, **evaluate_here(whole)})
-                    state = trainer_state(config, step, epoch, log_history)
-                    save_checkpoint(whole, config, model_path, out, state)
-                    run_record["checkpoints"].append(step)
-            if bar is not None:
-                seconds = (time.perf_counter() - started) / step
-                bar.set_postfix(loss=f"{step_loss:.3f}", s_per_step=f"{seconds:.2f}", refresh=False)
-                bar.update(1)
-            elif callable(progress):
-                progress(1)
-    except KeyboardInterrupt:
-        run_record.update(status="interrupted", interrupted_at_step=step)
-        raise
-    else:
-        run_record["status"] = "completed"
-    finally:
+def _progress_bar(config: TrainConfig):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.steps, desc=f"train {config.method}", unit="step", file=sys.stderr, dynamic_ncols=True
+    )
+
+
+def _train_steps(
+    setup: _Setup,
+    state: _State,
+    record: dict[str, Any],
+    out: Path,
+    batches: Iterator[tuple[int, Any]],
+    report: Callable[[float], None],
+) -> None:
+    """Every optimizer step; a log entry every ``log_every``, a checkpoint every ``save_every`` steps.
+
+    ``batches`` yields ``(epoch, batch index)``; ``report`` is called with each step's loss.
+    """
+    config = setup.config
+    batches_per_epoch = max(1, len(setup.train_data.ids) // min(config.batch_size, len(setup.train_data.ids)))
+    for step in range(1, config.steps + 1):
+        state.step = step
+        epoch_index, index = next(batches)
+        step_loss, grad_norm, learning_rate = _optimizer_step(setup, index)
+        state.losses.append(step_loss)
+        epoch = round(epoch_index + (step % batches_per_epoch or batches_per_epoch) / batches_per_epoch, 4)
+        if step % config.log_every == 0 or step == config.steps:
+            _log_losses(state, epoch, grad_norm, learning_rate)
+        if step % config.save_every == 0 or step == config.steps:
+            _save(setup, state, record, out, epoch)
+        report(step_loss)
+
+
+def _optimizer_step(setup: _Setup, index) -> tuple[float, float, float]:
+    """One step on the batch ``index``: ``(loss averaged over the ranks, gradient norm, learning rate)``."""
+    config, device = setup.config, setup.device
+    inputs = batch(setup.train_data, local_slice(index, setup.ranks), setup.pad_id)
+    with autocast(device, config.precision):
+        loss = setup.wrapped(**{k: v.to(device) for k, v in inputs.items()}).loss
+    setup.scaler.scale(loss).backward()
+    setup.scaler.unscale_(setup.optimizer)  # clip the true gradients (a no-op without fp16)
+    grad_norm = _total(torch.nn.utils.clip_grad_norm_(setup.trainable, config.max_grad_norm))
+    learning_rate = setup.scheduler.get_last_lr()[0]
+    setup.scaler.step(setup.optimizer)  # skipped when fp16 gradients overflowed
+    setup.scaler.update()
+    setup.scheduler.step()
+    setup.optimizer.zero_grad(set_to_none=True)
+    return mean_over_ranks(loss, setup.ranks), grad_norm, learning_rate
+
+
+def _log_losses(state: _State, epoch: float, grad_norm: float, learning_rate: float) -> None:
+    """A training log entry: the mean loss since the last one, the gradient norm, the learning rate."""
+    state.log_history.append(
+        {
+            "epoch": epoch,
+            "step": state.step,
+            "loss": sum(state.losses) / len(state.losses),
+            "grad_norm": grad_norm,
+            "learning_rate": learning_rate,
+        }
+    )
+    state.losses = []
+
+
+def _save(setup: _Setup, state: _State, record: dict[str, Any], out: Path, epoch: float) -> None:
+    """Evaluate and write ``checkpoint-<step>`` (rank 0; gathering the model is a collective under FSDP2)."""
+    config = setup.config
+    whole = full_model(setup.wrapped, setup.shadow, config.fsdp)  # a collective under FSDP2
+    if setup.ranks.main:
+        state.log_history.append({"epoch": epoch, "step": state.step, **_evaluate(setup, whole)})
+        trainer = trainer_state(config, state.step, epoch, state.log_history)
+        save_checkpoint(whole, config, setup.model_path, out, trainer)
+        record["checkpoints"].append(state.step)
+
+
+def _reporter(bar, progress: ProgressCallback | bool, state: _State) -> Callable[[float], None]:
+    """What follows each step: the tqdm ``bar``'s postfix (loss, seconds per step) and count, else the
+    caller's ``progress`` callback with 1, else nothing."""
+
+    def report(step_loss: float) -> None:
         if bar is not None:
-            bar.close()
-        if ranks.main:  # only rank 0 keeps the record
-            elapsed = time.perf_counter() - started
-            run_record["seconds"] = elapsed
-            run_record["seconds_per_step"] = elapsed / max(step, 1)  # includes evaluation and saving
-            evals = [e for e in log_history if "eval_accuracy" in e]
-            run_record["final_accuracy"] = evals[-1]["eval_accuracy"]
-            write_json(out / RUN_FILE, run_record)
-    return out
+            seconds = (time.perf_counter() - state.started) / state.step
+            bar.set_postfix(loss=f"{step_loss:.3f}", s_per_step=f"{seconds:.2f}", refresh=False)
+            bar.update(1)
+        elif callable(progress):
+            progress(1)
+
+    return report
+
+
+def _finish_record(record: dict[str, Any], state: _State) -> None:
+    """The run's time and final held-out accuracy, added to ``record`` however the run ended."""
+    elapsed = time.perf_counter() - state.started
+    record["seconds"] = elapsed
+    record["seconds_per_step"] = elapsed / max(state.step, 1)  # includes evaluation and saving
+    evals = [e for e in state.log_history if "eval_accuracy" in e]
+    record["final_accuracy"] = evals[-1]["eval_accuracy"]

@@ -11,26 +11,33 @@ Each figure shows one module of one stack (encoder, decoder, ...): a module name
 stacks (BART's ``self_attn.q_proj``) is two figures, never one pooled cloud. The statistics come
 from the table the caller passes; views compute none.
 
-Figures are built inside :func:`figure_style` (seaborn ``whitegrid``, sizes readable at the width
-the paper prints them) and saved by :func:`save_figure` as PNG (200 dpi) and PDF, atomically.
-matplotlib is imported inside the functions, with the ``Agg`` backend (no display needed).
+Figures are built inside :func:`~dora_analysis.views.style.figure_style` (seaborn ``whitegrid``, sizes
+readable at the width the paper prints them) and saved by :func:`~dora_analysis.views.style.save_figure`
+as PNG (200 dpi) and PDF, atomically (both re-exported here). matplotlib is imported inside the
+functions, with the ``Agg`` backend (no display needed).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from dora_analysis.atomic import atomic_path, refuse_existing
 from dora_analysis.errors import InputError
 from dora_analysis.schema import default_metric, method_label, method_order, module_is, module_mask, points
+from dora_analysis.views.style import (
+    figure_style,
+    final_step,
+    layer_colours,
+    line_style,
+    method_colours,
+    pyplot,
+    save_figure,
+)
 
 __all__ = [
     "figure_style",
@@ -45,33 +52,10 @@ __all__ = [
 
 # Filled markers that stay distinct at small sizes; steps beyond eight reuse them.
 STEP_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-DPI = 200
 
 
 def _methods(df: pd.DataFrame) -> list[str]:
     return method_order(df["method"])
-
-
-def _pyplot():
-    """``matplotlib.pyplot`` on the ``Agg`` backend (files only), unless a backend was already chosen
-    (a notebook's inline backend is left alone)."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-@contextlib.contextmanager
-def figure_style() -> Iterator[None]:
-    """seaborn's ``whitegrid`` look at ``paper`` scale, enlarged to stay legible when printed small."""
-    _pyplot()
-    import seaborn as sns
-
-    with sns.axes_style("whitegrid"), sns.plotting_context("paper", font_scale=1.35):
-        yield
 
 
 def _format_axis(ax, which: str, label: str, values) -> None:
@@ -92,13 +76,6 @@ def _format_axis(ax, which: str, label: str, values) -> None:
     if exponent:
         label = f"{label} $\\times 10^{{{exponent}}}$"
     (ax.set_xlabel if which == "x" else ax.set_ylabel)(label)
-
-
-def _layer_colours(layers: Sequence) -> dict:
-    import seaborn as sns
-
-    palette = sns.color_palette("colorblind" if len(layers) <= 10 else "husl", len(layers))
-    return dict(zip(layers, palette, strict=True))
 
 
 def _stacks(df: pd.DataFrame) -> list:
@@ -203,17 +180,14 @@ def direction_magnitude_figure(
         InputError: no points for ``module`` (in ``stack``), or ``module`` in several stacks and no
             ``stack`` given.
     """
-    from matplotlib.lines import Line2D
-
-    plt = _pyplot()
-
+    plt = pyplot()
     data = points(_select(df, module, stack))
     if data.empty:
         raise InputError.of(_where(module, stack), "no analysed points for this module in the series")
     runs = _runs(data)
     steps = sorted(data["step"].unique())
     layers = sorted(data["layer"].dropna().unique())
-    colours = _layer_colours(layers)
+    colours = layer_colours(layers)
     markers = {s: STEP_MARKERS[i % len(STEP_MARKERS)] for i, s in enumerate(steps)}
 
     with figure_style():
@@ -222,77 +196,10 @@ def direction_magnitude_figure(
         legends_at = 1 - 1.6 / width  # the legends' left edge as a fraction of the width
         for ax, (method, run) in zip(axes[0], runs, strict=True):
             panel = _run_rows(data, method, run)
-            for (step, layer), group in panel.groupby(["step", "layer"], dropna=False):
-                ax.scatter(
-                    group["delta_direction"],
-                    group["delta_magnitude"],
-                    marker=markers[step],
-                    color=colours.get(layer, "0.6"),  # grey: a matrix outside the numbered layers
-                    s=46,
-                    edgecolor="black",
-                    linewidth=0.4,
-                    zorder=3,
-                )
-            x = panel["delta_direction"].to_numpy(np.float64)
-            y = panel["delta_magnitude"].to_numpy(np.float64)
             stats = _table_row(table, method, run, _stack_of(panel, stack), panel["module"].iloc[0])
-            if stats is not None and np.isfinite(stats["slope"]):
-                line_x = np.linspace(x.min(), x.max(), 50)
-                ax.plot(
-                    line_x,
-                    stats["slope"] * line_x + stats["intercept"],
-                    color="0.25",
-                    linestyle="--",
-                    linewidth=1.3,
-                    zorder=2,
-                )
+            _scatter_panel(ax, panel, markers, colours, stats)
             ax.set_title(_panel_title(_run_label(method, run, runs), stats))
-            _format_axis(ax, "x", r"$\Delta D$ (direction change)", x)
-            _format_axis(ax, "y", r"$\Delta M$ (magnitude change)", y)
-        step_handles = [
-            Line2D(
-                [],
-                [],
-                linestyle="",
-                marker=markers[s],
-                color="0.45",
-                markeredgecolor="black",
-                markeredgewidth=0.4,
-                markersize=7,
-                label=f"{s}",
-            )
-            for s in steps
-        ]
-        layer_handles = [
-            Line2D(
-                [],
-                [],
-                linestyle="",
-                marker="o",
-                color=colours[layer],
-                markeredgecolor="black",
-                markeredgewidth=0.4,
-                markersize=7,
-                label=f"{int(layer)}",
-            )
-            for layer in layers
-        ]
-        top = fig.legend(
-            handles=step_handles,
-            title="step",
-            loc="upper left",
-            bbox_to_anchor=(legends_at, 0.93),
-            frameon=False,
-        )
-        fig.add_artist(top)
-        fig.legend(
-            handles=layer_handles,
-            title="layer",
-            loc="upper left",
-            ncols=1 if len(layers) <= 8 else 2,
-            bbox_to_anchor=(legends_at + 0.8 / width, 0.93),
-            frameon=False,
-        )
+        _step_and_layer_legends(fig, markers, colours, legends_at, width)
         fig.suptitle(
             f"{_where(module, stack)}: magnitude vs direction change (marker = step, colour = layer, "
             "dashed = least-squares fit)",
@@ -302,11 +209,69 @@ def direction_magnitude_figure(
     return fig
 
 
-def _final_step(df: pd.DataFrame) -> pd.DataFrame:
-    """Each run's rows at its last step (``run`` column if present, else per method)."""
-    key = "run" if "run" in df.columns else "method"
-    last = df.groupby(key)["step"].transform("max")
-    return df[df["step"] == last]
+def _scatter_panel(ax, panel: pd.DataFrame, markers: dict, colours: dict, stats: pd.Series | None) -> None:
+    """One run's ΔM against ΔD on ``ax`` (marker = step, colour = layer), the table's fitted line, axes."""
+    for (step, layer), group in panel.groupby(["step", "layer"], dropna=False):
+        ax.scatter(
+            group["delta_direction"],
+            group["delta_magnitude"],
+            marker=markers[step],
+            color=colours.get(layer, "0.6"),  # grey: a matrix outside the numbered layers
+            s=46,
+            edgecolor="black",
+            linewidth=0.4,
+            zorder=3,
+        )
+    x = panel["delta_direction"].to_numpy(np.float64)
+    y = panel["delta_magnitude"].to_numpy(np.float64)
+    if stats is not None and np.isfinite(stats["slope"]):
+        line_x = np.linspace(x.min(), x.max(), 50)
+        ax.plot(
+            line_x,
+            stats["slope"] * line_x + stats["intercept"],
+            color="0.25",
+            linestyle="--",
+            linewidth=1.3,
+            zorder=2,
+        )
+    _format_axis(ax, "x", r"$\Delta D$ (direction change)", x)
+    _format_axis(ax, "y", r"$\Delta M$ (magnitude change)", y)
+
+
+def _legend_handle(marker: str, colour, label: str):
+    from matplotlib.lines import Line2D
+
+    return Line2D(
+        [],
+        [],
+        linestyle="",
+        marker=marker,
+        color=colour,
+        markeredgecolor="black",
+        markeredgewidth=0.4,
+        markersize=7,
+        label=label,
+    )
+
+
+def _step_and_layer_legends(fig, markers: dict, colours: dict, legends_at: float, width: float) -> None:
+    """The step legend (markers) above the layer legend (colours), right of the panels."""
+    top = fig.legend(
+        handles=[_legend_handle(markers[s], "0.45", f"{s}") for s in markers],
+        title="step",
+        loc="upper left",
+        bbox_to_anchor=(legends_at, 0.93),
+        frameon=False,
+    )
+    fig.add_artist(top)
+    fig.legend(
+        handles=[_legend_handle("o", colours[layer], f"{int(layer)}") for layer in colours],
+        title="layer",
+        loc="upper left",
+        ncols=1 if len(colours) <= 8 else 2,
+        bbox_to_anchor=(legends_at + 0.8 / width, 0.93),
+        frameon=False,
+    )
 
 
 def _run_alpha(method: str, run, runs: list[tuple[str, str | None]]) -> float:
@@ -323,13 +288,13 @@ def final_layers_figure(df: pd.DataFrame, module: str = "query", stack: str | No
     (full fine-tuning with a small learning rate moves far less than the adapters), so every
     method stays visible.
     """
-    plt = _pyplot()
-    data = _final_step(_select(df, module, stack))
+    plt = pyplot()
+    data = final_step(_select(df, module, stack))
     data = data[np.isfinite(data["delta_direction"]) & np.isfinite(data["delta_magnitude"])]
     if data.empty:
         raise InputError.of(_where(module, stack), "no analysed points for this module in the series")
     runs = _runs(data)
-    palette = _method_colours(_methods(data))
+    palette = method_colours(_methods(data))
     with figure_style():
         fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
         for ax, column, label in (
@@ -340,7 +305,7 @@ def final_layers_figure(df: pd.DataFrame, module: str = "query", stack: str | No
                 own = _run_rows(data, method, run)
                 rows = own.groupby("layer")[column].mean()
                 step = int(own["step"].max())
-                linestyle, marker = _line_style(method)
+                linestyle, marker = line_style(method)
                 ax.plot(
                     rows.index.astype("float64"),
                     rows.to_numpy(),
@@ -367,23 +332,6 @@ def final_layers_figure(df: pd.DataFrame, module: str = "query", stack: str | No
     return fig
 
 
-# Line style and marker per method, so that overlapping lines (LoRA and DoRA often share ΔD) stay visible.
-_METHOD_LINES = {"ft": (":", "^"), "lora": ("--", "s"), "dora": ("-", "o")}
-
-
-def _line_style(method: str) -> tuple[str, str]:
-    return _METHOD_LINES.get(str(method).lower(), ("-.", "D"))
-
-
-def _method_colours(methods: Sequence[str]) -> dict:
-    import seaborn as sns
-
-    palette = sns.color_palette("deep", 10)
-    fixed = {"ft": palette[7], "lora": palette[0], "dora": palette[3]}  # grey, blue, red
-    others = iter(palette[1:3] + palette[4:7] + palette[8:])
-    return {m: fixed.get(m) or next(others) for m in methods}
-
-
 def training_curves_figure(history: pd.DataFrame, metric: str | None = None):
     """Held-out metric (left) and training loss (right) per step, one line per run.
 
@@ -392,12 +340,12 @@ def training_curves_figure(history: pd.DataFrame, metric: str | None = None):
             column: when ``metric`` is None the first ``eval_*`` column that is not a loss or a
             timing, else ``eval_loss`` (a Trainer run without ``compute_metrics`` logs only that).
     """
-    plt = _pyplot()
+    plt = pyplot()
     metric = metric or default_metric(history.columns)
     if metric is None and "eval_loss" in history.columns and history["eval_loss"].notna().any():
         metric = "eval_loss"
     runs = _runs(history)
-    palette = _method_colours(_methods(history))
+    palette = method_colours(_methods(history))
     with figure_style():
         fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.4))
         for ax, column, label in (
@@ -410,7 +358,7 @@ def training_curves_figure(history: pd.DataFrame, metric: str | None = None):
             for method, run in runs:
                 own = _run_rows(history, method, run)
                 rows = own[own[column].notna()].sort_values("step")
-                linestyle, marker = _line_style(method)
+                linestyle, marker = line_style(method)
                 ax.plot(
                     rows["step"],
                     rows[column],
@@ -437,32 +385,6 @@ def _metric_label(metric: str | None) -> str:
     if metric is None:
         return ""
     return "held-out " + metric.removeprefix("eval_").replace("_", " ")
-
-
-def save_figure(
-    fig,
-    stem: str | os.PathLike,
-    formats: Sequence[str] = ("png", "pdf"),
-    overwrite: bool = False,
-    dpi: int = DPI,
-) -> list[Path]:
-    """Save ``fig`` as ``<stem>.png`` (``dpi``) and ``<stem>.pdf``, each through a temporary file.
-
-    Raises:
-        InputError: a target exists and ``overwrite`` is False (checked before anything is written).
-    """
-    plt = _pyplot()
-    stem = Path(stem)
-    targets = [stem.with_name(f"{stem.name}.{fmt}") for fmt in formats]
-    for target in targets:
-        refuse_existing(target, overwrite)  # all checked before anything is written
-    for target, fmt in zip(targets, formats, strict=True):
-        with atomic_path(target) as temporary:
-            # A fixed date keeps the PDF bytes stable from run to run.
-            metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-            fig.savefig(temporary, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
-    plt.close(fig)
-    return targets
 
 
 #: The paper's query and value matrices, by the last part of the module path (BERT ``query``,

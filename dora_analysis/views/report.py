@@ -268,17 +268,28 @@ def render_report(
     out: list[str] = ["# DoRA weight-decomposition analysis", ""]
     if context:
         out += [f"- {line}" for line in context] + [""]
+    out += _accuracy_section(accuracy, majority_accuracy)
+    out += _correlation_section(table)
+    out += _paper_section(table)
+    out += _final_step_section(series, table)
+    out += [section.rstrip() + "\n" for section in sections if section]
+    out += _figures_section(figures, relative_to)
+    return "\n".join(out).rstrip() + "\n"
 
-    out += ["## Accuracy per method", ""]
+
+def _accuracy_section(accuracy: pd.DataFrame, majority_accuracy: float | None) -> list[str]:
+    out = ["## Accuracy per method", ""]
     if accuracy.empty:
-        out += ["(no evaluation was logged)", ""]
-    else:
-        shown = accuracy.assign(method=accuracy["method"].map(method_label))
-        out += [markdown_table(shown, {c: ".3f" for c in ("untrained", "final", "best")}), ""]
-        if majority_accuracy is not None:
-            out += [f"Always answering the commonest label scores {majority_accuracy:.3f}.", ""]
+        return out + ["(no evaluation was logged)", ""]
+    shown = accuracy.assign(method=accuracy["method"].map(method_label))
+    out += [markdown_table(shown, {c: ".3f" for c in ("untrained", "final", "best")}), ""]
+    if majority_accuracy is not None:
+        out += [f"Always answering the commonest label scores {majority_accuracy:.3f}.", ""]
+    return out
 
-    out += [
+
+def _correlation_section(table: pd.DataFrame) -> list[str]:
+    return [
         "## Correlation of magnitude and direction change",
         "",
         "One point per weight matrix per checkpoint: x = ΔD (mean 1 - cos per output unit), y = ΔM (mean "
@@ -292,48 +303,55 @@ def render_report(
         _correlation_markdown(table),
         "",
     ]
-    comparison = paper_comparison(table)
-    if not comparison.empty:
-        out += ["### Against the paper (query matrices, Figure 2)", ""]
-        several = comparison["method"].value_counts()
-        stacks = comparison.loc[comparison["verdict"] != "no data", "stack"].nunique(dropna=False)
-        for row in comparison.itertuples(index=False):
-            if row.verdict == "no data":
-                out.append(f"- {method_label(row.method)}: paper r = {row.paper_r:+.2f}; no data here.")
-                continue
-            run = row.run if several[row.method] > 1 else None
-            where = [str(p) for p in (run, row.stack if stacks > 1 else None) if p is not None]
-            label = method_label(row.method) + (f" ({', '.join(where)})" if where else "")
-            out.append(
-                f"- {label}: paper r = {row.paper_r:+.2f}, ours r = {row.our_r:+.2f} "
-                f"[{row.r_low:+.2f}, {row.r_high:+.2f}]: **{row.verdict}**."
-            )
-        out.append("")
 
+
+def _paper_section(table: pd.DataFrame) -> list[str]:
+    """Our r of the query matrices against the paper's, one line per method (and run or stack)."""
+    comparison = paper_comparison(table)
+    if comparison.empty:
+        return []
+    out = ["### Against the paper (query matrices, Figure 2)", ""]
+    several = comparison["method"].value_counts()
+    stacks = comparison.loc[comparison["verdict"] != "no data", "stack"].nunique(dropna=False)
+    for row in comparison.itertuples(index=False):
+        if row.verdict == "no data":
+            out.append(f"- {method_label(row.method)}: paper r = {row.paper_r:+.2f}; no data here.")
+            continue
+        run = row.run if several[row.method] > 1 else None
+        where = [str(p) for p in (run, row.stack if stacks > 1 else None) if p is not None]
+        label = method_label(row.method) + (f" ({', '.join(where)})" if where else "")
+        out.append(
+            f"- {label}: paper r = {row.paper_r:+.2f}, ours r = {row.our_r:+.2f} "
+            f"[{row.r_low:+.2f}, {row.r_high:+.2f}]: **{row.verdict}**."
+        )
+    return out + [""]
+
+
+def _final_step_section(series: pd.DataFrame, table: pd.DataFrame) -> list[str]:
     modules = sorted(set(table["module"])) if not table.empty else []
     paper_modules = [m for m in ("query", "value") if any(module_is(x, m) for x in modules)] or modules
-    if len(series) and paper_modules:
-        out += [
-            "## Change at the final step (Figure 3 / 8)",
-            "",
-            _final_step_markdown(series, paper_modules),
-            "",
-        ]
+    if not (len(series) and paper_modules):
+        return []
+    return ["## Change at the final step (Figure 3 / 8)", "", _final_step_markdown(series, paper_modules), ""]
 
-    out += [section.rstrip() + "\n" for section in sections if section]
 
-    if figures:
-        out += ["## Figures", ""]
-        base = Path(relative_to) if relative_to is not None else None
-        for name, paths in figures.items():
-            png = [p for p in paths if Path(p).suffix == ".png"]
-            if not png:
-                continue
-            link = Path(png[0])
-            if base is not None:
-                link = Path(os.path.relpath(link, base))
-            out += [f"### {name.replace('_', ' ')}", "", f"![{name}]({link.as_posix()})", ""]
-    return "\n".join(out).rstrip() + "\n"
+def _figures_section(
+    figures: Mapping[str, Sequence[Path]] | None, relative_to: str | os.PathLike | None
+) -> list[str]:
+    """Each figure's PNG embedded under its name, linked relative to the report's folder."""
+    if not figures:
+        return []
+    out = ["## Figures", ""]
+    base = Path(relative_to) if relative_to is not None else None
+    for name, paths in figures.items():
+        png = [p for p in paths if Path(p).suffix == ".png"]
+        if not png:
+            continue
+        link = Path(png[0])
+        if base is not None:
+            link = Path(os.path.relpath(link, base))
+        out += [f"### {name.replace('_', ' ')}", "", f"![{name}]({link.as_posix()})", ""]
+    return out
 
 
 def write_report(path: str | os.PathLike, text: str, overwrite: bool = False) -> Path:

@@ -6,7 +6,7 @@
 - :func:`subspace_figure`: ``subspace_to_final`` against the step, one panel per method, one line
   per layer: when does the update's direction settle?
 
-Same look and saving as :mod:`dora_analysis.views.figures` (whose helpers these reuse).
+Same look and saving as :mod:`dora_analysis.views.figures` (both use :mod:`dora_analysis.views.style`).
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import pandas as pd
 
 from dora_analysis.errors import InputError
 from dora_analysis.schema import method_label, method_order, module_mask, select_modules
-from dora_analysis.views.figures import (
-    _final_step,
-    _layer_colours,
-    _line_style,
-    _method_colours,
-    _pyplot,
+from dora_analysis.views.style import (
     figure_style,
+    final_step,
+    layer_colours,
+    line_style,
+    method_colours,
+    pyplot,
     save_figure,
 )
 
@@ -43,7 +43,7 @@ SPECTRUM_PANELS = (
 def _per_layer(ax, data: pd.DataFrame, column: str, methods: Sequence[str], palette: dict) -> None:
     for method in methods:
         rows = data[data["method"] == method].groupby("layer")[column].mean()
-        linestyle, marker = _line_style(method)
+        linestyle, marker = line_style(method)
         step = int(data.loc[data["method"] == method, "step"].max())
         ax.plot(
             rows.index,
@@ -65,7 +65,7 @@ def _final(df: pd.DataFrame, module: str | None, columns: Sequence[str]) -> pd.D
     if missing:
         raise InputError.of(missing[0], "not in the series; analyse it with metrics='spectrum,intruders'")
     data = df if module is None else select_modules(df, [module])
-    data = _final_step(data.dropna(subset=["step"]))
+    data = final_step(data.dropna(subset=["step"]))
     if data.empty:
         raise InputError.of(module or "series", "no analysed points for this module in the series")
     return data
@@ -73,10 +73,10 @@ def _final(df: pd.DataFrame, module: str | None, columns: Sequence[str]) -> pd.D
 
 def spectrum_layers_figure(df: pd.DataFrame, module: str = "query"):
     """The update's relative norm, stable rank, effective rank and rank90 per layer at the final step."""
-    plt = _pyplot()
+    plt = pyplot()
     data = _final(df, module, [c for c, _ in SPECTRUM_PANELS])
     methods = method_order(data["method"])
-    palette = _method_colours(methods)
+    palette = method_colours(methods)
     with figure_style():
         fig, axes = plt.subplots(1, len(SPECTRUM_PANELS), figsize=(4.2 * len(SPECTRUM_PANELS), 3.6))
         for ax, (column, label) in zip(axes, SPECTRUM_PANELS, strict=True):
@@ -93,13 +93,13 @@ def spectrum_layers_figure(df: pd.DataFrame, module: str = "query"):
 
 def intruders_figure(df: pd.DataFrame, modules: Sequence[str] = ("query", "value")):
     """Intruder dimensions (Shuttleworth et al. 2024) per layer at the final step, one panel per module."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     data = _final(select_modules(df, modules), None, ["intruder_dimensions"])
     modules = [m for m in modules if m in set(data["module"])]
     methods = method_order(data["method"])
-    palette = _method_colours(methods)
+    palette = method_colours(methods)
     with figure_style():
         fig, axes = plt.subplots(1, len(modules), figsize=(4.6 * len(modules) + 1.5, 3.6), squeeze=False)
         for ax, module in zip(axes[0], modules, strict=True):
@@ -116,7 +116,7 @@ def intruders_figure(df: pd.DataFrame, modules: Sequence[str] = ("query", "value
 
 def subspace_figure(df: pd.DataFrame, module: str = "query"):
     """``subspace_to_final`` (φ of each checkpoint's update with its run's final one) against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     if "subspace_to_final" not in df.columns:
         raise InputError.of("subspace_to_final", "not in the series; analyse it with metrics='spectrum'")
     data = select_modules(df, [module])
@@ -125,7 +125,7 @@ def subspace_figure(df: pd.DataFrame, module: str = "query"):
         raise InputError.of(module, "no subspace_to_final values for this module in the series")
     methods = method_order(data["method"])
     layers = sorted(data["layer"].dropna().unique())
-    colours = _layer_colours(layers)
+    colours = layer_colours(layers)
     with figure_style():
         fig, axes = plt.subplots(1, len(methods), figsize=(3.9 * len(methods) + 1.2, 3.5), squeeze=False)
         for ax, method in zip(axes[0], methods, strict=True):

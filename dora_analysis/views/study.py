@@ -1,6 +1,6 @@
 """The study's views: the sign map (r by configuration and convention, per method) and report.md.
 
-Both consume the study table (``study.csv``, see ``commands/study_pipeline.py``); nothing here
+Both consume the study table (``study.csv``, see ``jobs/study.py``); nothing here
 computes a statistic.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from dora_analysis.schema import method_label, method_order
-from dora_analysis.views.figures import _pyplot, figure_style, save_figure
 from dora_analysis.views.report import markdown_table
+from dora_analysis.views.style import figure_style, pyplot, save_figure
 
 __all__ = ["configuration_labels", "sign_map_figure", "write_sign_maps", "sign_flips", "render_study_report"]
 
@@ -36,7 +36,7 @@ def sign_map_figure(table: pd.DataFrame, module: str = "query"):
     Each cell shows the r pooled over seeds and, below it, the range of the seeds' own r. Red is
     positive (LoRA's sign in the paper), blue negative (FT's and DoRA's).
     """
-    plt = _pyplot()
+    plt = pyplot()
     data = table[table["module"] == module].assign(configuration=lambda t: configuration_labels(t))
     methods = method_order(data["method"])
     rows = list(dict.fromkeys(data["configuration"]))
@@ -95,7 +95,7 @@ def write_sign_maps(
         written[f"sign_map_{module}"] = save_figure(
             fig, Path(out_dir) / f"sign_map_{module}", formats, overwrite
         )
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return written
 
 

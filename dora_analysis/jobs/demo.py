@@ -18,6 +18,7 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from dora_analysis.errors import InputError
 from dora_analysis.readers.runs import read_run_record
 from dora_analysis.training.checkpoints import is_completed_run
 
-__all__ = ["DemoConfig", "DemoResult", "RESULT_FILES", "demo_plan", "run_demo"]
+__all__ = ["DemoConfig", "DemoResult", "RESULT_FILES", "demo_plan", "demo_summary", "run_demo"]
 
 METHODS = ("ft", "lora", "dora")
 #: The demo analyses the update's spectrum and intruder dimensions too (a few seconds on MiniLM).
@@ -112,8 +113,13 @@ def _analysed_tensor_count(model: Path | None) -> int:
         return sum(is_default_analysed(n, tuple(reader.shape(n))) for n in reader.names())
 
 
-def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
+def run_demo(
+    config: DemoConfig, progress: bool = True, check_interrupt: Callable[[], None] | None = None
+) -> DemoResult:
     """Train every method, analyse the series, write the figures and report.md into ``config.out``.
+
+    ``check_interrupt`` is called once the analysis is done, before any result is written (the CLI
+    passes the check for a signal that landed where it could not be raised).
 
     Raises:
         InputError: ``config.out`` already holds results and ``config.overwrite`` is False (checked
@@ -121,16 +127,7 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     """
     from tqdm.auto import tqdm
 
-    from dora_analysis.analysis.correlation import correlations
-    from dora_analysis.analysis.series import analyze_series
-    from dora_analysis.commands.interrupts import raise_if_interrupted
-    from dora_analysis.readers.runs import training_history
-    from dora_analysis.training import TrainConfig, train
-    from dora_analysis.views.figures import figure_modules, write_figures
-    from dora_analysis.views.report import accuracy_table, render_report, write_report
-    from dora_analysis.views.spectrum_figures import write_spectrum_figures
-    from dora_analysis.views.spectrum_report import spectrum_section
-    from dora_analysis.views.tables import atomic_write
+    from dora_analysis.views.figures import figure_modules
 
     config = demo_plan(config)
     _check_out(config)
@@ -141,76 +138,20 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     bar = tqdm(
         total=total, desc="demo", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not progress
     )
-    runs: dict[str, Path] = {}
-    reused: list[str] = []
     quiet = _quiet_transformers()
     try:
-        for method in config.methods:
-            bar.set_description(f"demo: train {method}")
-            if config.reuse_runs and is_completed_run(config.out / "runs" / method, config.steps):
-                runs[method] = config.out / "runs" / method
-                reused.append(method)
-                bar.update(config.steps)
-                continue
-            runs[method] = train(
-                TrainConfig(
-                    method=method,
-                    out=config.out / "runs" / method,
-                    model=config.model,
-                    steps=config.steps,
-                    save_every=config.save_every,
-                    max_train_examples=config.max_train_examples,
-                    max_eval_examples=config.max_eval_examples,
-                    max_length=config.max_length,
-                    seed=config.seed,
-                    threads=config.threads,
-                    overwrite=config.overwrite,
-                ),
-                progress=bar.update,
-            )
-        bar.set_description("demo: analyse")
-        series = analyze_series(None, list(runs.values()), progress=bar.update, metrics=DEMO_METRICS)
-        table = correlations(series)
-        history = training_history(list(runs.values()))
-        accuracy = accuracy_table(history)
-        overwrite = config.overwrite
-        raise_if_interrupted()  # a Ctrl-C swallowed during the kernel compile stops here
-        files = [
-            atomic_write(config.out / "series.csv", series.to_csv(index=False), overwrite=overwrite),
-            atomic_write(config.out / "correlations.csv", table.to_csv(index=False), overwrite=overwrite),
-            atomic_write(config.out / "history.csv", history.to_csv(index=False), overwrite=overwrite),
-        ]
+        runs, reused = _train_runs(config, bar)
+        analysed = _analyse(config, runs, bar)
+        if check_interrupt is not None:
+            check_interrupt()  # a Ctrl-C swallowed during the kernel compile stops here
+        files = _write_tables(config, analysed)
         bar.set_description("demo: figures")
-        modules = figure_modules(series)
+        modules = figure_modules(analysed.series)
         bar.total = len(config.methods) * config.steps + n_tensors + 4 * len(modules) + 2
-        (config.out / "figures").mkdir(exist_ok=True)
-        figures = write_figures(
-            series,
-            config.out / "figures",
-            history=history,
-            table=table,
-            modules=modules,
-            formats=config.formats,
-            overwrite=overwrite,
-        )
-        figures.update(
-            write_spectrum_figures(
-                series, config.out / "figures", modules=modules, formats=config.formats, overwrite=overwrite
-            )
-        )
+        figures = _draw(config, analysed, modules)
         bar.update(sum(1 for _ in figures))
-        seconds = time.perf_counter() - started
-        text = render_report(
-            series,
-            table,
-            accuracy,
-            figures,
-            relative_to=config.out,
-            context=_context(config, runs, seconds, reused),
-            majority_accuracy=_majority(runs),
-            sections=[spectrum_section(series, modules)],
-        )
-        report = write_report(config.out / "report.md", text, overwrite=overwrite)
+        context = _context(config, runs, time.perf_counter() - started, reused)
+        report = _write_report(config, analysed, figures, modules, context, _majority(runs))
         bar.set_description("demo: done")
     finally:
         bar.close()
@@ -218,15 +159,148 @@ def run_demo(config: DemoConfig, progress: bool = True) -> DemoResult:
     return DemoResult(
         config.out,
         runs,
-        series,
-        table,
-        history,
-        accuracy,
+        analysed.series,
+        analysed.table,
+        analysed.history,
+        analysed.accuracy,
         figures,
         report,
         time.perf_counter() - started,
         files,
     )
+
+
+@dataclass(frozen=True)
+class _Analysed:
+    """The frames the demo derives from its runs."""
+
+    series: pd.DataFrame
+    table: pd.DataFrame  # correlations of ``series``
+    history: pd.DataFrame
+    accuracy: pd.DataFrame
+
+
+def _train_runs(config: DemoConfig, bar) -> tuple[dict[str, Path], list[str]]:
+    """``({method: run folder}, [methods reused])``: each method trained, or its completed run reused."""
+    from dora_analysis.training import TrainConfig, train
+
+    runs: dict[str, Path] = {}
+    reused: list[str] = []
+    for method in config.methods:
+        bar.set_description(f"demo: train {method}")
+        if config.reuse_runs and is_completed_run(config.out / "runs" / method, config.steps):
+            runs[method] = config.out / "runs" / method
+            reused.append(method)
+            bar.update(config.steps)
+            continue
+        runs[method] = train(
+            TrainConfig(
+                method=method,
+                out=config.out / "runs" / method,
+                model=config.model,
+                steps=config.steps,
+                save_every=config.save_every,
+                max_train_examples=config.max_train_examples,
+                max_eval_examples=config.max_eval_examples,
+                max_length=config.max_length,
+                seed=config.seed,
+                threads=config.threads,
+                overwrite=config.overwrite,
+            ),
+            progress=bar.update,
+        )
+    return runs, reused
+
+
+def _analyse(config: DemoConfig, runs: dict[str, Path], bar) -> _Analysed:
+    """The series of every run, its correlations, the training logs and the accuracy per method."""
+    from dora_analysis.analysis.correlation import correlations
+    from dora_analysis.analysis.series import analyze_series
+    from dora_analysis.readers.runs import training_history
+    from dora_analysis.views.report import accuracy_table
+
+    bar.set_description("demo: analyse")
+    series = analyze_series(None, list(runs.values()), progress=bar.update, metrics=DEMO_METRICS)
+    history = training_history(list(runs.values()))
+    return _Analysed(series, correlations(series), history, accuracy_table(history))
+
+
+def _write_tables(config: DemoConfig, analysed: _Analysed) -> list[Path]:
+    """series.csv, correlations.csv and history.csv, each written atomically."""
+    from dora_analysis.views.tables import atomic_write
+
+    frames = {
+        "series.csv": analysed.series,
+        "correlations.csv": analysed.table,
+        "history.csv": analysed.history,
+    }
+    return [
+        atomic_write(config.out / name, frame.to_csv(index=False), overwrite=config.overwrite)
+        for name, frame in frames.items()
+    ]
+
+
+def _draw(config: DemoConfig, analysed: _Analysed, modules: list[str]) -> dict[str, list[Path]]:
+    """The paper's figures, then the update's spectrum figures, into ``OUT/figures``."""
+    from dora_analysis.views.figures import write_figures
+    from dora_analysis.views.spectrum_figures import write_spectrum_figures
+
+    folder, formats, overwrite = config.out / "figures", config.formats, config.overwrite
+    folder.mkdir(exist_ok=True)
+    figures = write_figures(
+        analysed.series,
+        folder,
+        history=analysed.history,
+        table=analysed.table,
+        modules=modules,
+        formats=formats,
+        overwrite=overwrite,
+    )
+    figures.update(
+        write_spectrum_figures(analysed.series, folder, modules=modules, formats=formats, overwrite=overwrite)
+    )
+    return figures
+
+
+def _write_report(
+    config: DemoConfig,
+    analysed: _Analysed,
+    figures: dict[str, list[Path]],
+    modules: list[str],
+    context: list[str],
+    majority: float | None,
+) -> Path:
+    """report.md: the context lines, accuracy, correlations, figures and the update's shape."""
+    from dora_analysis.views.report import render_report, write_report
+    from dora_analysis.views.spectrum_report import spectrum_section
+
+    text = render_report(
+        analysed.series,
+        analysed.table,
+        analysed.accuracy,
+        figures,
+        relative_to=config.out,
+        context=context,
+        majority_accuracy=majority,
+        sections=[spectrum_section(analysed.series, modules)],
+    )
+    return write_report(config.out / "report.md", text, overwrite=config.overwrite)
+
+
+def demo_summary(result: DemoResult) -> list[str]:
+    """The lines the CLI prints: accuracy per method, r of the query against the paper's, the report."""
+    from dora_analysis.views.report import paper_comparison
+
+    lines = [
+        f"{row.method:>5}: held-out accuracy {row.untrained:.3f} -> {row.final:.3f} at step {row.steps}"
+        for row in result.accuracy.itertuples(index=False)
+    ]
+    lines += [
+        f"{row.method:>5}: query r = {row.our_r:+.2f} [{row.r_low:+.2f}, {row.r_high:+.2f}] "
+        f"(paper {row.paper_r:+.2f}): {row.verdict}"
+        for row in paper_comparison(result.correlations).itertuples(index=False)
+    ]
+    return lines + [f"report: {result.report} ({result.seconds / 60:.1f} min)"]
 
 
 def _quiet_transformers():

@@ -23,6 +23,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -31,7 +32,12 @@ from dora_analysis.readers.runs import read_run_record
 from dora_analysis.schema import METHODS
 from dora_analysis.training.checkpoints import is_completed_run
 
-__all__ = ["Cell", "StudyConfig", "StudyPlan", "study_plan", "run_study", "RESULT_FILES"]
+if TYPE_CHECKING:
+    import torch
+
+    from dora_analysis.readers.base import LowRankUpdate
+
+__all__ = ["Cell", "StudyConfig", "StudyPlan", "study_plan", "run_study", "study_summary", "RESULT_FILES"]
 
 RESULT_FILES = ("report.md", "study.csv", "points.csv", "figures")
 MODULES = ("query", "value")  # the paper's Figures 2 and 7
@@ -132,13 +138,24 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
     Raises:
         InputError: ``config.out`` already holds results and ``config.overwrite`` is False.
     """
-    from tqdm.auto import tqdm
-
-    from dora_analysis.training import TrainConfig, train
-
     config = dataclasses.replace(config, out=Path(config.out))
     plan = study_plan(config.quick, config.seeds)
     _check_out(config)
+    runs, trained = _train_grid(config, plan, progress)
+    analysed = time.perf_counter()
+    points = study_points(runs, plan, device=config.device, progress=progress)
+    table = study_table(points, plan)
+    timing = _timing([run for *_, run in runs], trained, time.perf_counter() - analysed)
+    _write_results(config, plan, points, table, timing)
+    return table
+
+
+def _train_grid(
+    config: StudyConfig, plan: StudyPlan, progress: bool
+) -> tuple[list[tuple[Cell, str, int, Path]], int]:
+    """``([(cell, method, seed, run folder)], how many were trained)``: completed runs are reused."""
+    from tqdm.auto import tqdm
+
     jobs = [(c, m, s) for c in plan.cells for m in c.methods for s in plan.seeds]
     bar = tqdm(
         total=len(jobs) * plan.steps, desc="study: train", unit="step", file=sys.stderr, disable=not progress
@@ -150,34 +167,37 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
             run = _run_dir(config.out, cell, method, seed)
             if not is_completed_run(run, plan.steps):
                 trained += 1
-                fields = {**plan.train, **cell.overrides}
-                train(
-                    TrainConfig(
-                        method=method,
-                        out=run,
-                        model=config.model,
-                        steps=plan.steps,
-                        save_every=plan.save_every,
-                        seed=seed,
-                        threads=config.threads,
-                        lr=cell.lr_by_method.get(method),
-                        device=config.device or "cpu",
-                        overwrite=True,  # only an incomplete run of ours is ever here
-                        **fields,
-                    ),
-                    progress=bar.update,
-                )
+                _train_one(config, plan, cell, method, seed, run, bar.update)
             else:
                 bar.update(plan.steps)
             runs.append((cell, method, seed, run))
     finally:
         bar.close()
-    analysed = time.perf_counter()
-    points = study_points(runs, plan, device=config.device, progress=progress)
-    table = study_table(points, plan)
-    timing = _timing([run for *_, run in runs], trained, time.perf_counter() - analysed)
-    _write_results(config, plan, points, table, timing)
-    return table
+    return runs, trained
+
+
+def _train_one(
+    config: StudyConfig, plan: StudyPlan, cell: Cell, method: str, seed: int, run: Path, progress
+) -> None:
+    """One run of the grid into ``run`` (replacing an incomplete one)."""
+    from dora_analysis.training import TrainConfig, train
+
+    train(
+        TrainConfig(
+            method=method,
+            out=run,
+            model=config.model,
+            steps=plan.steps,
+            save_every=plan.save_every,
+            seed=seed,
+            threads=config.threads,
+            lr=cell.lr_by_method.get(method),
+            device=config.device or "cpu",
+            overwrite=True,  # only an incomplete run of ours is ever here
+            **{**plan.train, **cell.overrides},
+        ),
+        progress=progress,
+    )
 
 
 def _timing(runs: list[Path], trained: int, analysis_seconds: float) -> str:
@@ -232,28 +252,21 @@ def _other_conventions(series: pd.DataFrame, run: Path) -> pd.DataFrame:
     Tensor-major, as the analysis itself: each base tensor is read once for all of the run's
     checkpoints (adapters merge over it through the reusing reader); rows keep ``series``' order.
     """
-    from dora_analysis.analysis.conventions import CONVENTIONS, MERGE_SCALED, convention_deltas
     from dora_analysis.analysis.planning import select_tensors
     from dora_analysis.readers import open_checkpoint
-    from dora_analysis.readers.merge import merge_low_rank
     from dora_analysis.readers.reuse import ReusingReader
 
     rows: list[tuple[int, int, int, dict]] = []  # (checkpoint rank, series position, convention, row)
-    with open_checkpoint(_base_of(run)) as opened, ExitStack() as stack:
+    order = {c: rank for rank, c in enumerate(dict.fromkeys(series["checkpoint"]))}
+    with open_checkpoint(_base_of(run, series["method"].iloc[0])) as opened, ExitStack() as stack:
         base = ReusingReader(opened)
-        order = {c: rank for rank, c in enumerate(dict.fromkeys(series["checkpoint"]))}
         tuned = {c: stack.enter_context(open_checkpoint(Path(c), base=base)) for c in order}
         pairs = {c: select_tensors(base, r, include=_module_pattern()).pairs for c, r in tuned.items()}
         for tensor, part in series.reset_index(drop=True).groupby("tensor", sort=False):
             w0 = base.get(tensor)  # ``tensor`` is the base's name
             for position, row in zip(part.index, part.itertuples(index=False), strict=True):
-                reader, name = tuned[row.checkpoint], pairs[row.checkpoint][tensor]
-                update, scaled = reader.low_rank(name), reader.get(name)
-                for k, convention in enumerate(CONVENTIONS[1:]):
-                    w = scaled
-                    if update is not None and not MERGE_SCALED[convention]:
-                        w = merge_low_rank(w0, dataclasses.replace(update, scale=1.0))
-                    dm, dd = convention_deltas(w0, w, convention)
+                measured = _convention_deltas(w0, tuned[row.checkpoint], pairs[row.checkpoint][tensor])
+                for k, (convention, dm, dd) in enumerate(measured):
                     record = {
                         **row._asdict(),
                         "convention": convention,
@@ -265,10 +278,42 @@ def _other_conventions(series: pd.DataFrame, run: Path) -> pd.DataFrame:
     return pd.DataFrame([r for *_, r in rows], columns=[*series.columns, "convention"])
 
 
-def _base_of(run: Path) -> Path:
-    from dora_analysis.readers.runs import named_base
+def _convention_deltas(w0: torch.Tensor, reader, name: str) -> list[tuple[str, float, float]]:
+    """``(convention, ΔM, ΔD)`` of tensor ``name`` of ``reader`` against ``w0`` ``(out, in)``, for every
+    convention but ``paper`` (which the analysis itself measured)."""
+    from dora_analysis.analysis.conventions import CONVENTIONS, convention_deltas
 
-    return Path(named_base(run, run))
+    update, scaled = reader.low_rank(name), reader.get(name)
+    return [
+        (convention, *convention_deltas(w0, _convention_weight(w0, scaled, update, convention), convention))
+        for convention in CONVENTIONS[1:]
+    ]
+
+
+def _convention_weight(
+    w0: torch.Tensor, scaled: torch.Tensor, update: LowRankUpdate | None, convention: str
+) -> torch.Tensor:
+    """The tuned weight ``convention`` measures: ``scaled`` (the checkpoint's weight, LoRA/DoRA merged
+    with ``α/r``), or for a convention that merges without the scale, ``update`` merged over ``w0``
+    again with scale 1. A dense (FT) weight has no update: every convention measures ``scaled``.
+    """
+    from dora_analysis.analysis.conventions import MERGE_SCALED
+    from dora_analysis.readers.merge import merge_low_rank
+
+    if update is None or MERGE_SCALED[convention]:
+        return scaled
+    return merge_low_rank(w0, dataclasses.replace(update, scale=1.0))
+
+
+def _base_of(run: Path, method: str) -> Path:
+    """The base model ``run``'s checkpoints name (its run.json's ``base_model``)."""
+    from dora_analysis.readers.runs import named_base, run_checkpoints
+
+    first = run_checkpoints(run, method=method)[0]
+    base = named_base(first.path, first.run_dir)
+    if base is None:
+        raise InputError.of(run, "names no base model (run.json's base_model)")
+    return Path(base)
 
 
 def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
@@ -280,8 +325,6 @@ def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
     ``r_seed_mean`` and ``r_seed_max`` are each seed's own r, so the spread across seeds stands
     beside the interval. ``accuracy`` is the mean held-out accuracy at the window's last step.
     """
-    from dora_analysis.analysis.correlation import correlations
-
     rows = []
     for (cell, convention), group in points.groupby(["cell", "convention"], sort=False):
         windows = ["paper"] + (list(plan.base_only_windows) if cell == "base" else [])
@@ -290,45 +333,55 @@ def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
             part = group[group["step"].isin(steps)]
             if part.empty:
                 continue
-            # The seeds' runs pooled: centred per run, the interval from resampling whole layers of each.
-            pooled = correlations(part, pool_runs=True)
-            per_seed = pd.concat(
-                [correlations(p, pool_runs=True).assign(seed=s) for s, p in part.groupby("seed")],
-                ignore_index=True,
-            )
-            last = part[part["step"] == max(steps)]
-            for stats in pooled.itertuples(index=False):
-                seeds = per_seed[(per_seed["method"] == stats.method) & (per_seed["module"] == stats.module)][
-                    "r"
-                ]
-                accuracy = last[last["method"] == stats.method].groupby("seed")["eval_metric"].first()
-                first = group.iloc[0]
-                rows.append(
-                    {
-                        "cell": cell,
-                        "factor": first["factor"],
-                        "value": first["value"],
-                        "window": window,
-                        "steps": " ".join(str(s) for s in steps),
-                        "method": stats.method,
-                        "module": stats.module,
-                        "convention": convention,
-                        "n": stats.n,
-                        "seeds": int(seeds.size),
-                        "r": stats.r,
-                        "r_low": stats.r_low,
-                        "r_high": stats.r_high,
-                        "r_seed_min": seeds.min(),
-                        "r_seed_mean": seeds.mean(),
-                        "r_seed_max": seeds.max(),
-                        "spearman": stats.spearman,
-                        "slope": stats.slope,
-                        "r_within_step": stats.r_within_step,
-                        "r_within_layer": stats.r_within_layer,
-                        "accuracy": accuracy.mean() if accuracy.size else float("nan"),
-                    }
-                )
+            first = group.iloc[0]
+            where = {
+                "cell": cell,
+                "factor": first["factor"],
+                "value": first["value"],
+                "window": window,
+                "steps": " ".join(str(s) for s in steps),
+            }
+            rows += _window_rows(part, steps, where, convention)
     return pd.DataFrame(rows)
+
+
+def _window_rows(part: pd.DataFrame, steps: tuple[int, ...], where: dict, convention: str) -> list[dict]:
+    """The study rows of one (cell, convention, window): one per (method, module) of ``part``."""
+    from dora_analysis.analysis.correlation import correlations
+
+    # The seeds' runs pooled: centred per run, the interval from resampling whole layers of each.
+    pooled = correlations(part, pool_runs=True)
+    per_seed = pd.concat(
+        [correlations(p, pool_runs=True).assign(seed=s) for s, p in part.groupby("seed")],
+        ignore_index=True,
+    )
+    last = part[part["step"] == max(steps)]
+    rows = []
+    for stats in pooled.itertuples(index=False):
+        seeds = per_seed[(per_seed["method"] == stats.method) & (per_seed["module"] == stats.module)]["r"]
+        accuracy = last[last["method"] == stats.method].groupby("seed")["eval_metric"].first()
+        rows.append(
+            {
+                **where,
+                "method": stats.method,
+                "module": stats.module,
+                "convention": convention,
+                "n": stats.n,
+                "seeds": int(seeds.size),
+                "r": stats.r,
+                "r_low": stats.r_low,
+                "r_high": stats.r_high,
+                "r_seed_min": seeds.min(),
+                "r_seed_mean": seeds.mean(),
+                "r_seed_max": seeds.max(),
+                "spearman": stats.spearman,
+                "slope": stats.slope,
+                "r_within_step": stats.r_within_step,
+                "r_within_layer": stats.r_within_layer,
+                "accuracy": accuracy.mean() if accuracy.size else float("nan"),
+            }
+        )
+    return rows
 
 
 def _write_results(
@@ -351,3 +404,13 @@ def _write_results(
     ]
     text = render_study_report(table, figures, relative_to=out, context=context)
     atomic_write(out / "report.md", text, overwrite=overwrite)
+
+
+def study_summary(table: pd.DataFrame, out: Path) -> list[str]:
+    """The lines the CLI prints: r of the query in the base configuration per method, the report."""
+    base = table[(table["cell"] == "base") & (table["window"] == "paper") & (table["convention"] == "paper")]
+    lines = [
+        f"{row.method:>5}: query r = {row.r:+.2f} [{row.r_low:+.2f}, {row.r_high:+.2f}] (base configuration)"
+        for row in base[base["module"] == "query"].itertuples(index=False)
+    ]
+    return lines + [f"report: {out / 'report.md'}"]

