@@ -81,6 +81,17 @@ def _add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated Linear module names to adapt (default query,value)",
     )
     parser.add_argument("--rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    parser.add_argument(
+        "--no-detach-norm",
+        dest="detach_norm",
+        action="store_false",
+        help="DoRA: keep the gradient through ||W0 + sBA||_c (the paper detaches it, Section 4.3)",
+    )
+    parser.add_argument(
+        "--magnitude-only",
+        action="store_true",
+        help="DoRA: train the magnitude m alone, no A/B (the paper's Table 6)",
+    )
 
 
 def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +109,24 @@ def _add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
         help="adamw (default) or sgd with --momentum (SGD needs --lr)",
     )
     parser.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument(
+        "--schedule",
+        choices=("linear", "constant"),
+        default="linear",
+        help="after the 10%% warm-up: linear decay to 0 (default) or the constant peak rate",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=fraction,
+        default=0.0,
+        help="decoupled weight decay (AdamW) / L2 (SGD) on every trainable parameter (default 0)",
+    )
+    parser.add_argument(
+        "--no-decay-magnitude",
+        dest="decay_magnitude",
+        action="store_false",
+        help="DoRA: no weight decay on the magnitude m (decay pulls m toward 0, not toward ||W0||_c)",
+    )
     parser.add_argument("--batch-size", type=at_least(1), default=8, help="default 8")
     parser.add_argument("--max-length", type=at_least(1), default=32, help="tokens per sentence (default 32)")
     add_seed_argument(parser)
@@ -134,7 +163,6 @@ def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import os
 
     require_module("transformers")  # the [train] extra: say so before RUN_DIR is touched
@@ -155,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr,
         optimizer=args.optimizer,
         momentum=args.momentum,
+        schedule=args.schedule,
+        weight_decay=args.weight_decay,
+        decay_magnitude=args.decay_magnitude,
+        detach_norm=args.detach_norm,
+        magnitude_only=args.magnitude_only,
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
@@ -169,7 +202,9 @@ def run(args: argparse.Namespace) -> int:
     out = train(config, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
         return 0
-    record = json.loads((out / "run.json").read_text())
+    from dora_analysis.readers.runs import read_run_record
+
+    record = read_run_record(out)
     print(
         f"{record['method']}: {len(record['checkpoints'])} checkpoints in {out}; held-out accuracy "
         f"{record['untrained_accuracy']:.3f} (untrained head) -> {record['final_accuracy']:.3f} "

@@ -15,6 +15,7 @@ __all__ = [
     "Method",
     "METHODS",
     "OPTIMIZERS",
+    "SCHEDULES",
     "DEFAULT_LR",
     "HEAD_MODULES",
     "TrainConfig",
@@ -29,6 +30,15 @@ Optimizer = Literal["adamw", "sgd"]
 
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
+
+
+Schedule = Literal["linear", "constant"]
+
+
+#: The learning-rate schedules after the warm-up: ``linear`` decays to 0 at the last step (Hugging
+#: Face's default, so the last checkpoints are an annealing phase), ``constant`` keeps the peak rate
+#: (training longer is then only training longer).
+SCHEDULES: tuple[str, ...] = ("linear", "constant")
 
 
 DEFAULT_LR: dict[str, float] = {"ft": 1e-4, "lora": 3e-3, "dora": 3e-3}
@@ -57,8 +67,15 @@ class TrainConfig:
     momentum: float = 0.9  # SGD's momentum
     batch_size: int = 8
     max_length: int = 32  # tokens per sentence (keeps 78% of the default task's sentences whole)
-    warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then linear decay to 0
+    warmup_ratio: float = 0.1  # linear warm-up over this fraction of steps, then ``schedule``
+    schedule: Schedule = "linear"  # after the warm-up: "linear" decay to 0, or "constant"
+    # Decoupled weight decay (AdamW; SGD's L2) on every trainable parameter: FT's weights pull toward 0,
+    # LoRA/DoRA's A and B toward 0 (so W toward W0), DoRA's magnitude m toward 0 (not toward ||W0||_c)
+    # unless ``decay_magnitude`` is False; the head decays in every method.
     weight_decay: float = 0.0
+    decay_magnitude: bool = True  # DoRA: weight decay on m too (as the Hugging Face Trainer does)
+    detach_norm: bool = True  # DoRA: no gradient through ||W0 + s B A||_c (the paper's Section 4.3)
+    magnitude_only: bool = False  # DoRA: train m alone, A and B frozen at their initial values (Table 6)
     max_grad_norm: float = 1.0
     log_every: int = 5  # a loss entry in log_history every this many steps
     seed: int = 0
@@ -111,14 +128,33 @@ def check_config(config: TrainConfig) -> Path:
         raise InputError.of("--dropout", f"must be in [0, 1), got {config.dropout}")
     if config.learning_rate <= 0:
         raise InputError.of("--lr", f"must be positive, got {config.learning_rate}")
+    _check_dora_options(config)
     if config.method != "ft" and not config.targets:
         raise InputError.of("--targets", "LoRA/DoRA need at least one target module name")
     if config.precision not in PRECISIONS:
         raise InputError.of(
             "--precision", f"unknown precision {config.precision!r}; expected one of {', '.join(PRECISIONS)}"
         )
+    if config.schedule not in SCHEDULES:
+        raise InputError.of(
+            "--schedule", f"unknown schedule {config.schedule!r}; expected one of {', '.join(SCHEDULES)}"
+        )
+    if config.weight_decay < 0:
+        raise InputError.of("--weight-decay", f"must be at least 0, got {config.weight_decay}")
     check_device(config.device)
     model_path = Path(config.model) if config.model is not None else default_model_path()
     if not (model_path / "config.json").is_file():
         raise InputError.of(model_path, "not a Hugging Face model folder (no config.json)")
     return model_path
+
+
+def _check_dora_options(config: TrainConfig) -> None:
+    """DoRA's own options are refused for the other methods, where they would silently do nothing."""
+    if config.method == "dora":
+        return
+    for name, default in (("decay_magnitude", True), ("detach_norm", True), ("magnitude_only", False)):
+        if getattr(config, name) != default:
+            flag = {"decay_magnitude": "--no-decay-magnitude", "detach_norm": "--no-detach-norm"}.get(
+                name, "--magnitude-only"
+            )
+            raise InputError.of(flag, f"applies to --method dora only, not {config.method}")

@@ -49,17 +49,28 @@ from dora_analysis.training.tasks import TextTask, load_task
 __all__ = ["train", "ProgressCallback"]
 
 
-def _optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (the default, as the paper trains), or SGD with momentum.
+def _optimizer(named: list[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (the default, as the paper trains), or SGD with momentum, over the named trainable
+    parameters; with ``decay_magnitude`` False, DoRA's magnitudes are in a group without weight decay.
 
     Adam moves every parameter by about the learning rate per step whatever its gradient's size,
     which shapes how far each magnitude moves; SGD makes the step follow the gradient.
     """
+    groups = _decay_groups(named, config)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(
-            parameters, lr=config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
-        )
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], config: TrainConfig) -> list[dict]:
+    """The parameter groups and their weight decay (``config.weight_decay``; 0 for DoRA's ``magnitude``
+    parameters when ``decay_magnitude`` is False)."""
+    spared = {n for n, _ in named if not config.decay_magnitude and n.rsplit(".", 1)[-1] == "magnitude"}
+    decayed = [p for n, p in named if n not in spared]
+    groups = [{"params": decayed, "weight_decay": config.weight_decay}]
+    if spared:
+        groups.append({"params": [p for n, p in named if n in spared], "weight_decay": 0.0})
+    return groups
 
 
 ProgressCallback = Callable[[int], None]
@@ -223,8 +234,9 @@ def _set_up(config: TrainConfig, model_path: Path, task: TextTask, ranks: Ranks)
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     shadow = unsharded_copy(model, ranks) if config.fsdp else None  # rank 0 evaluates and saves it
     wrapped = wrap(model, ranks, config.fsdp, device)
-    trainable = [p for p in wrapped.parameters() if p.requires_grad]  # DTensors under FSDP2
-    optimizer = _optimizer(trainable, config)
+    named = [(n, p) for n, p in wrapped.named_parameters() if p.requires_grad]  # DTensors under FSDP2
+    trainable = [p for _, p in named]
+    optimizer = _optimizer(named, config)
     scaler = grad_scaler(device, config.precision)
     return _Setup(
         config,
@@ -249,12 +261,14 @@ def _set_up(config: TrainConfig, model_path: Path, task: TextTask, ranks: Ranks)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Hugging Face's linear schedule with warm-up."""
+    """Hugging Face's linear schedule with warm-up, or (``schedule="constant"``) warm-up then the peak rate."""
     warmup = math.ceil(config.warmup_ratio * config.steps)
 
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
+        if config.schedule == "constant":
+            return 1.0
         return max(0.0, (config.steps - step) / max(1, config.steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)

@@ -54,13 +54,17 @@ def adapt(model: torch.nn.Module, config: TrainConfig) -> list[str]:
         return []
     from dora_analysis.adapters.inject import inject_adapters
 
-    return inject_adapters(
+    # magnitude_only: the layer's own magnitude-only mode (paper Table 6: m alone, no A/B), saved as
+    # a DoRA adapter whose update is an exact zero rank-1 product
+    adapted = inject_adapters(
         model,
-        method=config.method,
+        method="magnitude" if config.magnitude_only else config.method,
         targets=tuple(config.targets),
         r=config.rank,
         alpha=config.alpha,
         dropout=config.dropout,
         rslora=config.rslora,
         modules_to_save=HEAD_MODULES,
+        detach_norm=config.detach_norm,
     )
+    return adapted

@@ -28,3 +28,20 @@ def test_device_precision_and_fsdp_checks(tiny_model, tmp_path, capsys):
     assert not any(tmp_path.iterdir())  # nothing written by a refused run
     assert main([*argv, "--out", str(tmp_path / "d"), "--precision", "fp8"]) == 2  # one line, as every option
     assert "--precision" in capsys.readouterr().err
+
+
+def test_study_factor_options_reach_run_json_or_are_refused(tiny_model, tmp_path, capsys):
+    """--schedule, --weight-decay, --no-decay-magnitude, --no-detach-norm: recorded in run.json; the
+    DoRA-only ones refused in one line for another method."""
+    import json
+
+    argv = ["train", "--model", str(tiny_model), "--steps", "2", "--save-every", "2", "--quiet"]
+    argv += ["--max-train-examples", "16", "--max-eval-examples", "8"]
+    assert main([*argv, "--method", "lora", "--out", str(tmp_path / "a"), "--no-detach-norm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--no-detach-norm: applies to --method dora only" in err
+    flags = ["--schedule", "constant", "--weight-decay", "0.1", "--no-decay-magnitude", "--no-detach-norm"]
+    assert main([*argv, "--method", "dora", "--out", str(tmp_path / "b"), *flags]) == 0
+    config = json.loads((tmp_path / "b" / "run.json").read_text())["config"]
+    assert (config["schedule"], config["weight_decay"]) == ("constant", 0.1)
+    assert config["decay_magnitude"] is False and config["detach_norm"] is False

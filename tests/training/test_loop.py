@@ -320,3 +320,86 @@ def test_ctrl_c_while_saving_leaves_no_partial_checkpoint(tiny_model, tmp_path, 
         train(TrainConfig(method="ft", out=out, model=tiny_model, **QUICK), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "run.json"]
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"detach_norm": False}, "--no-detach-norm: applies to --method dora only"),
+        ({"magnitude_only": True}, "--magnitude-only: applies to --method dora only"),
+        ({"decay_magnitude": False}, "--no-decay-magnitude: applies to --method dora only"),
+        ({"schedule": "cosine"}, "unknown schedule 'cosine'"),
+        ({"weight_decay": -0.1}, "--weight-decay: must be at least 0"),
+    ],
+)
+def test_dora_options_are_refused_where_they_would_do_nothing(tiny_model, tmp_path, change, message):
+    config = TrainConfig(
+        **{"method": "lora", "out": tmp_path / "run", "model": tiny_model, **QUICK, **change}
+    )
+    with pytest.raises(InputError, match=message):
+        train(config, progress=False)
+
+
+def test_constant_schedule_keeps_the_peak_rate_after_the_warm_up():
+    from dora_analysis.training.loop import _schedule
+
+    def rates(schedule: str) -> list[float]:
+        parameter = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.SGD([parameter], lr=1.0)
+        config = TrainConfig(method="ft", out=Path("x"), steps=10, warmup_ratio=0.2, schedule=schedule)
+        scheduler = _schedule(optimizer, config)
+        seen = []
+        for _ in range(10):
+            seen.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    linear, constant = rates("linear"), rates("constant")
+    assert linear[:2] == constant[:2] == [1 / 3, 2 / 3]  # the same warm-up (2 steps)
+    assert constant[2:] == [1.0] * 8
+    assert linear[2:] == [(10 - s) / 8 for s in range(2, 10)]  # decays toward 0 at step 10
+
+
+def test_weight_decay_spares_the_magnitude_when_asked():
+    """With zero gradients AdamW's decoupled decay alone moves a parameter: by lr * wd * p."""
+    from dora_analysis.adapters.inject import inject_adapters
+    from dora_analysis.training.loop import _optimizer
+
+    torch.manual_seed(0)
+    for decay_magnitude in (True, False):
+        model = torch.nn.Sequential()
+        model.add_module("query", torch.nn.Linear(6, 4))
+        inject_adapters(model, method="dora", targets=("query",), r=2, alpha=4)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        config = TrainConfig(
+            method="dora", out=Path("x"), lr=0.1, weight_decay=0.5, decay_magnitude=decay_magnitude
+        )
+        optimizer = _optimizer(named, config)
+        before = {n: p.detach().clone() for n, p in named}
+        for _, p in named:
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        for name, p in named:
+            decayed = decay_magnitude or not name.endswith("magnitude")
+            expected = before[name] * (1 - 0.1 * 0.5) if decayed else before[name]
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)
+
+
+def test_magnitude_only_trains_m_alone_and_saves_a_zero_update(tiny_model, tmp_path):
+    """--magnitude-only (the paper's Table 6): only m (and the head) train; the saved adapter's update is
+    exactly zero, so PEFT and our reader merge it to m W0 / ||W0||_c."""
+    from safetensors.torch import load_file
+
+    run = train(
+        TrainConfig(method="dora", out=tmp_path / "m", model=tiny_model, magnitude_only=True, **QUICK),
+        progress=False,
+    )
+    record = json.loads((run / "run.json").read_text())
+    assert record["config"]["magnitude_only"] is True and record["method"] == "dora"
+    saved = load_file(run / "checkpoint-5" / "adapter_model.safetensors")
+    factors = [t for k, t in saved.items() if "lora_A" in k or "lora_B" in k]
+    assert factors and all(not t.any() for t in factors)
+    first = load_file(run / "checkpoint-2" / "adapter_model.safetensors")
+    moved = [k for k in saved if "lora_magnitude_vector" in k and not torch.equal(saved[k], first[k])]
+    assert moved
