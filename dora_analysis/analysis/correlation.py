@@ -20,11 +20,15 @@ few points per group; with one group it equals the pooled r.
 two rows unless ``pool_runs=True``; then their points are pooled, but the within-step and
 within-layer centring is still done per run, so two seeds never become one cloud there.
 
-**The interval** of ``r`` is a percentile *cluster* bootstrap over layers: a resample draws whole
-layers (all the steps of one matrix together) with replacement, within each run, and recomputes r
-on their points. The same matrix at successive steps is strongly dependent, so resampling points as
-if independent (``bootstrap="points"``, kept for comparison) gives intervals that are too narrow.
-With fewer than 3 layers per group the cluster interval is not defined (NaN).
+**The intervals** of ``r``, ``spearman``, ``slope``, ``r_within_step`` and ``r_within_layer`` are
+delete-one-layer jackknife t intervals (:mod:`dora_analysis.analysis.inference`): a layer index is
+the unit, dropped from every run at once, because the seeds of a method share their pre-trained
+layers and the steps of one matrix are dependent; correlations on Fisher's z, ``L - 1`` degrees of
+freedom. The earlier percentile bootstrap over layers resampled within each run counted 3 seeds x 6
+layers as 18 independent clusters and covered about 70% in simulation
+(``benchmarks/bench_coverage.py``); it stays callable as ``bootstrap="layers-within-run"`` for
+comparison, as does ``bootstrap="points"``. Below :data:`~dora_analysis.analysis.inference.MIN_LAYERS`
+layers there is no interval (NaN, and ``interval_note`` says why).
 """
 
 from __future__ import annotations
@@ -34,17 +38,48 @@ import math
 import numpy as np
 import pandas as pd
 
+from dora_analysis.analysis.inference import (
+    MIN_LAYERS,
+    STATISTICS,
+    Design,
+    design_codes,
+    layer_jackknife,
+    percentile_interval,
+    stratified_cluster_counts,
+    weighted_statistics,
+)
 from dora_analysis.schema import METHODS, points
 
 __all__ = [
     "CORRELATION_COLUMNS",
+    "INTERVAL_COLUMNS",
     "BOOTSTRAPS",
+    "DEFAULT_BOOTSTRAP",
     "pearson",
     "spearman",
     "bootstrap_interval",
     "cluster_bootstrap_interval",
+    "interval_label",
     "correlations",
 ]
+
+# -- The columns issue 21 adds (to move into schema.py): each statistic's interval, what it is, why none.
+SPEARMAN_LOW, SPEARMAN_HIGH = "spearman_low", "spearman_high"
+SLOPE_LOW, SLOPE_HIGH = "slope_low", "slope_high"
+R_WITHIN_STEP_LOW, R_WITHIN_STEP_HIGH = "r_within_step_low", "r_within_step_high"
+R_WITHIN_LAYER_LOW, R_WITHIN_LAYER_HIGH = "r_within_layer_low", "r_within_layer_high"
+#: What the row's intervals are, in words: ``"95% layer jackknife, t(5)"``.
+INTERVAL = "interval"
+#: Why an interval of the row is missing (NaN); None when every interval is there.
+INTERVAL_NOTE = "interval_note"
+#: ``statistic -> (low column, high column)`` for every interval of a row.
+INTERVAL_COLUMNS = {
+    "r": ("r_low", "r_high"),
+    "spearman": (SPEARMAN_LOW, SPEARMAN_HIGH),
+    "slope": (SLOPE_LOW, SLOPE_HIGH),
+    "r_within_step": (R_WITHIN_STEP_LOW, R_WITHIN_STEP_HIGH),
+    "r_within_layer": (R_WITHIN_LAYER_LOW, R_WITHIN_LAYER_HIGH),
+}
 
 CORRELATION_COLUMNS = [
     "method",
@@ -59,16 +94,30 @@ CORRELATION_COLUMNS = [
     "r_low",
     "r_high",
     "bootstrap",
+    INTERVAL,
+    INTERVAL_NOTE,
     "spearman",
+    SPEARMAN_LOW,
+    SPEARMAN_HIGH,
     "slope",
+    SLOPE_LOW,
+    SLOPE_HIGH,
     "intercept",
     "r_within_step",
+    R_WITHIN_STEP_LOW,
+    R_WITHIN_STEP_HIGH,
     "r_within_layer",
+    R_WITHIN_LAYER_LOW,
+    R_WITHIN_LAYER_HIGH,
 ]
 
-#: ``"layers"``: resample whole layers (the cluster bootstrap, default); ``"points"``: resample
-#: points as if independent (too narrow; kept to show the difference).
-BOOTSTRAPS = ("layers", "points")
+#: ``"layer-jackknife"`` (default): the delete-one-layer jackknife t interval, a layer index dropped
+#: from every run at once (:mod:`dora_analysis.analysis.inference`). For comparison only:
+#: ``"layers-within-run"``, the percentile bootstrap over layers resampled separately in each run
+#: (the earlier default, ``"layers"`` is its old name: it counts 3 seeds x 6 layers as 18 independent
+#: clusters, too narrow); ``"points"``, points resampled as if independent (narrower still; r only).
+BOOTSTRAPS = ("layer-jackknife", "layers-within-run", "layers", "points")
+DEFAULT_BOOTSTRAP = "layer-jackknife"
 
 # Label of a missing run/stack/layer inside the grouping (pandas drops NaN group keys).
 _MISSING = "\x00missing"
@@ -88,16 +137,6 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman's rank correlation of two ``(n,)`` arrays: Pearson r of their average ranks."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     return pearson(pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy())
-
-
-def _percentiles(r: np.ndarray, level: float) -> tuple[float, float]:
-    """The central ``level`` percentile interval of the finite resampled r values ``(B,)``."""
-    r = r[np.isfinite(r)]
-    if r.size == 0:
-        return math.nan, math.nan
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(r, [tail, 100 - tail])
-    return float(low), float(high)
 
 
 def bootstrap_interval(
@@ -121,7 +160,7 @@ def bootstrap_interval(
     denominator = np.sqrt((xs * xs).sum(axis=1) * (ys * ys).sum(axis=1))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = (xs * ys).sum(axis=1) / denominator
-    return _percentiles(r, level)
+    return percentile_interval(r, level)
 
 
 def cluster_bootstrap_interval(
@@ -165,18 +204,12 @@ def cluster_bootstrap_interval(
     for column, values in enumerate((np.ones_like(xc), xc, yc, xc * xc, yc * yc, xc * yc)):
         sums[:, column] = np.bincount(codes, weights=values, minlength=n_clusters)
     cluster_stratum = np.asarray([label[0] for label in labels])
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((resamples, n_clusters))  # (B, L): how often each cluster is drawn
-    for stratum in dict.fromkeys(cluster_stratum):
-        members = np.flatnonzero(cluster_stratum == stratum)
-        draws = rng.integers(0, members.size, size=(resamples, members.size))  # (B, L_s)
-        rows = np.repeat(np.arange(resamples), members.size)
-        np.add.at(counts, (rows, members[draws.ravel()]), 1.0)
+    counts = stratified_cluster_counts(cluster_stratum, resamples, np.random.default_rng(seed))  # (B, L)
     n, sx, sy, sxx, syy, sxy = (counts @ sums).T  # each (B,)
     with np.errstate(invalid="ignore", divide="ignore"):
         cov = sxy - sx * sy / n
         r = cov / np.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n))
-    return _percentiles(r, level)
+    return percentile_interval(r, level)
 
 
 def _centred(values: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
@@ -209,13 +242,58 @@ def _shown(label: str) -> object:
     return None if label == _MISSING else label
 
 
+def interval_label(bootstrap: str, level: float, layers: int) -> str:
+    """The ``interval`` column: which interval a row holds, in words (``"95% layer jackknife, t(5)"``)."""
+    if bootstrap == DEFAULT_BOOTSTRAP:
+        return f"{level:.0%} layer jackknife, t({layers - 1})"
+    if bootstrap == "points":
+        return f"{level:.0%} percentile bootstrap, points as independent"
+    return f"{level:.0%} percentile bootstrap, layers within each run"
+
+
+def _estimates(x: np.ndarray, y: np.ndarray, runs: np.ndarray, steps: np.ndarray, layers: np.ndarray) -> dict:
+    """Every statistic of one group's ``(n,)`` points on all of them (``intercept`` beside the slope)."""
+    slope, intercept = _slope(x, y)
+    return {
+        "r": pearson(x, y),
+        "spearman": spearman(x, y),
+        "slope": slope,
+        "intercept": intercept,
+        "r_within_step": pearson(_centred(x, [runs, steps]), _centred(y, [runs, steps])),
+        "r_within_layer": pearson(_centred(x, [runs, layers]), _centred(y, [runs, layers])),
+    }
+
+
+def _bootstrap_intervals(
+    x: np.ndarray, y: np.ndarray, design: Design, bootstrap: str, resamples: int, level: float, seed: int
+) -> tuple[dict, str | None]:
+    """The old percentile intervals, for comparison: ``"layers-within-run"`` (every statistic but
+    Spearman; the draws of :func:`cluster_bootstrap_interval`) or ``"points"`` (r only)."""
+    nan = {name: (math.nan, math.nan) for name in STATISTICS}
+    if bootstrap == "points":
+        nan["r"] = bootstrap_interval(x, y, resamples=resamples, level=level, seed=seed)
+        return nan, "bootstrap='points' gives an interval of r only"
+    # clusters are (run, layer) pairs, resampled within their run, in the old function's order
+    keys = pd.MultiIndex.from_arrays([design.run.astype(str), design.layer.astype(str)])
+    codes, labels = pd.factorize(keys)
+    if x.size < 3 or len(labels) < 3:
+        return nan, "fewer than 3 layers in all: no interval"
+    counts = stratified_cluster_counts(
+        np.asarray([label[0] for label in labels]), resamples, np.random.default_rng(seed)
+    )
+    draws = weighted_statistics(x, y, design, counts[:, codes])
+    intervals = {name: percentile_interval(draws[name], level) for name in draws}
+    return {**nan, **intervals}, "spearman: no interval with bootstrap='layers-within-run'"
+
+
 def correlations(
     df: pd.DataFrame,
     resamples: int = 2000,
     level: float = 0.95,
     seed: int = 0,
     pool_runs: bool = False,
-    bootstrap: str = "layers",
+    bootstrap: str = DEFAULT_BOOTSTRAP,
+    min_layers: int = MIN_LAYERS,
 ) -> pd.DataFrame:
     """Per run (or method), stack and module: Pearson r of (ΔD, ΔM) over layers and steps, and companions.
 
@@ -224,25 +302,30 @@ def correlations(
             ``step``, ``layer``, ``delta_direction``, ``delta_magnitude``, and when present ``run``
             and ``stack`` (a missing or all-missing ``stack`` is one stack; without ``run`` each
             method is one run).
-        resamples, level, seed: the percentile bootstrap of r (fixed seed: reproducible).
+        resamples, seed: the comparison bootstraps' draws (fixed seed: reproducible); the jackknife
+            has no randomness. level: the intervals' coverage.
         pool_runs: False (default): one row per run. True: one row per method, pooling its runs'
-            points (centring for ``r_within_step``/``r_within_layer`` still per run; the
-            bootstrap resamples layers within each run).
-        bootstrap: ``"layers"`` (default): the cluster bootstrap over whole layers (see the module
-            docstring); ``"points"``: points resampled as if independent (too narrow; for comparison).
+            points (centring for ``r_within_step``/``r_within_layer`` still per run; the jackknife
+            drops a layer index from every run at once, as the seeds share their layers).
+        bootstrap: the interval, one of :data:`BOOTSTRAPS` (see there and the module docstring);
+            the default ``"layer-jackknife"`` is the one to report.
+        min_layers: fewer layer indices in a row give no jackknife interval (NaN and a note).
     Returns:
         One row per group, columns :data:`CORRELATION_COLUMNS`: ``run`` (the pooled runs joined by
         ``+`` with ``pool_runs``; None without a ``run`` column), ``stack`` (None for a series
-        without stacks), ``n`` points, the number of ``runs``, ``steps`` and ``layers``, pooled
-        ``r`` with its interval ``[r_low, r_high]`` from the ``bootstrap`` named in that column,
-        ``spearman``, the least-squares ``slope``/``intercept`` of ΔM on ΔD, and
-        ``r_within_step``/``r_within_layer``. Methods in :data:`~dora_analysis.schema.METHODS`
-        order, then others alphabetically; then run, stack (in the series' order) and module.
+        without stacks), ``n`` points, the number of ``runs``, ``steps`` and ``layers``; pooled
+        ``r``, ``spearman``, the least-squares ``slope``/``intercept`` of ΔM on ΔD,
+        ``r_within_step`` and ``r_within_layer``, each but the intercept with its interval
+        (:data:`INTERVAL_COLUMNS`); ``bootstrap`` the method asked for, ``interval`` the
+        intervals in words, ``interval_note`` why some are NaN. Methods in
+        :data:`~dora_analysis.schema.METHODS` order, then others alphabetically; then run, stack
+        (in the series' order) and module.
     Raises:
         ValueError: an unknown ``bootstrap``.
     """
     if bootstrap not in BOOTSTRAPS:
         raise ValueError(f"bootstrap must be one of {BOOTSTRAPS}, got {bootstrap!r}")
+    bootstrap = "layers-within-run" if bootstrap == "layers" else bootstrap
     data = points(df)
     run = _labels(data, "run")
     stack = _labels(data, "stack")
@@ -256,35 +339,30 @@ def correlations(
         # -1: no step / no layer (a lone checkpoint, a matrix outside the blocks), one group of its own
         steps = pd.to_numeric(group["step"]).astype("float64").fillna(-1).to_numpy()
         layers = pd.to_numeric(group["layer"]).astype("float64").fillna(-1).to_numpy()
-        if bootstrap == "layers":
-            low, high = cluster_bootstrap_interval(
-                x, y, layers, strata=runs, resamples=resamples, level=level, seed=seed
-            )
+        design = design_codes(layers, runs, steps)
+        estimates = _estimates(x, y, runs, steps, layers)
+        if bootstrap == DEFAULT_BOOTSTRAP:
+            intervals, note = layer_jackknife(x, y, design, estimates, level, min_layers)
         else:
-            low, high = bootstrap_interval(x, y, resamples=resamples, level=level, seed=seed)
-        slope, intercept = _slope(x, y)
+            intervals, note = _bootstrap_intervals(x, y, design, bootstrap, resamples, level, seed)
         run_labels = list(dict.fromkeys(runs))
-        rows.append(
-            {
-                "method": group["method"].iloc[0],
-                "run": _shown("+".join(run_labels)) if _MISSING not in run_labels else None,
-                "stack": _shown(group["_stack"].iloc[0]),
-                "module": group["module"].iloc[0],
-                "n": int(x.size),
-                "runs": len(run_labels),
-                "steps": int(pd.Series(steps).nunique()),
-                "layers": int(pd.Series(layers).nunique()),
-                "r": pearson(x, y),
-                "r_low": low,
-                "r_high": high,
-                "bootstrap": bootstrap,
-                "spearman": spearman(x, y),
-                "slope": slope,
-                "intercept": intercept,
-                "r_within_step": pearson(_centred(x, [runs, steps]), _centred(y, [runs, steps])),
-                "r_within_layer": pearson(_centred(x, [runs, layers]), _centred(y, [runs, layers])),
-            }
-        )
+        row = {
+            "method": group["method"].iloc[0],
+            "run": _shown("+".join(run_labels)) if _MISSING not in run_labels else None,
+            "stack": _shown(group["_stack"].iloc[0]),
+            "module": group["module"].iloc[0],
+            "n": int(x.size),
+            "runs": len(run_labels),
+            "steps": int(pd.Series(steps).nunique()),
+            "layers": design.layers,
+            "bootstrap": bootstrap,
+            INTERVAL: interval_label(bootstrap, level, design.layers),
+            INTERVAL_NOTE: note,
+            **estimates,
+        }
+        for name, (low, high) in INTERVAL_COLUMNS.items():
+            row[low], row[high] = intervals[name]
+        rows.append(row)
     result = pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
     if result.empty:
         return result

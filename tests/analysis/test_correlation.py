@@ -12,6 +12,7 @@ from scipy import stats
 from series_builders import bart_like_series, synthetic_series
 
 from dora_analysis.analysis.correlation import (
+    INTERVAL_COLUMNS,
     bootstrap_interval,
     cluster_bootstrap_interval,
     correlations,
@@ -33,7 +34,8 @@ def test_pooled_r_and_slope_match_scipy_and_polyfit():
         assert row.slope == pytest.approx(slope, rel=1e-9)
         assert row.intercept == pytest.approx(intercept, rel=1e-9, abs=1e-12)
         assert row.n == 24 and row.steps == 4 and row.layers == 6
-        assert row.r_low <= row.r <= row.r_high and row.bootstrap == "layers"
+        assert row.r_low <= row.r <= row.r_high and row.bootstrap == "layer-jackknife"
+        assert row.interval == "95% layer jackknife, t(5)" and row.interval_note is None
         assert row.spearman == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     signs = table.groupby("method")["r"].max()
     assert signs["lora"] > 0.5 and table[table.method == "ft"]["r"].max() < 0
@@ -230,14 +232,18 @@ def test_cluster_bootstrap_is_reproducible_and_agrees_with_a_direct_loop():
     # ... which is far tighter than the gap to the point bootstrap on these data
     points_low, points_high = bootstrap_interval(x, y, resamples=3000, seed=4)
     assert abs(points_low - reference_low) > 0.3 and abs(points_high - reference_high) > 0.2
-    row = correlations(df, pool_runs=True, resamples=3000, seed=4).iloc[0]
-    assert (row.r_low, row.r_high) == (low, high) and row.runs == 2 and row.n == 128
+    row = correlations(df, pool_runs=True, resamples=3000, seed=4, bootstrap="layers-within-run").iloc[0]
+    # the same draws (the weighted path sums in another order: equal to rounding)
+    assert (row.r_low, row.r_high) == pytest.approx((low, high), abs=1e-12)
+    assert row.runs == 2 and row.n == 128 and row.bootstrap == "layers-within-run"
+    old_name = correlations(df, pool_runs=True, resamples=3000, seed=4, bootstrap="layers").iloc[0]
+    assert (old_name.r_low, old_name.r_high, old_name.bootstrap) == (row.r_low, row.r_high, row.bootstrap)
 
 
 def test_cluster_interval_is_wider_when_layers_repeat_over_steps():
     # 8 layers of information, not 64 points: the point bootstrap believes 64, the layer bootstrap does not.
     df = layered(runs=("a",))
-    layers = correlations(df).iloc[0]
+    layers = correlations(df, bootstrap="layers-within-run").iloc[0]
     points_table = correlations(df, bootstrap="points").iloc[0]
     assert points_table.bootstrap == "points" and layers.r == points_table.r
     assert layers.r_high - layers.r_low > 2 * (points_table.r_high - points_table.r_low)
@@ -250,3 +256,70 @@ def test_cluster_bootstrap_needs_three_layers_and_rejects_unknown_kinds():
     assert all(np.isfinite(cluster_bootstrap_interval(x, y, np.repeat([0, 1, 2, 3], 2))))
     with pytest.raises(ValueError, match="bootstrap"):
         correlations(synthetic_series(), bootstrap="blocks")
+
+
+def jackknife_reference(frame: pd.DataFrame, level: float = 0.95) -> dict[str, tuple[float, float]]:
+    """A plain loop: drop each layer index from every run, recompute with SciPy/NumPy, t on Fisher's z."""
+
+    def centred_r(part, key):
+        x = part.delta_direction - part.groupby(["run", key]).delta_direction.transform("mean")
+        y = part.delta_magnitude - part.groupby(["run", key]).delta_magnitude.transform("mean")
+        return stats.pearsonr(x, y).statistic
+
+    def statistics(part):
+        x, y = part.delta_direction, part.delta_magnitude
+        return {
+            "r": stats.pearsonr(x, y).statistic,
+            "spearman": stats.spearmanr(x, y).statistic,
+            "slope": np.polyfit(x, y, 1)[0],
+            "r_within_step": centred_r(part, "step"),
+            "r_within_layer": centred_r(part, "layer"),
+        }
+
+    full = statistics(frame)
+    labels = frame.layer.unique()
+    drops = [statistics(frame[frame.layer != layer]) for layer in labels]
+    q = stats.t.ppf((1 + level) / 2, len(labels) - 1)
+    result = {}
+    for name, estimate in full.items():
+        fisher = name != "slope"
+        h = np.array([np.arctanh(d[name]) if fisher else d[name] for d in drops])
+        se = math.sqrt((len(labels) - 1) / len(labels) * ((h - h.mean()) ** 2).sum())
+        centre = np.arctanh(estimate) if fisher else estimate
+        ends = (centre - q * se, centre + q * se)
+        result[name] = tuple(np.tanh(ends)) if fisher else ends
+    return result
+
+
+def test_every_interval_is_the_layer_jackknife_across_pooled_runs():
+    df = two_seeds()
+    table = correlations(df, pool_runs=True, level=0.9)
+    for row in table.itertuples():
+        reference = jackknife_reference(df[df.module == row.module], level=0.9)
+        for name, (low, high) in INTERVAL_COLUMNS.items():
+            assert (getattr(row, low), getattr(row, high)) == pytest.approx(reference[name], abs=1e-9), name
+            assert getattr(row, low) <= getattr(row, name) <= getattr(row, high)
+        assert row.interval == "90% layer jackknife, t(5)" and row.interval_note is None
+
+
+def test_no_interval_below_the_minimum_layers_and_a_note_says_why():
+    table = correlations(bart_like_series(layers=2))
+    interval_columns = [c for pair in INTERVAL_COLUMNS.values() for c in pair]
+    assert table[interval_columns].isna().all().all()
+    assert table.r.notna().all()
+    assert (table.interval_note == "2 layers: no interval below 3 layers").all()
+    # a lone checkpoint: r within a layer is not defined, nor its interval; the note names it
+    one_step = synthetic_series()[lambda f: f.step == 10]
+    row = correlations(one_step).iloc[0]
+    assert math.isnan(row.r_within_layer) and math.isnan(row.r_within_layer_low)
+    assert "r_within_layer" in row.interval_note and not math.isnan(row.r_low)
+
+
+def test_the_comparison_bootstraps_say_which_intervals_they_lack():
+    df = two_seeds()
+    old = correlations(df, pool_runs=True, bootstrap="layers-within-run").iloc[0]
+    assert old.interval == "95% percentile bootstrap, layers within each run"
+    assert math.isnan(old.spearman_low) and "spearman" in old.interval_note
+    assert old.slope_low < old.slope < old.slope_high
+    points_row = correlations(df, bootstrap="points").iloc[0]
+    assert math.isnan(points_row.slope_low) and "r only" in points_row.interval_note
