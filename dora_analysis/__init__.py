@@ -8,6 +8,8 @@ Everything a user needs is re-exported here, imported lazily so that ``python -m
 starts fast:
 
 - analysis: :func:`compare`, :func:`compare_many`, :func:`analyze_series`, :func:`correlations`
+- coupling apart from shared growth: :func:`increments`, :func:`relative_to_base`,
+  :func:`row_coupling` (row by row, from ``analyze_series(..., per_row=True)``), :func:`row_coupling_summary`
 - runs on disk: :func:`run_checkpoints`, :func:`training_history`
 - math: :func:`magnitude`, :func:`tensor_delta`
 - reading: :func:`open_checkpoint`
@@ -35,6 +37,10 @@ _EXPORTS = {
     "analyze_series": "dora_analysis.analysis.series",
     "Cluster": "dora_analysis.analysis.cluster",
     "correlations": "dora_analysis.analysis.correlation",
+    "increments": "dora_analysis.analysis.coupling",
+    "relative_to_base": "dora_analysis.analysis.coupling",
+    "row_coupling": "dora_analysis.analysis.coupling",
+    "row_coupling_summary": "dora_analysis.analysis.coupling",
     "magnitude": "dora_analysis.analysis.decomposition",
     "tensor_delta": "dora_analysis.analysis.decomposition",
     "open_checkpoint": "dora_analysis.readers",

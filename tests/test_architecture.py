@@ -17,7 +17,17 @@ SUBPACKAGES = {"readers", "analysis", "adapters", "training", "views", "jobs", "
 # Foundations every layer may use: the error type, atomic writes, the frame's shared names.
 FOUNDATIONS = {"errors", "atomic", "schema", "devices"}
 # The pure math of the analysis: tensors and frames in, numbers out; no files, no readers.
-MATH = {"decomposition", "fused_rows", "row_blocks", "low_rank", "correlation", "spectrum", "conventions"}
+MATH = {
+    "decomposition",
+    "fused_rows",
+    "row_blocks",
+    "low_rank",
+    "correlation",
+    "inference",
+    "coupling",
+    "spectrum",
+    "conventions",
+}
 
 # For each layer, the parts of the package it must never import.
 FORBIDDEN = {
