@@ -18,6 +18,7 @@ from dora_analysis.commands.options import (
     add_layout_argument,
     add_metrics_arguments,
     add_output_arguments,
+    add_per_row_argument,
     add_selection_arguments,
     analysis_options,
     prepare_output,
@@ -36,11 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(omitted: BASE is an adapter and its base_model_name_or_path is the base)",
     )
     add_output_arguments(parser)
-    parser.add_argument(
-        "--per-row",
-        action="store_true",
-        help="one row per output unit (|m - m0| and 1 - cos) instead of one per tensor",
-    )
+    add_per_row_argument(parser)
     add_layout_argument(parser)
     add_selection_arguments(parser)
     add_device_argument(parser)

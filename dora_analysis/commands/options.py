@@ -193,6 +193,15 @@ def add_layout_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_per_row_argument(parser: argparse.ArgumentParser) -> None:
+    """``--per-row``, shared by compare and series."""
+    parser.add_argument(
+        "--per-row",
+        action="store_true",
+        help="one row per output unit (|m - m0| and 1 - cos) instead of one per tensor",
+    )
+
+
 def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
     """``--metrics`` and the spectral options, shared by compare and series."""
     parser.add_argument(

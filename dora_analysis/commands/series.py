@@ -1,4 +1,5 @@
-"""ΔM and ΔD of every checkpoint of one or more training runs: one row per (run, step, tensor).
+"""ΔM and ΔD of every checkpoint of one or more training runs: one row per (run, step, tensor), or
+with --per-row one per output unit.
 
 BASE is the pre-trained checkpoint; each RUN a folder of checkpoint-<step>/ folders (FT weights or
 LoRA/DoRA adapters; the method is read from run.json or adapter_config.json) or a single checkpoint.
@@ -17,6 +18,7 @@ from dora_analysis.commands.options import (
     add_method_argument,
     add_metrics_arguments,
     add_output_arguments,
+    add_per_row_argument,
     add_selection_arguments,
     analysis_options,
     prepare_output,
@@ -32,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs", nargs="+", metavar="RUN", help="run folder (checkpoint-<step>/ inside) or checkpoint"
     )
     add_output_arguments(parser)
+    add_per_row_argument(parser)
     add_method_argument(parser)
     add_selection_arguments(parser)
     add_device_argument(parser)
@@ -44,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
     from dora_analysis.analysis.series import analyze_series
 
     prepare_output(args, [args.base, *args.runs])
-    frame = analyze_series(args.base, args.runs, method=args.method, progress=True, **analysis_options(args))
+    options = analysis_options(args)
+    frame = analyze_series(
+        args.base, args.runs, method=args.method, progress=True, per_row=args.per_row, **options
+    )
     shown = (
         frame.drop(columns=["checkpoint"]) if args.format == "table" else frame
     )  # paths make tables unreadable
@@ -52,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
     stream = sys.stdout if args.format == "table" and args.output is None else sys.stderr
     runs = frame["run"].nunique()
     checkpoints = frame[["run", "step"]].drop_duplicates().shape[0]
+    unit = "output-unit rows" if args.per_row else "rows"
     print(
-        f"{len(frame)} rows: {runs} runs, {checkpoints} checkpoints, {frame['tensor'].nunique()} tensors",
+        f"{len(frame)} {unit}: {runs} runs, {checkpoints} checkpoints, {frame['tensor'].nunique()} tensors",
         file=stream,
     )
     return 0
