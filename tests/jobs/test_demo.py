@@ -12,7 +12,7 @@ from tiny_models import save_tiny_encoder
 
 from dora_analysis.analysis.correlation import correlations
 from dora_analysis.errors import InputError
-from dora_analysis.jobs.demo import DemoConfig, demo_plan, run_demo
+from dora_analysis.jobs.demo import DemoConfig, DemoResult, demo_plan, demo_summary, run_demo
 from dora_analysis.views.report import PAPER_R, accuracy_table, paper_comparison, render_report
 
 
@@ -182,3 +182,19 @@ def test_report_tables_and_accuracy():
     assert "| LoRA | a | 10 | 0.200 | 0.600 | 0.700 | 5 |" in text
     assert "+0.80 [+0.70, +0.90]" in text and "scores 0.250" in text
     assert "| LoRA | query | 0.5 | 0.25 |" in text
+
+
+def test_demo_summary_prints_accuracy_r_against_the_paper_and_the_report(tmp_path):
+    accuracy = pd.DataFrame(
+        [{"method": "dora", "untrained": 0.25, "final": 0.625, "best": 0.7, "best_step": 5, "steps": 10}]
+    )
+    table = _table({"ft": -0.58, "dora": 0.4})
+    report = tmp_path / "report.md"
+    result = DemoResult(tmp_path, {}, pd.DataFrame(), table, pd.DataFrame(), accuracy, {}, report, 90.0)
+    lines = demo_summary(result)
+    assert lines[0] == " dora: held-out accuracy 0.250 -> 0.625 at step 10"
+    verdicts = paper_comparison(table)
+    assert len(lines) == 1 + len(verdicts) + 1
+    ft = [line for line in lines if line.startswith("   ft: query r")]
+    assert ft == ["   ft: query r = -0.58 [-0.68, -0.48] (paper -0.62): reproduced"]
+    assert lines[-1] == f"report: {report} (1.5 min)"
