@@ -146,3 +146,25 @@ def make_runs(root: Path, methods=("ft", "lora", "dora"), steps=STEPS, run_json:
             merged[(method, step)] = {n.removeprefix("bert."): v.detach().clone() for n, v in state.items()}
         runs[method] = run
     return base_dir, runs, merged
+
+
+def correlation_table(r: dict) -> pd.DataFrame:
+    """A correlation table (as ``correlations`` returns) with one query row per method and r ± 0.1."""
+    rows = [
+        {
+            "method": m,
+            "module": "query",
+            "n": 24,
+            "steps": 4,
+            "layers": 6,
+            "r": v,
+            "r_low": v - 0.1,
+            "r_high": v + 0.1,
+            "slope": v,
+            "intercept": 0.0,
+            "r_within_step": v,
+            "r_within_layer": v,
+        }
+        for m, v in r.items()
+    ]
+    return pd.DataFrame(rows)

@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from series_builders import correlation_table
 from tiny_models import save_tiny_encoder
 
 from dora_analysis.analysis.correlation import correlations
 from dora_analysis.errors import InputError
-from dora_analysis.jobs.demo import DemoConfig, demo_plan, run_demo
+from dora_analysis.jobs.demo import DemoConfig, DemoResult, demo_plan, demo_summary, run_demo
+from dora_analysis.views.report import paper_comparison
 
 
 def tiny_encoder(folder: Path) -> Path:
@@ -121,3 +123,19 @@ def test_plans_quick_and_full():
     assert quick.steps < full.steps
     for plan in (quick, full):
         assert plan.steps // plan.save_every == 4  # four checkpoints, as the paper analyses
+
+
+def test_demo_summary_prints_accuracy_r_against_the_paper_and_the_report(tmp_path):
+    accuracy = pd.DataFrame(
+        [{"method": "dora", "untrained": 0.25, "final": 0.625, "best": 0.7, "best_step": 5, "steps": 10}]
+    )
+    table = correlation_table({"ft": -0.58, "dora": 0.4})
+    report = tmp_path / "report.md"
+    result = DemoResult(tmp_path, {}, pd.DataFrame(), table, pd.DataFrame(), accuracy, {}, report, 90.0)
+    lines = demo_summary(result)
+    assert lines[0] == " dora: held-out accuracy 0.250 -> 0.625 at step 10"
+    verdicts = paper_comparison(table)
+    assert len(lines) == 1 + len(verdicts) + 1
+    ft = [line for line in lines if line.startswith("   ft: query r")]
+    assert ft == ["   ft: query r = -0.58 [-0.68, -0.48] (paper -0.62): reproduced"]
+    assert lines[-1] == f"report: {report} (1.5 min)"

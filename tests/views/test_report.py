@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 import pandas as pd
-from series_builders import bart_like_series, synthetic_series
+from series_builders import bart_like_series, correlation_table, synthetic_series
 
 from dora_analysis.analysis.correlation import correlations
 from dora_analysis.views.report import PAPER_R, accuracy_table, paper_comparison, render_report
 
 
-def _table(r: dict) -> pd.DataFrame:
-    rows = [
-        {
-            "method": m,
-            "module": "query",
-            "n": 24,
-            "steps": 4,
-            "layers": 6,
-            "r": v,
-            "r_low": v - 0.1,
-            "r_high": v + 0.1,
-            "slope": v,
-            "intercept": 0.0,
-            "r_within_step": v,
-            "r_within_layer": v,
-        }
-        for m, v in r.items()
-    ]
-    return pd.DataFrame(rows)
-
-
 def test_paper_comparison_verdicts():
-    verdicts = paper_comparison(_table({"ft": -0.58, "lora": 0.5, "dora": 0.4})).set_index("method").verdict
+    verdicts = (
+        paper_comparison(correlation_table({"ft": -0.58, "lora": 0.5, "dora": 0.4}))
+        .set_index("method")
+        .verdict
+    )
     assert verdicts.to_dict() == {"ft": "reproduced", "lora": "same sign", "dora": "not reproduced"}
-    assert paper_comparison(_table({"ft": -0.6})).set_index("method").verdict["lora"] == "no data"
+    assert paper_comparison(correlation_table({"ft": -0.6})).set_index("method").verdict["lora"] == "no data"
     assert PAPER_R == {"ft": -0.62, "lora": 0.83, "dora": -0.31}
 
 
@@ -63,7 +46,7 @@ def test_report_tables_and_accuracy():
             }
         ]
     )
-    text = render_report(series, _table({"lora": 0.8}), accuracy, majority_accuracy=0.25)
+    text = render_report(series, correlation_table({"lora": 0.8}), accuracy, majority_accuracy=0.25)
     assert "| LoRA | a | 10 | 0.200 | 0.600 | 0.700 | 5 |" in text
     assert "+0.80 [+0.70, +0.90]" in text and "scores 0.250" in text
     assert "| LoRA | query | 0.5 | 0.25 |" in text
