@@ -1,16 +1,21 @@
 """When does the paper's sign appear? Train a grid of runs, analyse each series every way, summarise.
 
-The grid varies one factor at a time from a base configuration (all on the default MiniLM task):
-training length and the checkpoint window, learning rate, weight decay, optimizer, targets and rank,
-each for FT, LoRA and DoRA (targets and rank only concern LoRA/DoRA) and for several seeds. Every
-run's checkpoints are measured in each convention of :mod:`dora_analysis.analysis.conventions`, and
-the correlation of ΔM on ΔD is reported per configuration, method, module, convention and window.
+The grid varies one factor at a time from a base configuration (all on the default MiniLM task), each
+factor one thing: the checkpoint window (of the base run, whose rate decays linearly to 0, so its late
+checkpoints are an annealing phase), training longer at a constant rate (6x the steps), learning rate,
+weight decay (for DoRA also with its magnitude spared), optimizer, targets and rank, DoRA with the
+norm's gradient kept (not detached) and DoRA training its magnitude alone; for FT, LoRA and DoRA where
+the factor applies, and for several seeds. Every run's checkpoints are measured in each convention of
+:mod:`dora_analysis.analysis.conventions`, and the correlation of ΔM on ΔD is reported per
+configuration, method, module, convention and window, beside the correlation of the step-to-step
+increments and the row-by-row correlation within each matrix (:mod:`dora_analysis.analysis.coupling`).
 
 Layout of the output folder::
 
     OUT/runs/<cell>/<method>-seed<k>/   one training run (run.json + checkpoint-<step>/)
     OUT/points.csv                      one row per (cell, run, convention, step, tensor): ΔM, ΔD
     OUT/study.csv                       one row per (cell, window, method, module, convention)
+    OUT/row_coupling.csv                one row per (cell, run, step, tensor): r over the matrix's rows
     OUT/figures/sign_map_<module>.png   r by configuration and convention, one panel per method
     OUT/report.md                       the summary
 """
@@ -39,7 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Cell", "StudyConfig", "StudyPlan", "study_plan", "run_study", "study_summary", "RESULT_FILES"]
 
-RESULT_FILES = ("report.md", "study.csv", "points.csv", "figures")
+RESULT_FILES = ("report.md", "study.csv", "points.csv", "row_coupling.csv", "figures")
 MODULES = ("query", "value")  # the paper's Figures 2 and 7
 ADAPTER_METHODS = ("lora", "dora")
 
@@ -54,6 +59,9 @@ class Cell:
     overrides: dict = field(default_factory=dict)  # TrainConfig fields that differ from the base
     methods: tuple[str, ...] = METHODS
     lr_by_method: dict = field(default_factory=dict)  # a learning rate per method, where it differs
+    steps: int | None = None  # its own length (None: the plan's), with ``save_every`` and ``window``
+    save_every: int | None = None
+    window: tuple[int, ...] | None = None  # its "paper" window where it trains longer
 
 
 @dataclass(frozen=True)
@@ -85,12 +93,20 @@ class StudyConfig:
 def study_plan(quick: bool = False, seeds: tuple[int, ...] | None = None) -> StudyPlan:
     """The grid: the base configuration and one cell per factor value.
 
-    The full grid is 7 configurations (57 runs of 160 steps with 8 checkpoints each, about 45
-    minutes on 2 CPU cores); ``quick`` is the base and one weight-decay cell, 2 seeds, 8 steps.
+    The full grid is 11 configurations (75 runs: 66 of 160 steps with 8 checkpoints each, and 9 of
+    960 steps at a constant rate with 8 checkpoints, about 90 minutes on 2 CPU cores); ``quick`` is
+    the base, one weight-decay cell and DoRA with its magnitude spared, 2 seeds, 8 steps.
     """
     base = Cell("base", "base", "AdamW, default lr, wd 0, query/value, r 8")
+    spared = Cell(
+        "wd-0.1-not-m",
+        "weight decay",
+        "0.1, not on m",
+        {"weight_decay": 0.1, "decay_magnitude": False},
+        ("dora",),
+    )
     if quick:
-        cells = (base, Cell("wd-0.1", "weight decay", "0.1", {"weight_decay": 0.1}))
+        cells = (base, Cell("wd-0.1", "weight decay", "0.1", {"weight_decay": 0.1}), spared)
         steps, every = 8, 2
         windows = {"paper": (2, 4, 6, 8), "early": (2, 4), "late": (6, 8)}
         train = {"max_length": 16, "max_train_examples": 48, "max_eval_examples": 24}
@@ -110,6 +126,18 @@ def study_plan(quick: bool = False, seeds: tuple[int, ...] | None = None) -> Stu
         ),
         Cell("targets-all", "targets", "all linear", {"targets": all_linear}, ADAPTER_METHODS),
         Cell("rank-32", "rank", "32 (alpha 64)", {"rank": 32, "alpha": 64.0}, ADAPTER_METHODS),
+        Cell(
+            "constant-x6",
+            "training length",
+            "6x steps, constant rate",
+            {"schedule": "constant"},
+            steps=960,
+            save_every=120,
+            window=(240, 480, 720, 960),
+        ),
+        spared,
+        Cell("no-detach", "norm gradient", "kept (not detached)", {"detach_norm": False}, ("dora",)),
+        Cell("magnitude-only", "trained", "magnitude only", {"magnitude_only": True}, ("dora",)),
     )
     windows = {"paper": (40, 80, 120, 160), "early": (20, 40, 60, 80), "late": (100, 120, 140, 160)}
     return StudyPlan(cells, seeds or (0, 1, 2), 160, 20, windows, ("early", "late"), {"max_length": 32})
@@ -144,9 +172,10 @@ def run_study(config: StudyConfig, progress: bool = True) -> pd.DataFrame:
     runs, trained = _train_grid(config, plan, progress)
     analysed = time.perf_counter()
     points = study_points(runs, plan, device=config.device, progress=progress)
-    table = study_table(points, plan)
+    coupling = study_row_coupling(runs, device=config.device)
+    table = study_table(points, plan, coupling)
     timing = _timing([run for *_, run in runs], trained, time.perf_counter() - analysed)
-    _write_results(config, plan, points, table, timing)
+    _write_results(config, plan, points, table, timing, coupling)
     return table
 
 
@@ -158,18 +187,22 @@ def _train_grid(
 
     jobs = [(c, m, s) for c in plan.cells for m in c.methods for s in plan.seeds]
     bar = tqdm(
-        total=len(jobs) * plan.steps, desc="study: train", unit="step", file=sys.stderr, disable=not progress
+        total=sum(c.steps or plan.steps for c, _, _ in jobs),
+        desc="study: train",
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
     )
     runs: list[tuple[Cell, str, int, Path]] = []
     trained = 0
     try:
         for cell, method, seed in jobs:
             run = _run_dir(config.out, cell, method, seed)
-            if not is_completed_run(run, plan.steps):
+            if not is_completed_run(run, cell.steps or plan.steps):
                 trained += 1
                 _train_one(config, plan, cell, method, seed, run, bar.update)
             else:
-                bar.update(plan.steps)
+                bar.update(cell.steps or plan.steps)
             runs.append((cell, method, seed, run))
     finally:
         bar.close()
@@ -187,8 +220,8 @@ def _train_one(
             method=method,
             out=run,
             model=config.model,
-            steps=plan.steps,
-            save_every=plan.save_every,
+            steps=cell.steps or plan.steps,
+            save_every=cell.save_every or plan.save_every,
             seed=seed,
             threads=config.threads,
             lr=cell.lr_by_method.get(method),
@@ -239,6 +272,24 @@ def study_points(
         series = series.assign(cell=cell.name, factor=cell.factor, value=cell.value, seed=seed)
         frames.append(series.assign(convention="paper"))
         frames.append(_other_conventions(series, run))
+    return pd.concat(frames, ignore_index=True)
+
+
+def study_row_coupling(runs: list[tuple[Cell, str, int, Path]], device: str | None = None) -> pd.DataFrame:
+    """Within every matrix and checkpoint of every run, the correlation over its rows of the magnitude
+    change with the direction change (:func:`~dora_analysis.analysis.coupling.row_coupling`), in the
+    paper's convention."""
+    from dora_analysis.analysis.coupling import row_coupling
+    from dora_analysis.analysis.series import analyze_series
+    from dora_analysis.schema import select_modules
+
+    frames = []
+    for cell, method, seed, run in runs:
+        rows = analyze_series(
+            None, [run], method=method, include=_module_pattern(), device=device, per_row=True
+        )
+        coupling = row_coupling(select_modules(rows, MODULES))
+        frames.append(coupling.assign(cell=cell.name, seed=seed))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -316,20 +367,27 @@ def _base_of(run: Path, method: str) -> Path:
     return Path(base)
 
 
-def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
+def study_table(points: pd.DataFrame, plan: StudyPlan, coupling: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (cell, window, method, module, convention): pooled r over seeds and its spread.
 
-    ``r``, ``r_low``/``r_high`` (a cluster-bootstrap interval: whole layers resampled within each
-    run), ``spearman``, ``slope``, ``r_within_step`` and ``r_within_layer`` come from
-    :func:`~dora_analysis.correlations` over the seeds' runs pooled (each centred on its own); ``r_seed_min``,
-    ``r_seed_mean`` and ``r_seed_max`` are each seed's own r, so the spread across seeds stands
-    beside the interval. ``accuracy`` is the mean held-out accuracy at the window's last step.
+    ``r``, ``spearman``, ``slope``, ``r_within_step`` and ``r_within_layer`` and their intervals
+    (``*_low``/``*_high``: the delete-one-layer jackknife, a layer index left out of every seed at
+    once; ``interval`` says which, ``interval_note`` why one is missing) come from
+    :func:`~dora_analysis.correlations` over the seeds' runs pooled (each centred on its own);
+    ``r_seed_min``, ``r_seed_mean`` and ``r_seed_max`` are each seed's own r, so the spread across
+    seeds stands beside the interval. ``r_increments`` (and its interval) is r of the step-to-step
+    increments of ΔM and ΔD within the window (:func:`~dora_analysis.analysis.coupling.increments`);
+    ``r_rows_abs``/``r_rows_signed`` (with intervals) the row-by-row r within each matrix at the
+    window's last step, pooled over seeds and layers (paper convention only, from ``coupling``).
+    ``accuracy`` is the mean held-out accuracy at the window's last step.
     """
+    cells = {c.name: c for c in plan.cells}
     rows = []
     for (cell, convention), group in points.groupby(["cell", "convention"], sort=False):
         windows = ["paper"] + (list(plan.base_only_windows) if cell == "base" else [])
         for window in windows:
-            steps = plan.windows[window]
+            own = cells[cell].window if cell in cells else None
+            steps = own if window == "paper" and own else plan.windows[window]
             part = group[group["step"].isin(steps)]
             if part.empty:
                 continue
@@ -341,51 +399,106 @@ def study_table(points: pd.DataFrame, plan: StudyPlan) -> pd.DataFrame:
                 "window": window,
                 "steps": " ".join(str(s) for s in steps),
             }
-            rows += _window_rows(part, steps, where, convention)
+            rows_coupling = None
+            if coupling is not None and convention == "paper":
+                rows_coupling = coupling[(coupling["cell"] == cell) & (coupling["step"] == max(steps))]
+            rows += _window_rows(part, steps, where, convention, rows_coupling)
     return pd.DataFrame(rows)
 
 
-def _window_rows(part: pd.DataFrame, steps: tuple[int, ...], where: dict, convention: str) -> list[dict]:
+#: The correlation table's columns a study row carries over (the statistics and their intervals).
+_CARRIED = (
+    "r",
+    "r_low",
+    "r_high",
+    "interval",
+    "interval_note",
+    "spearman",
+    "spearman_low",
+    "spearman_high",
+    "slope",
+    "slope_low",
+    "slope_high",
+    "r_within_step",
+    "r_within_step_low",
+    "r_within_step_high",
+    "r_within_layer",
+    "r_within_layer_low",
+    "r_within_layer_high",
+)
+
+
+def _window_rows(
+    part: pd.DataFrame, steps: tuple[int, ...], where: dict, convention: str, coupling: pd.DataFrame | None
+) -> list[dict]:
     """The study rows of one (cell, convention, window): one per (method, module) of ``part``."""
     from dora_analysis.analysis.correlation import correlations
+    from dora_analysis.analysis.coupling import increments
 
-    # The seeds' runs pooled: centred per run, the interval from resampling whole layers of each.
+    # The seeds' runs pooled: centred per run, the interval from leaving out a layer of every seed.
     pooled = correlations(part, pool_runs=True)
     per_seed = pd.concat(
         [correlations(p, pool_runs=True).assign(seed=s) for s, p in part.groupby("seed")],
         ignore_index=True,
     )
+    stepped = increments(part)
+    moved = correlations(stepped, pool_runs=True) if not stepped.empty else None
     last = part[part["step"] == max(steps)]
     rows = []
-    for stats in pooled.itertuples(index=False):
-        seeds = per_seed[(per_seed["method"] == stats.method) & (per_seed["module"] == stats.module)]["r"]
-        accuracy = last[last["method"] == stats.method].groupby("seed")["eval_metric"].first()
-        rows.append(
-            {
-                **where,
-                "method": stats.method,
-                "module": stats.module,
-                "convention": convention,
-                "n": stats.n,
-                "seeds": int(seeds.size),
-                "r": stats.r,
-                "r_low": stats.r_low,
-                "r_high": stats.r_high,
-                "r_seed_min": seeds.min(),
-                "r_seed_mean": seeds.mean(),
-                "r_seed_max": seeds.max(),
-                "spearman": stats.spearman,
-                "slope": stats.slope,
-                "r_within_step": stats.r_within_step,
-                "r_within_layer": stats.r_within_layer,
-                "accuracy": accuracy.mean() if accuracy.size else float("nan"),
-            }
+    for stats in pooled.to_dict("records"):
+        method, module = stats["method"], stats["module"]
+        seeds = per_seed[(per_seed["method"] == method) & (per_seed["module"] == module)]["r"]
+        accuracy = last[last["method"] == method].groupby("seed")["eval_metric"].first()
+        row = {**where, "method": method, "module": module, "convention": convention, "n": stats["n"]}
+        row.update(
+            seeds=int(seeds.size), r_seed_min=seeds.min(), r_seed_mean=seeds.mean(), r_seed_max=seeds.max()
         )
+        row.update({c: stats.get(c) for c in _CARRIED})
+        row.update(_increment_columns(moved, method, module))
+        row.update(_row_columns(coupling, method, module))
+        row["accuracy"] = accuracy.mean() if accuracy.size else float("nan")
+        rows.append(row)
     return rows
 
 
+def _increment_columns(moved: pd.DataFrame | None, method: str, module: str) -> dict:
+    """``r_increments`` and its interval for one method and module (NaN where the window has one step)."""
+    nan = float("nan")
+    found = None if moved is None else moved[(moved["method"] == method) & (moved["module"] == module)]
+    if found is None or found.empty:
+        return {"r_increments": nan, "r_increments_low": nan, "r_increments_high": nan}
+    first = found.iloc[0]
+    return {
+        "r_increments": first["r"],
+        "r_increments_low": first["r_low"],
+        "r_increments_high": first["r_high"],
+    }
+
+
+def _row_columns(coupling: pd.DataFrame | None, method: str, module: str) -> dict:
+    """The row-by-row r (|Δm| and signed Δm with 1 - cos) pooled over seeds and layers, with intervals."""
+    from dora_analysis.analysis.coupling import row_coupling_summary
+
+    out = {f"r_rows_{kind}{end}": float("nan") for kind in ("abs", "signed") for end in ("", "_low", "_high")}
+    if coupling is None:
+        return out
+    part = coupling[(coupling["method"] == method) & (coupling["module"] == module)]
+    if part.empty:
+        return out
+    summary = row_coupling_summary(part.assign(run=part["run"].astype(str))).iloc[0]
+    for kind in ("abs", "signed"):
+        for suffix in ("", "_low", "_high"):
+            out[f"r_rows_{kind}{suffix}"] = summary[f"r_{kind}{suffix}"]
+    return out
+
+
 def _write_results(
-    config: StudyConfig, plan: StudyPlan, points: pd.DataFrame, table: pd.DataFrame, timing: str
+    config: StudyConfig,
+    plan: StudyPlan,
+    points: pd.DataFrame,
+    table: pd.DataFrame,
+    timing: str,
+    coupling: pd.DataFrame,
 ) -> None:
     from dora_analysis.views.study import render_study_report, write_sign_maps
     from dora_analysis.views.tables import atomic_write
@@ -394,12 +507,19 @@ def _write_results(
     (out / "figures").mkdir(exist_ok=True)
     atomic_write(out / "points.csv", points.to_csv(index=False), overwrite=overwrite)
     atomic_write(out / "study.csv", table.to_csv(index=False), overwrite=overwrite)
+    atomic_write(out / "row_coupling.csv", coupling.to_csv(index=False), overwrite=overwrite)
     figures = write_sign_maps(table, out / "figures", overwrite=overwrite)
     context = [
         f"Grid: {len(plan.cells)} configurations x FT/LoRA/DoRA x {len(plan.seeds)} seeds "
         f"({len(points.groupby(['cell', 'method', 'seed']))} runs), {plan.steps} steps each, a checkpoint "
         f"every {plan.save_every}" + (" (quick)" if config.quick else ""),
         "Windows: " + "; ".join(f"{k} = steps {', '.join(map(str, v))}" for k, v in plan.windows.items()),
+        *(
+            f"{c.name}: {c.steps} steps, a checkpoint every {c.save_every}; its window: steps "
+            + ", ".join(map(str, c.window or ()))
+            for c in plan.cells
+            if c.steps
+        ),
         timing,
     ]
     text = render_study_report(table, figures, relative_to=out, context=context)

@@ -2,7 +2,8 @@
 
 - :func:`direction_magnitude_figure`: Figure 2 (query) / Figure 7 (value) style, one panel per
   run, x = ΔD, y = ΔM, marker = training step, colour = layer, the least-squares line, and
-  Pearson r with its layer-cluster bootstrap interval (from the correlation table) in the title.
+  Pearson r with its interval and Spearman's rank correlation (from the correlation table) in the
+  title, and which interval it is.
 - :func:`final_layers_figure`: Figure 3 / 8 style, ΔM and ΔD per layer at each run's final step,
   one line per run.
 - :func:`training_curves_figure`: held-out metric (or loss) and training loss per step, per run.
@@ -140,13 +141,24 @@ def _table_row(table: pd.DataFrame | None, method: str, run, stack, module: str)
 
 
 def _panel_title(label: str, stats: pd.Series | None) -> str:
+    """``label: r = +0.23 [-0.10, +0.50], Spearman +0.20`` and, on a second line, which interval that is
+    (the correlation table's ``interval`` column, e.g. ``95% layer jackknife, t(5)``)."""
     if stats is None or not np.isfinite(stats["r"]):
         return label
     interval = ""
     if np.isfinite(stats["r_low"]):
         interval = f" [{stats['r_low']:+.2f}, {stats['r_high']:+.2f}]"
     pooled = " pooled" if stats.get("runs", 1) > 1 else ""
-    return f"{label}: r{pooled} = {stats['r']:+.2f}{interval}"
+    title = f"{label}: r{pooled} = {stats['r']:+.2f}{interval}"
+    spearman = stats.get("spearman")
+    if spearman is not None and np.isfinite(spearman):
+        title += f", Spearman {spearman:+.2f}"
+    kind = stats.get("interval")
+    if interval and isinstance(kind, str):
+        title += f"\n({kind} interval)"
+    elif not interval and isinstance(stats.get("interval_note"), str):
+        title += "\n(no interval: too few layers)"
+    return title
 
 
 def _stack_of(rows: pd.DataFrame, stack: str | None):

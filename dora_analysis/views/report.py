@@ -143,12 +143,16 @@ def markdown_table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None
     return "\n".join([header, rule, *body])
 
 
-def _interval(row: pd.Series) -> str:
-    if not np.isfinite(row["r"]):
+def _interval(row: pd.Series, name: str = "r", number: str = "+.2f") -> str:
+    """``value [low, high]`` of statistic ``name`` of a correlation row (the value alone where the row has
+    no interval for it, ``-`` where there is no value)."""
+    value = row.get(name)
+    if value is None or not np.isfinite(value):
         return "-"
-    if not np.isfinite(row["r_low"]):
-        return f"{row['r']:+.2f}"
-    return f"{row['r']:+.2f} [{row['r_low']:+.2f}, {row['r_high']:+.2f}]"
+    low, high = row.get(f"{name}_low"), row.get(f"{name}_high")
+    if low is None or not np.isfinite(low):
+        return f"{value:{number}}"
+    return f"{value:{number}} [{low:{number}}, {high:{number}}]"
 
 
 def _correlation_markdown(table: pd.DataFrame) -> str:
@@ -165,13 +169,14 @@ def _correlation_markdown(table: pd.DataFrame) -> str:
             "r [95% CI]": [_interval(row) for _, row in table.iterrows()],
         }
     )
+    rows = [row for _, row in table.iterrows()]
     if "spearman" in table.columns:
-        columns["Spearman"] = table["spearman"]
+        columns["Spearman"] = [_interval(row, "spearman") for row in rows]
     columns.update(
         {
-            "slope": table["slope"],
-            "r within step": table["r_within_step"],
-            "r within layer": table["r_within_layer"],
+            "slope": [_interval(row, "slope", ".3g") for row in rows],
+            "r within step": [_interval(row, "r_within_step") for row in rows],
+            "r within layer": [_interval(row, "r_within_layer") for row in rows],
             "paper r": [
                 PAPER_R.get(m, math.nan) if module_is(mod, "query") else math.nan
                 for m, mod in zip(table["method"], table["module"], strict=True)
@@ -180,20 +185,22 @@ def _correlation_markdown(table: pd.DataFrame) -> str:
     )
     return markdown_table(
         pd.DataFrame(columns),
-        {
-            "Spearman": "+.2f",
-            "slope": ".3g",
-            "r within step": "+.2f",
-            "r within layer": "+.2f",
-            "paper r": "+.2f",
-        },
+        {"paper r": "+.2f"},
     )
 
 
 def _interval_text(table: pd.DataFrame) -> str:
-    """How the interval in ``table`` was made, from its ``bootstrap`` column."""
+    """How the intervals in ``table`` were made, from its ``bootstrap`` column."""
     kinds = set(table["bootstrap"].dropna()) if "bootstrap" in table.columns else set()
-    if kinds == {"layers"}:
+    if kinds == {"layer-jackknife"}:
+        return (
+            "a 95% delete-one-layer jackknife t interval beside each statistic: it is recomputed with one "
+            "layer index left out of every run at once (the seeds share their pre-trained layers, and the "
+            "steps of one matrix are dependent, so the layers are the independent units), and the spread "
+            "of those values gives a Student's t interval with (layers - 1) degrees of freedom, "
+            "correlations on Fisher's z; with fewer than 3 layers there is no interval"
+        )
+    if kinds <= {"layers", "layers-within-run"} and kinds:
         return (
             "a 95% percentile cluster-bootstrap interval that resamples whole layers (every step of "
             "one weight matrix together, with replacement, within each run; 2000 resamples, seed 0), "

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dora_analysis.schema import method_label, method_order
-from dora_analysis.views.report import markdown_table
+from dora_analysis.views.report import PAPER_R, markdown_table
 from dora_analysis.views.style import figure_style, pyplot, save_figure
 
 __all__ = ["configuration_labels", "sign_map_figure", "write_sign_maps", "sign_flips", "render_study_report"]
@@ -33,8 +33,11 @@ def configuration_labels(table: pd.DataFrame) -> pd.Series:
 def sign_map_figure(table: pd.DataFrame, module: str = "query"):
     """r of ΔM on ΔD for one module: rows = configurations, columns = conventions, a panel per method.
 
-    Each cell shows the r pooled over seeds and, below it, the range of the seeds' own r. Red is
-    positive (LoRA's sign in the paper), blue negative (FT's and DoRA's).
+    Each cell shows the r pooled over seeds and, below it, ``seeds a..b``: the range of the seeds' own
+    r. Red is positive (LoRA's sign in the paper), blue negative (FT's and DoRA's); each panel's title
+    gives the paper's r for that method. A configuration that does not apply to a method (targets and
+    rank for FT, the DoRA-only arms for FT and LoRA) is hatched grey and marked ``n/a``, never drawn as
+    r = 0.
     """
     plt = pyplot()
     data = table[table["module"] == module].assign(configuration=lambda t: configuration_labels(t))
@@ -50,36 +53,44 @@ def sign_map_figure(table: pd.DataFrame, module: str = "query"):
             sharey=True,
         )
         for ax, method in zip(axes[0], methods, strict=True):
-            part = data[data["method"] == method].set_index(["configuration", "convention"])
-            grid = np.full((len(rows), len(conventions)), np.nan)
-            for i, row in enumerate(rows):
-                for j, convention in enumerate(conventions):
-                    if (row, convention) in part.index:
-                        stats = part.loc[(row, convention)]
-                        grid[i, j] = stats["r"]
-                        label = f"{stats['r']:+.2f}"
-                        if stats["seeds"] > 1 and np.isfinite(stats["r_seed_min"]):
-                            label += f"\n{stats['r_seed_min']:+.2f}..{stats['r_seed_max']:+.2f}"
-                        dark = abs(stats["r"]) > 0.55  # the colour map is dark at both ends
-                        ax.text(
-                            j,
-                            i,
-                            label,
-                            ha="center",
-                            va="center",
-                            fontsize=8,
-                            color="white" if dark else "black",
-                        )
-            image = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-            ax.set_xticks(
-                range(len(conventions)), [c.replace("_", " ") for c in conventions], rotation=30, ha="right"
-            )
-            ax.set_yticks(range(len(rows)), rows)
-            ax.grid(False)
-            ax.set_title(method_label(method))
-        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Pearson r of ΔM on ΔD")
-        fig.suptitle(f"When does the paper's sign appear? ({module})", y=1.06)
+            image = _sign_panel(ax, data[data["method"] == method], rows, conventions)
+            paper = PAPER_R.get(method)
+            ax.set_title(method_label(method) + (f" (paper: r = {paper:+.2f})" if paper is not None else ""))
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="Pearson r of ΔM on ΔD, pooled over seeds")
+        fig.suptitle(f"When does the paper's sign appear? ({module}; second line: the seeds' own r)", y=1.06)
     return fig
+
+
+def _sign_panel(ax, part: pd.DataFrame, rows: list[str], conventions: list[str]):
+    """One method's grid: r per (configuration, convention), the seeds' range below; n/a cells hatched."""
+    part = part.set_index(["configuration", "convention"])
+    grid = np.full((len(rows), len(conventions)), np.nan)
+    for i, row in enumerate(rows):
+        for j, convention in enumerate(conventions):
+            if (row, convention) not in part.index:
+                ax.add_patch(_not_applicable(j, i))
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="0.35")
+                continue
+            stats = part.loc[(row, convention)]
+            grid[i, j] = stats["r"]
+            label = f"{stats['r']:+.2f}"
+            if stats["seeds"] > 1 and np.isfinite(stats["r_seed_min"]):
+                label += f"\nseeds {stats['r_seed_min']:+.2f}..{stats['r_seed_max']:+.2f}"
+            dark = abs(stats["r"]) > 0.55  # the colour map is dark at both ends
+            ax.text(j, i, label, ha="center", va="center", fontsize=7, color="white" if dark else "black")
+    image = ax.imshow(grid, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    ax.set_xticks(
+        range(len(conventions)), [c.replace("_", " ") for c in conventions], rotation=30, ha="right"
+    )
+    ax.set_yticks(range(len(rows)), rows)
+    ax.grid(False)
+    return image
+
+
+def _not_applicable(column: int, row: int):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle((column - 0.5, row - 0.5), 1, 1, facecolor="0.92", hatch="///", edgecolor="0.7", lw=0)
 
 
 def write_sign_maps(
@@ -134,6 +145,42 @@ def _with_spread(row: pd.Series) -> str:
     return text
 
 
+def _interval_text(row: pd.Series, column: str) -> str:
+    value = row.get(column)
+    if value is None or not math.isfinite(value):
+        return "-"
+    low, high = row.get(f"{column}_low"), row.get(f"{column}_high")
+    if low is None or not math.isfinite(low):
+        return f"{value:+.2f} (no interval)"
+    return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
+def _coupling_section(paper: pd.DataFrame, module: str) -> list[str]:
+    """The same configurations apart from the growth every matrix shares: r of the step-to-step
+    increments, and the row-by-row r within each matrix at the window's last step (paper convention)."""
+    if "r_increments" not in paper.columns:
+        return []
+    lines = [f"### {module}: apart from shared growth", ""]
+    lines += [
+        "Each cell: r of the step-to-step increments of ΔM and ΔD; then the row-by-row r of abs(Δm_n) and of",
+        "the signed Δm_n with 1 - cos_n within each matrix at the window's last step, pooled over layers",
+        "and seeds. Every interval: 95% delete-one-layer jackknife t.",
+        "",
+    ]
+    text = paper.apply(
+        lambda row: (
+            f"increments {_interval_text(row, 'r_increments')}; rows |Δm| "
+            f"{_interval_text(row, 'r_rows_abs')}, signed {_interval_text(row, 'r_rows_signed')}"
+        ),
+        axis=1,
+    )
+    wide = paper.assign(text=text).pivot_table(
+        index="configuration", columns="method", values="text", aggfunc="first", sort=False
+    )
+    wide = wide[[m for m in method_order(wide.columns)]].rename(columns=method_label).reset_index()
+    return lines + [markdown_table(wide), ""]
+
+
 def render_study_report(
     table: pd.DataFrame,
     figures: Mapping[str, Sequence[Path]] | None = None,
@@ -145,7 +192,8 @@ def render_study_report(
     lines += [f"- {line}" for line in context] + [""]
     lines += [
         "Paper (VL-BART, query): FT r = -0.62, LoRA +0.83, DoRA -0.31. Each cell below: Pearson r of ΔM",
-        "on ΔD pooled over layers, checkpoints and seeds [95% interval] (the range of the seeds' own r).",
+        "on ΔD pooled over layers, checkpoints and seeds [95% delete-one-layer jackknife t interval, a",
+        "layer index left out of every seed at once] (the range of the seeds' own r).",
         "",
     ]
     for module in dict.fromkeys(table["module"]):
@@ -157,6 +205,7 @@ def render_study_report(
         )
         wide = wide[[m for m in method_order(wide.columns)]].rename(columns=method_label).reset_index()
         lines += [f"## {module}: the paper's convention", "", markdown_table(wide), ""]
+        lines += _coupling_section(paper, module)
         flips = sign_flips(table, module)
         lines += [f"### {module}: configurations whose sign differs from the base's", ""]
         lines += [

@@ -81,3 +81,34 @@ def test_a_second_study_reuses_the_runs_and_refuses_to_overwrite_results(quick_s
     stamps = {p: p.stat().st_mtime_ns for p in (quick_study / "runs").rglob("run.json")}
     assert main([*args, "--overwrite"]) == 0
     assert {p: p.stat().st_mtime_ns for p in (quick_study / "runs").rglob("run.json")} == stamps
+
+
+def test_quick_study_reports_increments_rows_and_every_interval(quick_study):
+    """Issue 22's columns: r of the step-to-step increments and the row-by-row r within each matrix, each
+    with its interval; every statistic's interval and what it is; the DoRA-only arm trains DoRA alone."""
+    table = pd.read_csv(quick_study / "study.csv")
+    for column in ("r_increments", "r_rows_abs", "r_rows_signed", "spearman", "slope", "r_within_step"):
+        assert {column, f"{column}_low", f"{column}_high"} <= set(table.columns), column
+    assert table["interval"].str.contains("layer jackknife").all()
+    paper = table[table["convention"] == "paper"]
+    assert paper["r_rows_abs"].between(-1, 1).all() and paper["r_increments"].between(-1, 1).all()
+    assert table.loc[table["convention"] != "paper", "r_rows_abs"].isna().all()  # rows: paper convention only
+    assert set(table[table["cell"] == "wd-0.1-not-m"]["method"]) == {"dora"}
+    coupling = pd.read_csv(quick_study / "row_coupling.csv")
+    assert {"cell", "seed", "run", "step", "tensor", "rows", "r_abs", "r_signed"} <= set(coupling.columns)
+    assert (coupling["rows"] > 2).all() and coupling["r_abs"].between(-1, 1).all()
+
+
+def test_the_full_plan_isolates_each_factor():
+    from dora_analysis.jobs.study import study_plan
+
+    plan = study_plan()
+    cells = {c.name: c for c in plan.cells}
+    longer = cells["constant-x6"]
+    assert longer.steps == 6 * plan.steps and longer.overrides == {"schedule": "constant"}
+    assert longer.window[-1] == longer.steps and longer.steps % longer.save_every == 0
+    assert cells["wd-0.1-not-m"].overrides == {"weight_decay": 0.1, "decay_magnitude": False}
+    for name in ("wd-0.1-not-m", "no-detach", "magnitude-only"):
+        assert cells[name].methods == ("dora",)
+    assert cells["no-detach"].overrides == {"detach_norm": False}
+    assert cells["magnitude-only"].overrides == {"magnitude_only": True}

@@ -45,6 +45,9 @@ def test_direction_magnitude_panels_show_steps_layers_fit_and_r():
     for ax, method, label in zip(axes, ("ft", "lora", "dora"), ("FT", "LoRA", "DoRA"), strict=True):
         row = table[(table.method == method) & (table.module == "value")].iloc[0]
         assert ax.get_title().startswith(f"{label}: r = {row.r:+.2f} [{row.r_low:+.2f}, {row.r_high:+.2f}]")
+        # Spearman beside r, and which interval it is (issue 21: every interval says what it is)
+        assert f"Spearman {row.spearman:+.2f}" in ax.get_title()
+        assert ax.get_title().endswith(f"({row.interval} interval)") and "layer jackknife" in row.interval
         # one scatter per (step, layer); together they hold every point of the panel
         offsets = np.concatenate([c.get_offsets() for c in ax.collections])
         panel = df[(df.method == method) & (df.module == "value")]

@@ -56,7 +56,10 @@ def test_report_has_a_row_per_stack_and_module_and_names_the_bootstrap():
     df = bart_like_series()
     table = correlations(df)
     text = render_report(df, table, pd.DataFrame())
-    assert "cluster-bootstrap interval that resamples whole layers" in text
+    # the default interval is named, and so is the earlier within-run bootstrap when asked for
+    assert "delete-one-layer jackknife t interval" in text and "left out of every run at once" in text
+    within = render_report(df, correlations(df, bootstrap="layers-within-run"), pd.DataFrame())
+    assert "cluster-bootstrap interval that resamples whole layers" in within
     for method in ("FT", "LoRA", "DoRA"):
         for stack, module in (
             ("encoder", "self_attn.q_proj"),
