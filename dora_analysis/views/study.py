@@ -169,7 +169,7 @@ def _coupling_section(paper: pd.DataFrame, module: str) -> list[str]:
     ]
     text = paper.apply(
         lambda row: (
-            f"increments {_interval_text(row, 'r_increments')}; rows |Δm| "
+            f"increments {_interval_text(row, 'r_increments')}; rows abs(Δm) "
             f"{_interval_text(row, 'r_rows_abs')}, signed {_interval_text(row, 'r_rows_signed')}"
         ),
         axis=1,
