@@ -37,21 +37,34 @@ How each update is computed, and what it costs (``out x in`` weight, adapter ran
 All SVDs run in float64 on the device the rows are on (CPU by default). With
 ``SpectrumOptions(svd_rank=q)`` the per-checkpoint dense SVDs (FT/DoRA updates and ``W_t`` for
 intruders) use a randomised range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4: a Gaussian test
-matrix with ``q + 10`` columns, ``power_iterations`` subspace iterations, then an exact SVD of the
-small projection) instead, O(out · in · (q + 10) · (2 · power_iterations + 1)). Its error: every
-computed σ̃_i satisfies σ_i - ||(I - QQᵀ)ΔW||_2 <= σ̃_i <= σ_i (Weyl's inequality and the
-projection), and by their Cor. 10.10 E||(I - QQᵀ)ΔW||_2 <=
-[(1 + sqrt(q/9) + e·sqrt(q + 10)/10 · sqrt(min(out, in) - q))]^(1/(2·power_iterations + 1)) σ_{q+1}.
-``update_rel_norm`` and ``update_stable_rank`` use the exact ||ΔW||_F; ``update_rank90`` is exact
-when the top q singular values reach 90% of it and NaN otherwise; ``update_effective_rank`` needs the
-whole spectrum and is NaN unless the top q capture all of ||ΔW||_F^2 (to 1e-12), i.e. the update has
-rank <= q. The base's SVD stays exact. Singular *vectors* from the randomised path are accurate only
-where the spectrum has a gap after them: on a flat top spectrum the intruder count came out 9 where
-the exact SVD finds 0. So the randomised intruder count is checked: each top-k vector's error is
-estimated from its residual and the gaps to the other values (Davis-Kahan, :func:`vector_errors`,
-two thin products); where it could move a cosine across ε, the power iterations are doubled (4, 9,
-19, ...) while they cost less than the exact SVD, and failing that the matrix gets the exact SVD.
-φ from randomised vectors is not checked this way (it is continuous in them).
+matrix with ``w = q + 10`` columns, ``power_iterations`` subspace iterations, then an exact SVD of the
+small projection ``B = QᵀW``) instead, O(out · in · w · (2 · power_iterations + 1)). Every one of the
+``w`` values it computes is kept. What is known rigorously about them (``R = (I - QQᵀ)W``, so
+``WᵀW = BᵀB + RᵀR``):
+
+- each computed σ̃_i <= σ_i (Cauchy interlacing) and σ_i^2 <= σ̃_i^2 + ||R||_2^2 (Weyl);
+- the top-j energy: Σ_{i<=j} σ̃_i^2 <= Σ_{i<=j} σ_i^2 <= Σ_{i<=j} σ̃_i^2 + ||R||_F^2 (Ky Fan), with
+  ||R||_F^2 = ||W||_F^2 - Σ σ̃_i^2 exact but for rounding.
+
+So ``update_rank90_lower``/``update_rank90_upper`` bracket rank90 (:func:`rank90_bounds`), and
+``update_rank90`` is reported only where they meet (NaN otherwise); ``update_effective_rank`` needs
+every σ and is NaN on this path. ``update_rel_norm`` and ``update_stable_rank`` use the exact
+||ΔW||_F; ``update_top_singular`` is σ̃_1, at most σ_1 (accurate where the spectrum decays: see
+Halko et al. Cor. 10.10 for its expected error), so ``update_stable_rank`` is then at least the
+true one. The base's SVD stays exact.
+
+Singular *vectors* from the randomised path are accurate only where the spectrum has a gap after
+them: on a flat top spectrum the unchecked intruder count came out 9 where the exact SVD finds 0,
+and a near-degenerate pair σ_k ≈ σ_(k+1) rotates the k-th vector within the pair. So the
+randomised intruder count is certified (:func:`randomized_intruders`): each top-k vector's angle to
+the true one is bounded by a one-vector Davis-Kahan bound (:func:`vector_errors`) whose gap is
+measured against a lower bound on σ_(i-1) (interlacing) and an upper bound on σ_(i+1) (Weyl, with an
+upper bound on ||R||_2: ||R||_F, or :func:`remainder_norm_bound`, which fails with probability at
+most 1e-12 over its own Gaussian draws); the count is returned only where no bound lets a cosine
+cross ε. The k-th vector always has 10 computed values below it (``max(svd_rank, k) + 10`` are
+computed). Failing that, the rank is doubled and the power iterations go 4, 9, 19, ... while that
+costs less than the exact SVD, and then the matrix gets the exact SVD. φ from randomised vectors is
+not checked this way (it is continuous in them).
 """
 
 from __future__ import annotations
@@ -71,10 +84,18 @@ __all__ = [
     "SPECTRUM_COLUMNS",
     "INTRUDER_COLUMNS",
     "SUBSPACE_COLUMN",
+    "RANK90_LOWER",
+    "RANK90_UPPER",
     "SpectrumOptions",
     "Factors",
+    "Remainder",
+    "PartialSVD",
     "update_metrics",
+    "partial_remainder",
+    "rank90_bounds",
     "vector_errors",
+    "remainder_norm_bound",
+    "randomized_intruders",
     "factored_svd",
     "dense_svd",
     "randomized_svd",
@@ -88,6 +109,7 @@ __all__ = [
 
 #: The metric groups ``compare``/``series`` take (``metrics=``); ``decomposition`` is ΔM/ΔD.
 METRIC_GROUPS = ("decomposition", "spectrum", "intruders")
+
 # ------------------------------------------------------------------------ output columns (one block)
 #: On the randomised path ``update_rank90`` is reported only where its bounds meet (NaN otherwise) and
 #: ``update_effective_rank`` not at all; these two always hold rigorous bounds on rank90 (equal to it
@@ -128,7 +150,8 @@ class SpectrumOptions:
 
     ``intruder_k``/``intruder_eps``: Algorithm 1's k and ε. ``subspace_dim``: i = j of φ.
     ``svd_rank``: None for exact dense SVDs; q for the randomised top-q SVD of dense updates
-    (see the module docstring for its error). ``power_iterations``: of the randomised path.
+    (see the module docstring for what it guarantees; the intruder count computes at least
+    ``intruder_k + 10`` values). ``power_iterations``: of the randomised path.
     """
 
     intruder_k: int = 10
