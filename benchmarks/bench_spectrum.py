@@ -10,8 +10,9 @@ checkpoint it times (median of ``--repeats``) ``compare(base, tuned, metrics=...
 - ``spectrum,intruders``: plus intruder dimensions (the SVD of W_0 and of W_t);
 - ``spectrum,intruders`` with ``--svd-rank Q`` (the randomised path; default 64),
 
-and prints each wall-clock and CPU time and the CPU-time ratio to ``decomposition`` (after one
-untimed warm-up run). Expected: the LoRA spectrum from the
+and prints each wall-clock and CPU time and the CPU-time ratio to the first variant (after one
+untimed warm-up run). The randomised rows show rank90's bounds (rank90 itself only where they
+meet) and no effective rank; their intruder count is certified or comes from the exact SVD. Expected: the LoRA spectrum from the
 factors costs next to nothing; FT and DoRA updates pay a dense float64 SVD; intruders add the SVDs
 of W_0 and W_t (the base's would be shared by every checkpoint of a series).
 
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{k.removeprefix('update_')} {row[k]:.4g}"
                     for k in (
                         "update_rank90",
+                        "update_rank90_lower",
+                        "update_rank90_upper",
                         "update_effective_rank",
                         "update_top_singular",
                         "intruder_dimensions",

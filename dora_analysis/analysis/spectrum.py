@@ -37,21 +37,34 @@ How each update is computed, and what it costs (``out x in`` weight, adapter ran
 All SVDs run in float64 on the device the rows are on (CPU by default). With
 ``SpectrumOptions(svd_rank=q)`` the per-checkpoint dense SVDs (FT/DoRA updates and ``W_t`` for
 intruders) use a randomised range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4: a Gaussian test
-matrix with ``q + 10`` columns, ``power_iterations`` subspace iterations, then an exact SVD of the
-small projection) instead, O(out · in · (q + 10) · (2 · power_iterations + 1)). Its error: every
-computed σ̃_i satisfies σ_i - ||(I - QQᵀ)ΔW||_2 <= σ̃_i <= σ_i (Weyl's inequality and the
-projection), and by their Cor. 10.10 E||(I - QQᵀ)ΔW||_2 <=
-[(1 + sqrt(q/9) + e·sqrt(q + 10)/10 · sqrt(min(out, in) - q))]^(1/(2·power_iterations + 1)) σ_{q+1}.
-``update_rel_norm`` and ``update_stable_rank`` use the exact ||ΔW||_F; ``update_rank90`` is exact
-when the top q singular values reach 90% of it and NaN otherwise; ``update_effective_rank`` needs the
-whole spectrum and is NaN unless the top q capture all of ||ΔW||_F^2 (to 1e-12), i.e. the update has
-rank <= q. The base's SVD stays exact. Singular *vectors* from the randomised path are accurate only
-where the spectrum has a gap after them: on a flat top spectrum the intruder count came out 9 where
-the exact SVD finds 0. So the randomised intruder count is checked: each top-k vector's error is
-estimated from its residual and the gaps to the other values (Davis-Kahan, :func:`vector_errors`,
-two thin products); where it could move a cosine across ε, the power iterations are doubled (4, 9,
-19, ...) while they cost less than the exact SVD, and failing that the matrix gets the exact SVD.
-φ from randomised vectors is not checked this way (it is continuous in them).
+matrix with ``w = q + 10`` columns, ``power_iterations`` subspace iterations, then an exact SVD of the
+small projection ``B = QᵀW``) instead, O(out · in · w · (2 · power_iterations + 1)). Every one of the
+``w`` values it computes is kept. What is known rigorously about them (``R = (I - QQᵀ)W``, so
+``WᵀW = BᵀB + RᵀR``):
+
+- each computed σ̃_i <= σ_i (Cauchy interlacing) and σ_i^2 <= σ̃_i^2 + ||R||_2^2 (Weyl);
+- the top-j energy: Σ_{i<=j} σ̃_i^2 <= Σ_{i<=j} σ_i^2 <= Σ_{i<=j} σ̃_i^2 + ||R||_F^2 (Ky Fan), with
+  ||R||_F^2 = ||W||_F^2 - Σ σ̃_i^2 exact but for rounding.
+
+So ``update_rank90_lower``/``update_rank90_upper`` bracket rank90 (:func:`rank90_bounds`), and
+``update_rank90`` is reported only where they meet (NaN otherwise); ``update_effective_rank`` needs
+every σ and is NaN on this path. ``update_rel_norm`` and ``update_stable_rank`` use the exact
+||ΔW||_F; ``update_top_singular`` is σ̃_1, at most σ_1 (accurate where the spectrum decays: see
+Halko et al. Cor. 10.10 for its expected error), so ``update_stable_rank`` is then at least the
+true one. The base's SVD stays exact.
+
+Singular *vectors* from the randomised path are accurate only where the spectrum has a gap after
+them: on a flat top spectrum the unchecked intruder count came out 9 where the exact SVD finds 0,
+and a near-degenerate pair σ_k ≈ σ_(k+1) rotates the k-th vector within the pair. So the
+randomised intruder count is certified (:func:`randomized_intruders`): each top-k vector's angle to
+the true one is bounded by a one-vector Davis-Kahan bound (:func:`vector_errors`) whose gap is
+measured against a lower bound on σ_(i-1) (interlacing) and an upper bound on σ_(i+1) (Weyl, with an
+upper bound on ||R||_2: ||R||_F, or :func:`remainder_norm_bound`, which fails with probability at
+most 1e-12 over its own Gaussian draws); the count is returned only where no bound lets a cosine
+cross ε. The k-th vector always has 10 computed values below it (``max(svd_rank, k) + 10`` are
+computed). Failing that, the rank is doubled and the power iterations go 4, 9, 19, ... while that
+costs less than the exact SVD, and then the matrix gets the exact SVD. φ from randomised vectors is
+not checked this way (it is continuous in them).
 """
 
 from __future__ import annotations
@@ -60,7 +73,7 @@ import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -71,10 +84,18 @@ __all__ = [
     "SPECTRUM_COLUMNS",
     "INTRUDER_COLUMNS",
     "SUBSPACE_COLUMN",
+    "RANK90_LOWER",
+    "RANK90_UPPER",
     "SpectrumOptions",
     "Factors",
+    "Remainder",
+    "PartialSVD",
     "update_metrics",
+    "partial_remainder",
+    "rank90_bounds",
     "vector_errors",
+    "remainder_norm_bound",
+    "randomized_intruders",
     "factored_svd",
     "dense_svd",
     "randomized_svd",
@@ -88,23 +109,39 @@ __all__ = [
 
 #: The metric groups ``compare``/``series`` take (``metrics=``); ``decomposition`` is ΔM/ΔD.
 METRIC_GROUPS = ("decomposition", "spectrum", "intruders")
+
+# ------------------------------------------------------------------------ output columns (one block)
+#: On the randomised path ``update_rank90`` is reported only where its bounds meet (NaN otherwise) and
+#: ``update_effective_rank`` not at all; these two always hold rigorous bounds on rank90 (equal to it
+#: where the spectrum is exact). Views should label them "rank90 (lower bound)" / "rank90 (upper bound)".
+RANK90_LOWER = "update_rank90_lower"
+RANK90_UPPER = "update_rank90_upper"
 SPECTRUM_COLUMNS = [
     "update_rel_norm",
     "update_stable_rank",
     "update_effective_rank",
     "update_rank90",
     "update_top_singular",
+    RANK90_LOWER,
+    RANK90_UPPER,
 ]
 INTRUDER_COLUMNS = ["intruder_dimensions"]
 #: φ to a reference update (the run's final checkpoint in a series, ``--relative`` in compare).
 SUBSPACE_COLUMN = "subspace_to_reference"
 
-# Oversampling of the randomised range finder (Halko et al. recommend 5-10).
+# Oversampling of the randomised range finder (Halko et al. recommend 5-10). Every computed value is
+# kept: the oversampled ones are the computed neighbours below the top q.
 OVERSAMPLE = 10
 # Matrices with at least this many elements (a 2048 x 2048 weight) are decomposed on every core.
 PARALLEL_ELEMENTS = 1 << 22
-# Tolerance of "the top q capture all of ||ΔW||_F^2" (randomised path, effective rank).
-COMPLETE = 1e-12
+# The randomised bound on ||(I - UUᵀ)W||_2 (:func:`remainder_norm_bound`): Gaussian samples, power
+# steps, and the probability that it is below the true norm (for any matrix, over the random draws).
+REMAINDER_SAMPLES = 8
+REMAINDER_POWER = 16
+REMAINDER_FAILURE = 1e-12
+# First-order rounding of a product of float64 matrices (Higham 2002, §3.5: |fl(AB) - AB| <= γ_n|A||B|),
+# as a multiple of (m + n) · eps · ||W||_F^2, doubled for the Rayleigh quotient and the normalisation.
+ROUNDING = 4
 
 
 @dataclass(frozen=True)
@@ -113,7 +150,8 @@ class SpectrumOptions:
 
     ``intruder_k``/``intruder_eps``: Algorithm 1's k and ε. ``subspace_dim``: i = j of φ.
     ``svd_rank``: None for exact dense SVDs; q for the randomised top-q SVD of dense updates
-    (see the module docstring for its error). ``power_iterations``: of the randomised path.
+    (see the module docstring for what it guarantees; the intruder count computes at least
+    ``intruder_k + 10`` values). ``power_iterations``: of the randomised path.
     """
 
     intruder_k: int = 10
@@ -146,40 +184,86 @@ class Factors(Protocol):
 # ------------------------------------------------------------------------------------ the numbers
 
 
-def update_metrics(sigma: torch.Tensor, frob_sq: float, base_frob_sq: float, complete: bool = True) -> dict:
-    """The five spectrum columns from the singular values of ``ΔW``.
+@dataclass(frozen=True)
+class Remainder:
+    """What a partial (randomised) spectrum of ``ΔW`` ``(m, n)`` leaves out.
+
+    ``frob_sq``: an upper bound on ||(I - UUᵀ)ΔW||_F^2 = ||ΔW||_F^2 - Σ σ̃_i^2 (the computed values
+    being those of ``UᵀΔW``); ``dims``: min(m, n), the most non-zero singular values ``ΔW`` can have.
+    """
+
+    frob_sq: float
+    dims: int
+
+
+def partial_remainder(sigma: torch.Tensor, frob_sq: float, shape: tuple[int, int]) -> Remainder:
+    """The :class:`Remainder` of the computed values ``sigma`` ``(w,)`` of a ``shape`` matrix with
+    ||ΔW||_F^2 = ``frob_sq``; the two sums of squares are rounded by at most m · n · eps of it each."""
+    computed = float(sigma.double().square().sum())
+    rounding = 2 * shape[0] * shape[1] * torch.finfo(torch.float64).eps * frob_sq
+    return Remainder(max(frob_sq - computed, 0.0) + rounding, min(shape))
+
+
+def update_metrics(
+    sigma: torch.Tensor, frob_sq: float, base_frob_sq: float, remainder: Remainder | None = None
+) -> dict:
+    """The spectrum columns from the singular values of ``ΔW``.
 
     Args:
-        sigma: ``(q,)`` singular values, descending (all of them, or the top q).
+        sigma: ``(q,)`` singular values, descending: all of them, or (with ``remainder``) the ``w``
+            computed by a randomised SVD, each at most the true one.
         frob_sq: ||ΔW||_F^2, exact.
         base_frob_sq: ||W_0||_F^2.
-        complete: ``sigma`` holds the whole spectrum (False: the top q of a randomised SVD).
+        remainder: None where ``sigma`` is the whole spectrum; else what it leaves out. Then
+            rank90 is bracketed (:func:`rank90_bounds`) and reported only where the bounds meet, and
+            the effective rank (it needs every σ) is NaN.
     Returns:
         ``{column: float}``; a zero update has norm 0, rank90 0 and NaN ranks.
     """
     sigma = sigma.detach().double().cpu()
     top = float(sigma[0]) if sigma.numel() else 0.0
     rel = math.sqrt(frob_sq / base_frob_sq) if base_frob_sq > 0 else math.nan
-    if frob_sq <= 0 or top <= 0:
-        return dict(zip(SPECTRUM_COLUMNS, (rel, math.nan, math.nan, 0.0, 0.0), strict=True))
-    energy = torch.cumsum(sigma * sigma, 0)
-    # The whole spectrum's energy is Σσ² itself (consistent rounding); a partial one uses the exact norm.
-    total = float(energy[-1]) if complete else frob_sq
-    captured = bool(complete or float(energy[-1]) >= (1 - COMPLETE) * frob_sq)
-    reached = torch.nonzero(energy >= 0.9 * total)
-    rank90 = float(int(reached[0]) + 1) if len(reached) else math.nan
-    if captured:
+    if frob_sq <= 0:
+        return dict(zip(SPECTRUM_COLUMNS, (rel, math.nan, math.nan, 0.0, 0.0, 0.0, 0.0), strict=True))
+    if not (top > 0 and math.isfinite(frob_sq)):  # non-finite, or nothing computed: nothing is known
+        return dict(zip(SPECTRUM_COLUMNS, (rel,) + (math.nan,) * 6, strict=True))
+    if remainder is None:
+        energy = torch.cumsum(sigma * sigma, 0)
+        # the whole spectrum's energy is Σσ² itself (consistent rounding)
+        rank90 = float(int(torch.nonzero(energy >= 0.9 * float(energy[-1]))[0]) + 1)
         p = sigma[sigma > 0] / sigma.sum()
         effective = math.exp(float(-(p * p.log()).sum()))
+        lower = upper = rank90
     else:
-        effective = math.nan
+        lower, upper = rank90_bounds(sigma, frob_sq, remainder)
+        rank90, effective = (lower if lower == upper else math.nan), math.nan
     return {
         "update_rel_norm": rel,
         "update_stable_rank": frob_sq / (top * top),
         "update_effective_rank": effective,
         "update_rank90": rank90,
         "update_top_singular": top,
+        RANK90_LOWER: lower,
+        RANK90_UPPER: upper,
     }
+
+
+def rank90_bounds(sigma: torch.Tensor, frob_sq: float, remainder: Remainder) -> tuple[float, float]:
+    """Rigorous ``(lower, upper)`` bounds on rank90 from the ``w`` values ``sigma`` of ``UᵀΔW``.
+
+    With ``B = UᵀΔW`` and ``R = (I - UUᵀ)ΔW``, ``ΔWᵀΔW = BᵀB + RᵀR`` (both PSD), so by Ky Fan's
+    maximum principle the top-j energy ``E_j = Σ_{i<=j} σ_i^2`` satisfies
+    ``Σ_{i<=j} σ̃_i^2 <= E_j <= Σ_{i<=j} σ̃_i^2 + ||R||_F^2``. rank90 (the first j with
+    ``E_j >= 0.9 ||ΔW||_F^2``) is at most the first j where the lower sum reaches it (``dims`` where
+    no computed one does) and at least the first j where the upper one does.
+    """
+    energy = torch.cumsum(sigma.double().square(), 0)  # (w,)
+    target = 0.9 * frob_sq
+    reached = torch.nonzero(energy >= target)
+    upper = float(int(reached[0]) + 1) if len(reached) else float(remainder.dims)
+    possible = torch.nonzero(energy + remainder.frob_sq >= target)
+    lower = float(int(possible[0]) + 1) if len(possible) else float(sigma.numel() + 1)
+    return lower, upper
 
 
 def factored_svd(
@@ -204,16 +288,25 @@ def factored_svd(
     return q_b @ u_core, sigma
 
 
-def randomized_svd(
-    matrix: torch.Tensor, rank: int, power_iterations: int = 4, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``rank`` left singular vectors and values of ``matrix`` ``(m, n)`` by a randomised range finder.
+class PartialSVD(NamedTuple):
+    """A randomised SVD ``W ≈ U diag(σ) Vᵀ`` of ``W`` ``(m, n)``: ``U = Q Ũ`` (the range finder's whole
+    orthonormal basis ``Q``, rotated), ``σ`` and ``V = Ṽ`` from the exact SVD ``QᵀW = Ũ diag(σ) Ṽᵀ``.
+
+    ``left`` ``(m, w)``, ``sigma`` ``(w,)`` descending, ``right`` ``(n, w)``; ``σ_i`` <= the true i-th
+    singular value (Cauchy interlacing: the singular values of ``QᵀW``), and ``Wᵀ u_i = σ_i v_i`` exactly.
+    """
+
+    left: torch.Tensor
+    sigma: torch.Tensor
+    right: torch.Tensor
+
+
+def randomized_svd(matrix: torch.Tensor, rank: int, power_iterations: int = 4, seed: int = 0) -> PartialSVD:
+    """Every value and vector the randomised range finder computes for ``matrix`` ``(m, n)``.
 
     Halko, Martinsson & Tropp 2011, Alg. 4.4 (subspace iteration, re-orthonormalised each half step)
-    with ``rank + 10`` samples; deterministic for a given ``seed``. Error: see the module docstring.
-
-    Returns:
-        ``U`` ``(m, q)``, ``σ`` ``(q,)`` with ``q = min(rank, m, n)``; σ̃_i <= σ_i.
+    with ``w = min(rank + 10, m, n)`` samples; deterministic for a given ``seed``. All ``w`` are
+    returned: the top ``rank`` are the answer, the oversampled ones their computed neighbours below.
     """
     m, n = matrix.shape
     width = min(rank + OVERSAMPLE, m, n)
@@ -223,9 +316,8 @@ def randomized_svd(
     for _ in range(power_iterations):
         z, _ = torch.linalg.qr(matrix.T @ q)  # (n, width)
         q, _ = torch.linalg.qr(matrix @ z)
-    u_small, sigma, _ = torch.linalg.svd(q.T @ matrix, full_matrices=False)  # (width, width)
-    keep = min(rank, m, n)
-    return (q @ u_small)[:, :keep], sigma[:keep]
+    u_small, sigma, vh = torch.linalg.svd(q.T @ matrix, full_matrices=False)  # (width, width), (width, n)
+    return PartialSVD(q @ u_small, sigma, vh.T)
 
 
 def dense_svd(
@@ -234,7 +326,7 @@ def dense_svd(
     """``(U or None, σ, complete)`` of a float64 ``(m, n)`` matrix: exact, or randomised (``options.svd_rank``).
 
     ``rank``: how many singular values the caller needs at least (the randomised path computes
-    ``max(rank, svd_rank)``). ``complete``: σ is the whole spectrum.
+    ``max(rank, svd_rank)`` and returns all ``+ 10`` it computed). ``complete``: σ is the whole spectrum.
     """
     target = options.svd_rank
     if target is not None and rank is not None:
@@ -244,24 +336,69 @@ def dense_svd(
             return None, torch.linalg.svdvals(matrix), True
         u, sigma, _ = torch.linalg.svd(matrix, full_matrices=False)
         return u, sigma, True
-    u, sigma = randomized_svd(matrix, target, options.power_iterations, options.seed)
-    return (u if vectors else None), sigma, False
+    partial = randomized_svd(matrix, target, options.power_iterations, options.seed)
+    return (partial.left if vectors else None), partial.sigma, False
 
 
-def vector_errors(matrix: torch.Tensor, left: torch.Tensor, sigma: torch.Tensor, k: int) -> torch.Tensor:
-    """Estimated ``sin`` of the angle between each of the first ``k`` approximate left singular vectors
-    ``left`` ``(m, >= k)`` of ``matrix`` ``(m, n)`` (with values ``sigma``, descending) and the true one.
+def _project_out(basis: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """``(I - UUᵀ) block``, twice (one Gram-Schmidt pass leaves rounding along ``U`` that the power
+    steps would amplify)."""
+    for _ in range(2):
+        block = block - basis @ (basis.T @ block)
+    return block
 
-    Davis-Kahan: a unit ``u`` with Rayleigh quotient ``σ²`` and residual ``r = ||W Wᵀ u - σ² u||`` is
-    within ``sin θ <= r / δ`` of an eigenvector of ``W Wᵀ``, ``δ`` the distance from ``σ²`` to the rest
-    of its spectrum, estimated here from the other computed values (the smallest of them standing for
-    the uncomputed tail) and halved for safety. ``(k,)``, at most 1; 1 where ``δ`` is 0.
+
+def remainder_norm_bound(matrix: torch.Tensor, basis: torch.Tensor, seed: int = 0) -> float:
+    """An upper bound on ||R||_2, ``R = (I - UUᵀ) W``, ``U = basis`` ``(m, w)`` orthonormal, that fails
+    with probability at most :data:`REMAINDER_FAILURE` over its Gaussian draws, for every ``W``.
+
+    For Gaussian ``ω`` ``(n,)`` and ``C = RᵀR`` (eigenvalues ``λ_1 >= ...``), ``||C^p ω||^2 =
+    Σ λ_j^{2p} g_j^2 >= λ_1^{2p} g_1^2`` with ``g_1 ~ N(0, 1)``, so ``λ_1 <= (||C^p ω|| / t)^{1/p}``
+    unless ``|g_1| < t``, which has probability <= t sqrt(2/π). With s independent samples, all miss
+    with probability <= (t sqrt(2/π))^s: ``t`` is set so that this is :data:`REMAINDER_FAILURE`.
+    Rounding is the caller's (:data:`ROUNDING`). Cost: 2p products of ``W`` with ``(·, s)`` blocks.
     """
-    u, values = left[:, :k], sigma.square()
-    residual = torch.linalg.vector_norm(matrix @ (matrix.T @ u) - u * values[:k], dim=0)  # (k,)
-    distances = (values[:k, None] - values[None, :]).abs()  # (k, q)
-    distances[torch.arange(k), torch.arange(k)] = math.inf
-    gap = distances.min(dim=1).values / 2
+    samples, power = REMAINDER_SAMPLES, REMAINDER_POWER
+    threshold = REMAINDER_FAILURE ** (1 / samples) / math.sqrt(2 / math.pi)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed + 1)  # not the range finder's Ω
+    y = torch.randn(matrix.shape[1], samples, generator=generator, dtype=matrix.dtype, device=matrix.device)
+    log_norm = torch.zeros(samples, dtype=torch.float64, device=matrix.device)
+    tiny = torch.finfo(torch.float64).tiny
+    for _ in range(power):
+        y = matrix.T @ _project_out(basis, matrix @ y)  # C y, (n, s)
+        norms = torch.linalg.vector_norm(y, dim=0).clamp(min=tiny)
+        log_norm += norms.log()
+        y = y / norms
+    lambda_bound = math.exp((float(log_norm.max()) - math.log(threshold)) / power)
+    return math.sqrt(lambda_bound)
+
+
+def vector_errors(matrix: torch.Tensor, partial: PartialSVD, k: int, remainder: float) -> torch.Tensor:
+    """Upper bounds on ``sin θ_i`` between each of the first ``k`` vectors ``partial.left`` ``(m, w)``
+    of a randomised SVD of ``matrix`` ``(m, n)`` and the true i-th left singular vector; ``(k,)``,
+    1 where no bound below 1 holds. Needs ``w > k`` (a computed neighbour below the k-th value).
+
+    Davis-Kahan for one vector: for unit ``u``, any ``ρ`` and ``M = WWᵀ`` with eigenpairs ``(λ_j, x_j)``,
+    ``||Mu - ρu||^2 = Σ (uᵀx_j)^2 (λ_j - ρ)^2 >= δ^2 sin^2 θ``, θ the angle from ``u`` to the
+    eigenvectors with ``λ_j`` in ``(ρ - δ, ρ + δ)``. ``δ`` is taken so that only ``σ_i^2`` can lie
+    there, from rigorous bounds on its neighbours: ``σ_{i-1}^2 >= σ̃_{i-1}^2`` (interlacing) above, and
+    below ``σ_{i+1}^2 <= σ̃_{i+1}^2 + ||R||_2^2`` (Weyl on ``WᵀW = BᵀB + RᵀR``, ``B = UᵀW``,
+    ``R = (I - UUᵀ)W``), with ``remainder`` >= ||R||_2. Rounding: :data:`ROUNDING`.
+    """
+    m, n = matrix.shape
+    values = partial.sigma.square()
+    if values.numel() <= k:
+        raise ValueError(f"vector_errors needs more than k = {k} computed values, got {values.numel()}")
+    frob_sq = float(torch.linalg.vector_norm(matrix) ** 2)
+    slack = ROUNDING * (m + n) * torch.finfo(torch.float64).eps * frob_sq
+    u = partial.left[:, :k]
+    u = u / torch.linalg.vector_norm(u, dim=0)
+    t = matrix.T @ u  # (n, k)
+    rayleigh = t.square().sum(0)  # (k,) uᵀ W Wᵀ u
+    residual = torch.linalg.vector_norm(matrix @ t - u * rayleigh, dim=0) + slack  # (k,)
+    upper = values[1 : k + 1] + remainder * remainder + slack  # bounds on σ_{i+1}^2
+    lower = torch.cat([values.new_full((1,), math.inf), values[: k - 1] - slack])  # bounds on σ_{i-1}^2
+    gap = torch.minimum(rayleigh - upper, lower - rayleigh)
     return torch.where(gap > 0, residual / gap, torch.ones_like(gap)).clamp(max=1.0)
 
 
@@ -371,9 +508,9 @@ def tensor_spectra(
                 records.append(_nan_record(spectrum, intruders))  # non-finite weights: no SVD
                 continue
             if spectrum or vectors:
-                u, sigma, complete, frob_sq = _update_svd(base, update, tuned, options, vectors)
+                u, sigma, remainder, frob_sq = _update_svd(base, update, tuned, options, vectors)
                 if spectrum:
-                    record.update(update_metrics(sigma, frob_sq, base.frob_sq, complete))
+                    record.update(update_metrics(sigma, frob_sq, base.frob_sq, remainder))
                 if vectors:
                     keep = min(options.subspace_dim, numerical_rank(sigma, tuple(base.rows.shape)))
                     left[index] = u[:, :keep]
@@ -392,21 +529,23 @@ def tensor_spectra(
 
 def _update_svd(
     base: BaseSpectrum, update: Update, tuned: torch.Tensor | None, options: SpectrumOptions, vectors: bool
-) -> tuple[torch.Tensor | None, torch.Tensor, bool, float]:
-    """``(U, σ, complete, ||ΔW||_F^2)`` of one update, from the factors where it is a LoRA."""
+) -> tuple[torch.Tensor | None, torch.Tensor, Remainder | None, float]:
+    """``(U, σ, remainder, ||ΔW||_F^2)`` of one update, from the factors where it is a LoRA;
+    ``remainder`` is None where σ is the whole spectrum (:func:`update_metrics`)."""
     if tuned is None and update.magnitude is None:  # LoRA: rank r, from the factors
         u, sigma = factored_svd(
             update.lora_B.to(base.rows.device), update.lora_A.to(base.rows.device), update.scale
         )
-        return u, sigma, True, float((sigma * sigma).sum())
+        return u, sigma, None, float((sigma * sigma).sum())
     weight = tuned if tuned is not None else merged_weight(base.rows, update)  # FT, DoRA: dense
     delta = weight - base.rows
     del weight
     frob_sq = float(torch.linalg.vector_norm(delta) ** 2)
     if not math.isfinite(frob_sq):  # a DoRA row with V = 0
-        return torch.empty(delta.shape[0], 0, dtype=torch.float64), torch.full((1,), math.nan), True, math.nan
+        return torch.empty(delta.shape[0], 0, dtype=torch.float64), torch.full((1,), math.nan), None, math.nan
     u, sigma, complete = dense_svd(delta, options, vectors, rank=options.subspace_dim if vectors else None)
-    return u, sigma, complete, frob_sq
+    remainder = None if complete else partial_remainder(sigma, frob_sq, tuple(delta.shape))
+    return u, sigma, remainder, frob_sq
 
 
 def _intruders(base: BaseSpectrum, weight: torch.Tensor, options: SpectrumOptions) -> float:
@@ -414,31 +553,71 @@ def _intruders(base: BaseSpectrum, weight: torch.Tensor, options: SpectrumOption
         return math.nan
     k = min(options.intruder_k, *weight.shape)
     if options.svd_rank is not None:
-        target, iterations = max(options.svd_rank, k), options.power_iterations
-        width = target + OVERSAMPLE  # as dense_svd: at min(out, in) or more, the exact SVD is as cheap
-        while width < min(weight.shape):
-            u, sigma = randomized_svd(weight, target, iterations, options.seed)
-            count = _certified_intruders(weight, u, sigma, k, base.left, options.intruder_eps)
-            if count is not None:
-                return float(count)
-            # more subspace iterations sharpen the vectors, while they cost less than the exact SVD
-            iterations = 2 * iterations + 1
-            if (2 * iterations + 1) * width > min(weight.shape):
-                break
-        # a flat top spectrum, where the randomised vectors stay mixtures: count from the exact SVD
+        count = randomized_intruders(weight, base.left, k, options)
+        if count is not None:
+            return float(count)
+    # not certified (a flat or near-degenerate top spectrum): count from the exact SVD
     u = torch.linalg.svd(weight, full_matrices=False)[0][:, :k]
     return float(intruder_count(u, base.left, options.intruder_eps))
 
 
-def _certified_intruders(weight, left, sigma, k: int, base_left, eps: float) -> int | None:
-    """The intruder count of approximate vectors ``left`` ``(out, >= k)``, or None where a vector's
-    estimated error could move its largest |cos| across ``eps`` (|cos| moves by at most
-    ``||u - v|| <= sqrt(2) sin θ``)."""
-    cosines = (left[:, :k].T @ base_left).abs().max(dim=1).values  # (k,)
-    margins = (cosines - eps).abs()
-    if bool((math.sqrt(2) * vector_errors(weight, left, sigma, k) < margins).all()):
-        return int((cosines < eps).sum())
+def randomized_intruders(
+    weight: torch.Tensor, base_left: torch.Tensor, k: int, options: SpectrumOptions
+) -> int | None:
+    """The intruder count of ``weight`` ``(out, in)`` from a randomised SVD, certified, or None.
+
+    Computes ``max(svd_rank, k) + 10`` values (so the k-th always has computed neighbours below it);
+    each top-k vector's distance to the true one is bounded (:func:`vector_errors`) and the count is
+    returned only where no vector's largest |cos| can lie on the other side of ``eps``. Otherwise
+    the rank is doubled and the power iterations go 4, 9, 19, ... while the attempts together cost
+    less than the exact SVD (``(2p + 1) w`` against ``min(out, in)``); then None.
+    """
+    dims = min(weight.shape)
+    target, iterations = max(options.svd_rank or k, k), options.power_iterations
+    spent = 0
+    while target + OVERSAMPLE < dims:
+        spent += (2 * iterations + 1) * (target + OVERSAMPLE)
+        partial = randomized_svd(weight, target, iterations, options.seed)
+        count = _certified_intruders(weight, partial, k, base_left, options)
+        if count is not None:
+            return count
+        target, iterations = 2 * target, 2 * iterations + 1
+        if spent + (2 * iterations + 1) * (target + OVERSAMPLE) > dims:
+            break
     return None
+
+
+def _certified_intruders(
+    weight: torch.Tensor, partial: PartialSVD, k: int, base_left: torch.Tensor, options: SpectrumOptions
+) -> int | None:
+    """The intruder count of ``partial``'s top-k vectors, or None where a vector's error bound could
+    move its largest |cos| across ``eps``.
+
+    A unit ``u`` within angle θ of ``±x`` has ``||u ∓ x|| = sqrt(2 - 2 cos θ)``, and the largest |cos|
+    with a set of unit vectors is 1-Lipschitz, so it moves by at most that. The remainder bound is
+    tried cheapest first: ||R||_F (deterministic), then, where ||R||_2 = 0 would certify, the
+    randomised :func:`remainder_norm_bound` (never above ||R||_F).
+    """
+    eps = options.intruder_eps
+    left = partial.left[:, :k]
+    cosines = (left.T @ base_left).abs().max(dim=1).values  # (k,)
+    # rounding of the unit dot products (both sides orthonormal to about m · eps)
+    margins = (cosines - eps).abs() - 4 * weight.shape[0] * torch.finfo(torch.float64).eps
+
+    def certified(remainder: float) -> bool:
+        sines = vector_errors(weight, partial, k, remainder)
+        cos = torch.sqrt((1 - sines.square()).clamp(min=0))
+        moves = sines * torch.sqrt(2 / (1 + cos))  # sqrt(2 - 2 cos θ), without cancellation
+        return bool((moves < margins).all())
+
+    frob_sq = float(torch.linalg.vector_norm(weight) ** 2)
+    frobenius = math.sqrt(partial_remainder(partial.sigma, frob_sq, tuple(weight.shape)).frob_sq)
+    if certified(frobenius):
+        return int((cosines < eps).sum())
+    if not certified(0.0):
+        return None
+    bound = min(frobenius, remainder_norm_bound(weight, partial.left, options.seed))
+    return int((cosines < eps).sum()) if certified(bound) else None
 
 
 def _nan_record(spectrum: bool, intruders: bool) -> dict[str, float]:

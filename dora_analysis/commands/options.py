@@ -222,7 +222,8 @@ def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="Q",
-        help="randomised top-Q SVD of dense updates instead of the exact one (large matrices)",
+        help="randomised top-Q SVD of dense updates instead of the exact one (large matrices); with "
+        "intruders at least --intruder-k; rank90 then comes as bounds, effective rank not at all",
     )
 
 
@@ -232,11 +233,21 @@ def spectrum_options(args: argparse.Namespace):
     from dora_analysis.errors import InputError
 
     try:
-        return SpectrumOptions(
+        options = SpectrumOptions(
             intruder_k=args.intruder_k, intruder_eps=args.intruder_eps, svd_rank=args.svd_rank
         )
     except ValueError as error:
         raise InputError.of("--intruder-k/--intruder-eps/--svd-rank", str(error)) from None
+    groups = {g.strip().lower() for g in (args.metrics or "").split(",")}
+    if args.svd_rank is not None and "intruders" in groups and args.svd_rank < args.intruder_k:
+        # the k-th vector can only be certified with computed values below it (the library would
+        # raise the rank itself; the CLI says so instead of doing it silently)
+        raise InputError.of(
+            "--svd-rank",
+            f"{args.svd_rank} is below --intruder-k {args.intruder_k}: the intruder count needs the top "
+            f"{args.intruder_k} vectors and values below them; use --svd-rank {args.intruder_k} or more",
+        )
+    return options
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, name: str, quick: str) -> None:

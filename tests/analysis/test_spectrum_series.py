@@ -141,6 +141,12 @@ def test_bad_metric_options_are_one_line_errors(tiny_runs, capsys):
         main(["series", str(base_dir), str(runs["ft"]), "--metrics", "intruders", "--intruder-eps", "2"]) == 2
     )
     assert "intruder_eps must be in (0, 1]" in capsys.readouterr().err
+    # a randomised rank below k would leave the k-th vector without computed values below it
+    args = ["series", str(base_dir), str(runs["ft"]), "--metrics", "spectrum,intruders", "--svd-rank", "4"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--svd-rank: 4 is below --intruder-k 10" in err and "\n" not in err and len(err) <= 300
+    assert main([*args, "--intruder-k", "4", "--format", "csv", "--include", "query"]) == 0
 
 
 def test_the_base_svd_is_computed_once_per_tensor_for_a_whole_series(tiny_runs, monkeypatch):
