@@ -20,6 +20,8 @@ __all__ = [
     "SERIES_PER_ROW_COLUMNS",
     "METRIC_GROUPS",
     "SPECTRUM_COLUMNS",
+    "RANK90_LOWER",
+    "RANK90_UPPER",
     "INTRUDER_COLUMNS",
     "SUBSPACE_COLUMN",
     "FINAL_COLUMN",
@@ -103,6 +105,11 @@ SERIES_PER_ROW_COLUMNS = ["run", "method", "step", *PER_ROW_COLUMNS, "checkpoint
 
 #: The metric groups ``compare``/``series`` take (``metrics=``); ``decomposition`` is ΔM/ΔD.
 METRIC_GROUPS = ("decomposition", "spectrum", "intruders")
+#: Rigorous bounds on rank90 (equal to it where the spectrum is exact). On the randomised path
+#: ``update_rank90`` is reported only where they meet (NaN otherwise) and ``update_effective_rank`` not at
+#: all; views label them "rank90 (lower bound)" / "rank90 (upper bound)".
+RANK90_LOWER = "update_rank90_lower"
+RANK90_UPPER = "update_rank90_upper"
 #: What the ``spectrum`` group adds (see :mod:`dora_analysis.analysis.spectrum`).
 SPECTRUM_COLUMNS = [
     "update_rel_norm",
@@ -110,6 +117,8 @@ SPECTRUM_COLUMNS = [
     "update_effective_rank",
     "update_rank90",
     "update_top_singular",
+    RANK90_LOWER,
+    RANK90_UPPER,
 ]
 #: What the ``intruders`` group adds.
 INTRUDER_COLUMNS = ["intruder_dimensions"]

@@ -27,7 +27,7 @@ import torch
 
 from dora_analysis.analysis.row_blocks import row_blocks
 
-__all__ = ["available", "supports", "row_sums", "run_blocks", "single_threaded_torch"]
+__all__ = ["available", "supports", "row_sums", "run_blocks", "single_threaded_torch", "worker_count"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Threads draw work in blocks of about this many elements: few enough calls to keep Python's share
@@ -186,6 +186,12 @@ def _helpers(n: int) -> ThreadPoolExecutor:
 _WORKERS: ContextVar[int | None] = ContextVar("dora_analysis_workers", default=None)
 
 
+def worker_count() -> int:
+    """Threads the block loops (and large SVDs) may use: one per core as seen outside
+    :func:`single_threaded_torch`, whose inside runs torch ops on one thread."""
+    return _WORKERS.get() or torch.get_num_threads()
+
+
 @contextmanager
 def single_threaded_torch() -> Iterator[None]:
     """Inside, torch ops run on one thread while :func:`run_blocks` keeps one thread per core.
@@ -196,7 +202,7 @@ def single_threaded_torch() -> Iterator[None]:
     switching torch's thread count back and forth leaves its idle threads spinning on the core
     the block loops need.
     """
-    workers = _WORKERS.get() or torch.get_num_threads()
+    workers = worker_count()
     token = _WORKERS.set(workers)
     previous = torch.get_num_threads()
     if previous != 1:
@@ -221,7 +227,7 @@ def run_blocks(
     a core, while blocks drawn dynamically keep every core busy and degrade gracefully under load.
     The thread count is ``torch.get_num_threads()`` (as it was outside :func:`single_threaded_torch`).
     """
-    workers = _WORKERS.get() or torch.get_num_threads()
+    workers = worker_count()
     threads = min(workers, len(todo)) if rows.device.type == "cpu" else 1
     if threads <= 1:
         work(iter(todo))

@@ -73,21 +73,22 @@ import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 
 from dora_analysis.analysis import fused_rows
+from dora_analysis.analysis.low_rank import Factors
+from dora_analysis.schema import (
+    INTRUDER_COLUMNS,
+    RANK90_LOWER,
+    RANK90_UPPER,
+    SPECTRUM_COLUMNS,
+    SUBSPACE_COLUMN,
+)
 
 __all__ = [
-    "METRIC_GROUPS",
-    "SPECTRUM_COLUMNS",
-    "INTRUDER_COLUMNS",
-    "SUBSPACE_COLUMN",
-    "RANK90_LOWER",
-    "RANK90_UPPER",
     "SpectrumOptions",
-    "Factors",
     "Remainder",
     "PartialSVD",
     "update_metrics",
@@ -107,27 +108,8 @@ __all__ = [
     "tensor_spectra",
 ]
 
-#: The metric groups ``compare``/``series`` take (``metrics=``); ``decomposition`` is ΔM/ΔD.
-METRIC_GROUPS = ("decomposition", "spectrum", "intruders")
-
-# ------------------------------------------------------------------------ output columns (one block)
-#: On the randomised path ``update_rank90`` is reported only where its bounds meet (NaN otherwise) and
-#: ``update_effective_rank`` not at all; these two always hold rigorous bounds on rank90 (equal to it
-#: where the spectrum is exact). Views should label them "rank90 (lower bound)" / "rank90 (upper bound)".
-RANK90_LOWER = "update_rank90_lower"
-RANK90_UPPER = "update_rank90_upper"
-SPECTRUM_COLUMNS = [
-    "update_rel_norm",
-    "update_stable_rank",
-    "update_effective_rank",
-    "update_rank90",
-    "update_top_singular",
-    RANK90_LOWER,
-    RANK90_UPPER,
-]
-INTRUDER_COLUMNS = ["intruder_dimensions"]
-#: φ to a reference update (the run's final checkpoint in a series, ``--relative`` in compare).
-SUBSPACE_COLUMN = "subspace_to_reference"
+# The output columns (SPECTRUM_COLUMNS, INTRUDER_COLUMNS, SUBSPACE_COLUMN, the rank90 bounds) and the
+# metric groups live in :mod:`dora_analysis.schema`, with every other column of the frames.
 
 # Oversampling of the randomised range finder (Halko et al. recommend 5-10). Every computed value is
 # kept: the oversampled ones are the computed neighbours below the top q.
@@ -170,15 +152,6 @@ class SpectrumOptions:
             raise ValueError(f"subspace_dim must be at least 1, got {self.subspace_dim}")
         if self.svd_rank is not None and self.svd_rank < 1:
             raise ValueError(f"svd_rank must be at least 1, got {self.svd_rank}")
-
-
-class Factors(Protocol):
-    """A LoRA/DoRA update as its factors (the readers' ``LowRankUpdate`` has this shape)."""
-
-    lora_A: torch.Tensor  # (r, in)
-    lora_B: torch.Tensor  # (out, r)
-    scale: float
-    magnitude: torch.Tensor | None  # (out,) for DoRA
 
 
 # ------------------------------------------------------------------------------------ the numbers
@@ -633,7 +606,7 @@ def _all_threads(enabled: bool = True) -> Iterator[None]:
     machine each multi-threaded call stalls until all its threads get a core (measured: a series of
     384 x 384 SVDs took 18x longer with 2 threads than with 1 at load 15 on 2 cores).
     """
-    workers = (fused_rows._WORKERS.get() or torch.get_num_threads()) if enabled else torch.get_num_threads()
+    workers = fused_rows.worker_count() if enabled else torch.get_num_threads()
     previous = torch.get_num_threads()
     if workers != previous:
         torch.set_num_threads(workers)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from dora_analysis.schema import method_label, method_order, select_modules
+from dora_analysis.schema import RANK90_LOWER, RANK90_UPPER, method_label, method_order, select_modules
 
 __all__ = ["spectrum_table", "spectrum_section"]
 
@@ -21,6 +21,8 @@ _MEANS = {
     "update_effective_rank": "effective rank",
     "update_rank90": "rank90",
     "update_top_singular": "σ1",
+    RANK90_LOWER: "rank90 (lower bound)",
+    RANK90_UPPER: "rank90 (upper bound)",
     "intruder_dimensions": "intruders per matrix",
 }
 
@@ -38,6 +40,8 @@ def spectrum_table(series: pd.DataFrame, modules: Sequence[str] = ("query", "val
     last = data[data["step"] == data.groupby(key)["step"].transform("max")]
     first = data[data["step"] == data.groupby(key)["step"].transform("min")]
     present = [c for c in _MEANS if c in data.columns]
+    if RANK90_LOWER in data.columns and (data[RANK90_LOWER] == data[RANK90_UPPER]).all():
+        present = [c for c in present if c not in (RANK90_LOWER, RANK90_UPPER)]  # exact: rank90 says it
     rows = []
     for (method, module), group in last.groupby(["method", "module"], sort=False):
         row = {

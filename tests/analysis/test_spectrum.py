@@ -9,9 +9,6 @@ import pytest
 import torch
 
 from dora_analysis.analysis.spectrum import (
-    RANK90_LOWER,
-    RANK90_UPPER,
-    SUBSPACE_COLUMN,
     Remainder,
     SpectrumOptions,
     factored_svd,
@@ -23,6 +20,7 @@ from dora_analysis.analysis.spectrum import (
     vector_errors,
 )
 from dora_analysis.readers.base import LowRankUpdate
+from dora_analysis.schema import RANK90_LOWER, RANK90_UPPER, SUBSPACE_COLUMN
 
 RTOL = 1e-6
 

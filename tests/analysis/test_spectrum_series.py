@@ -9,10 +9,9 @@ from series_builders import make_runs
 
 from dora_analysis.analysis.comparison import compare
 from dora_analysis.analysis.series import analyze_series
-from dora_analysis.analysis.spectrum import INTRUDER_COLUMNS, SPECTRUM_COLUMNS
 from dora_analysis.commands.main import main
 from dora_analysis.errors import InputError
-from dora_analysis.schema import COLUMNS, SERIES_COLUMNS
+from dora_analysis.schema import COLUMNS, INTRUDER_COLUMNS, SERIES_COLUMNS, SPECTRUM_COLUMNS
 
 STEPS = (10, 20)
 
