@@ -36,6 +36,7 @@ def demo(tmp_path_factory):
     return config, run_demo(config, progress=False)
 
 
+@pytest.mark.slow
 def test_demo_writes_series_figures_and_report(demo):
     config, result = demo
     out = config.out
@@ -86,6 +87,7 @@ def test_demo_writes_series_figures_and_report(demo):
     assert result.accuracy.set_index("method").loc["dora", "final"] == pytest.approx(final)
 
 
+@pytest.mark.slow
 def test_demo_refuses_to_overwrite_and_reuses_runs(demo):
     config, result = demo
     with pytest.raises(InputError, match="already holds demo results"):
@@ -97,6 +99,7 @@ def test_demo_refuses_to_overwrite_and_reuses_runs(demo):
     assert again.series.shape == result.series.shape
 
 
+@pytest.mark.slow
 def test_demo_cli_refuses_existing_results(demo):
     config, _ = demo
     done = subprocess.run(

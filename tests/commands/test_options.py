@@ -23,6 +23,7 @@ def tiny_runs(tmp_path_factory):
     return base_dir, [runs[m] for m in METHODS]
 
 
+@pytest.mark.slow
 def test_cli_options_and_their_errors(tiny_runs, monkeypatch, capsys):
     base_dir, runs = tiny_runs
     parse = build_parser().parse_args
