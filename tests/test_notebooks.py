@@ -79,6 +79,7 @@ def test_notebooks_are_saved_without_outputs():
     }
 
 
+@pytest.mark.slow
 def test_compare_notebook(tiny, tmp_path, kernel_dirs):
     base, runs, _ = tiny
     nb = run_notebook(
@@ -112,6 +113,7 @@ def loss_only_runs(runs: dict, root: Path) -> list[str]:
     return copies
 
 
+@pytest.mark.slow
 def test_training_dynamics_notebook_on_runs_that_logged_only_eval_loss(tiny, tmp_path, kernel_dirs):
     base, runs, _ = tiny
     nb = run_notebook(
@@ -131,6 +133,7 @@ def test_training_dynamics_notebook_on_runs_that_logged_only_eval_loss(tiny, tmp
     assert images(nb) == 3  # ΔM vs ΔD, per layer, and the curves (held-out loss beside training loss)
 
 
+@pytest.mark.slow
 def test_peft_adapter_notebook(tiny, tmp_path, kernel_dirs):
     base, runs, _ = tiny
     nb = run_notebook(
@@ -144,6 +147,7 @@ def test_peft_adapter_notebook(tiny, tmp_path, kernel_dirs):
     assert images(nb) == 1
 
 
+@pytest.mark.slow
 def test_update_spectrum_notebook(tiny, tmp_path, kernel_dirs):
     base, runs, _ = tiny
     nb = run_notebook(

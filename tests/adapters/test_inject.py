@@ -19,7 +19,17 @@ def test_wraps_targets_freezes_the_rest_and_starts_at_the_base(method):
     ids = token_ids()
     names = inject_adapters(model, method=method, targets=("query", "value"), r=4, alpha=8)
     assert names == [f"encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
-    assert torch.equal(output(model, ids), output(base, ids))
+    if method == "lora":  # the base layer's own F.linear, plus s B A x with B = 0: exact
+        assert torch.equal(output(model, ids), output(base, ids))
+    else:
+        # A fresh DoRA / magnitude wrapper adds the bias after the GEMM (bias + z * 1), the base layer
+        # inside it (addmm): two kernels, each query/value output a float32 sum of the same hidden + 1 = 33
+        # terms in other orders, apart by at most 2 * 33 * 2^-24 (about 4e-6) of its absolute sum. Two
+        # layers of attention and LayerNorm carry that relative change to the output; we allow them to
+        # amplify it 100-fold.
+        got, want = output(model, ids), output(base, ids)
+        tol = 100 * 2 * 33 * 2.0**-24
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
     expected = {
         "dora": {"lora_A", "lora_B", "magnitude"},

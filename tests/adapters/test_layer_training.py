@@ -256,6 +256,7 @@ def test_torch_compile_same_outputs_and_gradients():
     assert (end - start).abs().min() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [DoRALinear, LoRALinear])
 def test_torch_compile_with_inductor_the_default_backend(cls):
     """What users get from plain ``torch.compile``: generated C++ kernels, no graph break; the fused

@@ -94,6 +94,7 @@ def test_classifier_head_travels_as_modules_to_save(task_type, tmp_path):
     assert again.classifier.weight.requires_grad
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_dora", [True, False])
 def test_peft_save_loads_in_ours_with_equal_outputs(use_dora, tmp_path):
     base = tiny_bert()

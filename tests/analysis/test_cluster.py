@@ -79,6 +79,7 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow
 def test_joins_a_cluster_started_with_the_ray_cli(tiny_runs, in_process):
     """`ray start --head` on 127.0.0.1 in its own processes, joined by address (first in the module: a
     process holds one Ray connection at a time, and the module's local Ray starts after this test).
@@ -155,6 +156,7 @@ def test_joins_a_cluster_started_with_the_ray_cli(tiny_runs, in_process):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_series_on_ray_is_the_in_process_frame_and_reads_each_base_tensor_once(
     tiny_runs, in_process, local_ray, monkeypatch
 ):
@@ -181,6 +183,7 @@ def test_series_on_ray_is_the_in_process_frame_and_reads_each_base_tensor_once(
     assert len({r.worker for r in reports}) == 2  # both workers took part
 
 
+@pytest.mark.slow
 def test_spectral_series_on_ray_is_the_in_process_frame(tiny_runs, local_ray):
     """The spectrum, intruder and φ-to-final columns too: φ needs each run's final checkpoint in the
     same task as every other one of its steps, which tasks split by tensor keep."""
@@ -232,6 +235,7 @@ def test_spectral_tasks_reserve_memory_for_their_largest_matrix(tiny_runs, monke
     assert cl._largest_node_memory(Nodes([])) is None
 
 
+@pytest.mark.slow
 def test_compare_on_ray_keeps_dtypes_and_attrs(tiny_runs, local_ray):
     base_dir, runs = tiny_runs
     ft, lora = runs[0] / "checkpoint-20", runs[1] / "checkpoint-10"
@@ -245,6 +249,7 @@ def test_compare_on_ray_keeps_dtypes_and_attrs(tiny_runs, local_ray):
     assert expected[0]["layer"].isna().all()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_task_is_retried_and_the_result_is_exact(
     tiny_runs, in_process, local_ray, monkeypatch, tmp_path
 ):
@@ -266,6 +271,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_result_is_exact(
     pd.testing.assert_frame_equal(df, in_process, check_exact=True)
 
 
+@pytest.mark.slow
 def test_bad_input_seen_by_a_worker_is_one_line_and_exit_2(
     tiny_runs, local_ray, monkeypatch, tmp_path, capsys
 ):
@@ -304,6 +310,7 @@ def test_groups_are_contiguous_and_bounded_and_a_missing_file_is_named(tiny_runs
     assert str(caught.value).startswith(f"{gone}: ")
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_the_tasks_and_writes_nothing(tiny_runs, local_ray, monkeypatch, tmp_path):
     """Last of the local-Ray tests: cancelling kills the workers that run tasks."""
     started, finished = tmp_path / "started", tmp_path / "finished"

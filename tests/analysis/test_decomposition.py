@@ -41,6 +41,7 @@ def _pair(rows: int, cols: int, eps: torch.Tensor, seed: int = 0) -> tuple[torch
     return base, base + eps[:, None] * noise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_float64_reference_on_random_matrices(dtype: torch.dtype) -> None:
     eps = torch.logspace(-1, -3, 64, dtype=torch.float64)

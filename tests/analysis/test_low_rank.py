@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -203,4 +204,12 @@ def test_compare_on_peft_adapters_uses_factors_and_equals_the_dense_path(
             assert row["delta_direction"] == pytest.approx(ref_dir, rel=1e-4)
             assert row["delta_magnitude"] == pytest.approx(np.mean(np.abs(n - n0)), rel=1e-4)
     monkeypatch.undo()
-    assert compare(base_dir, adapters[1]).equals(factored[1])
+    # compare() of one adapter multiplies W0 (out, H) by its own A^T (H, r); compare_many() by both
+    # adapters' A stacked (H, 2r). A BLAS may block and vectorise the two shapes differently, so each
+    # float32 dot product of length H (= 32) may be summed in another order: apart by at most
+    # 2 H 2^-24 (about 4e-6) of sum|w_i a_i|. To first order ΔM, ΔD and the magnitudes move by that
+    # relative amount where the products do not cancel; 1e-5 relative, the tolerance this test already
+    # allows between the factored and the dense path. Names, status and dtypes must be equal.
+    pd.testing.assert_frame_equal(
+        compare(base_dir, adapters[1]), factored[1], check_exact=False, rtol=1e-5, atol=0
+    )

@@ -190,6 +190,7 @@ def test_randomized_path_is_within_its_stated_error():
     assert math.isnan(fast["update_effective_rank"])  # needs the whole spectrum: not reported
 
 
+@pytest.mark.slow
 def test_randomized_intruders_fall_back_to_the_exact_svd_on_a_flat_spectrum(monkeypatch):
     g = torch.Generator().manual_seed(11)
     # Gaussian weights: a flat top spectrum, where a randomised range finder's vectors are mixtures

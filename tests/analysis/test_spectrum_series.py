@@ -45,6 +45,7 @@ def _numpy(w0: np.ndarray, wt: np.ndarray) -> dict[str, float]:
     }
 
 
+@pytest.mark.slow
 def test_series_columns_match_numpy_on_the_merged_weights(tiny_runs, series):
     base_dir, _, merged = tiny_runs
     from safetensors.torch import load_file

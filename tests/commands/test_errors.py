@@ -204,6 +204,7 @@ WITHOUT = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "command", "extra"),
     [
@@ -221,6 +222,7 @@ def test_a_missing_extra_says_which_to_install(root, tmp_path: Path, module, com
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(root: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     process = subprocess.Popen(

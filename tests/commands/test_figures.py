@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 
+
+@pytest.mark.slow
 def test_figures_cli_draws_runs_and_prints_the_table(tmp_path):
     import subprocess
     import sys

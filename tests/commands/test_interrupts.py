@@ -72,6 +72,7 @@ MOMENTS = ["start", "analysis", "compile", "write"]
 CASES = [(signal.SIGINT, m) for m in MOMENTS] + [(signal.SIGTERM, m) for m in ("compile", "write")]
 
 
+@pytest.mark.slow
 def test_every_interrupt_stops_with_no_output(tmp_path: Path) -> None:
     save_tiny_bert(tmp_path / "base", seed=0)
     save_tiny_bert(tmp_path / "tuned", seed=1)

@@ -6,7 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_module_entry_point_exit_status(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "dora_analysis", "compare", str(tmp_path / "a"), str(tmp_path / "b")],

@@ -23,6 +23,7 @@ def tiny_runs(tmp_path_factory):
     return base_dir, [runs[m] for m in METHODS]
 
 
+@pytest.mark.slow
 def test_cli_options_and_their_errors(tiny_runs, monkeypatch, capsys):
     base_dir, runs = tiny_runs
     parse = build_parser().parse_args
@@ -42,3 +43,32 @@ def test_cli_options_and_their_errors(tiny_runs, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {cl.EXTRA}"]
     assert "dora-analysis[cluster]" in err[0]
+
+
+def test_value_checks_accept_the_range_and_name_the_problem(tmp_path):
+    import argparse
+
+    from dora_analysis.commands.options import at_least, fraction, output_folder, positive_float, regex
+
+    steps = at_least(1, 10)
+    assert steps("3") == 3 and steps("10") == 10
+    for bad, message in (("0", "at least 1"), ("11", "at most 10"), ("2.5", "whole number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            steps(bad)
+    assert positive_float("1e-4") == 1e-4
+    for bad in ("0", "-1", "nan", "inf", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_float(bad)
+    assert fraction("0") == 0.0 and fraction("0.5") == 0.5
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            fraction(bad)
+    assert regex(r"layer\.\d+") == r"layer\.\d+"
+    with pytest.raises(argparse.ArgumentTypeError, match="not a regular expression"):
+        regex("(unclosed")
+    assert output_folder(str(tmp_path / "new")) == tmp_path / "new"  # absent, in a folder that exists
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="not a folder"):
+        output_folder(str(tmp_path / "file"))
+    with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
+        output_folder(str(tmp_path / "missing" / "out"))

@@ -15,6 +15,7 @@ def tiny_runs(tmp_path_factory):
     return make_runs(tmp_path_factory.mktemp("series"))
 
 
+@pytest.mark.slow
 def test_series_cli_csv_and_refuses_to_overwrite(tiny_runs, tmp_path):
     base_dir, runs, _ = tiny_runs
     out = tmp_path / "series.csv"

@@ -27,6 +27,7 @@ def quick_study(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_quick_study_writes_the_table_figures_and_report(quick_study):
     table = pd.read_csv(quick_study / "study.csv")
     assert set(table["method"]) == {"ft", "lora", "dora"}
@@ -43,6 +44,7 @@ def test_quick_study_writes_the_table_figures_and_report(quick_study):
     assert "## query: the paper's convention" in report and "sign_map_query.png" in report
 
 
+@pytest.mark.slow
 def test_every_convention_is_measured_on_the_same_merged_weights(quick_study):
     points = pd.read_csv(quick_study / "points.csv")
     paper = points[points["convention"] == "paper"].set_index(["run", "step", "tensor"])
@@ -73,6 +75,7 @@ def test_every_convention_is_measured_on_the_same_merged_weights(quick_study):
     assert (lora["no_scale"] < lora["paper"]).mean() > 0.9
 
 
+@pytest.mark.slow
 def test_a_second_study_reuses_the_runs_and_refuses_to_overwrite_results(quick_study, capsys):
     model = str(quick_study.parent / "tiny")
     args = ["study", "--quick", "--out", str(quick_study), "--model", model, "--quiet"]

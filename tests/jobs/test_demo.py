@@ -38,6 +38,7 @@ def demo(tmp_path_factory):
     return config, run_demo(config, progress=False)
 
 
+@pytest.mark.slow
 def test_demo_writes_series_figures_and_report(demo):
     config, result = demo
     out = config.out
@@ -88,6 +89,7 @@ def test_demo_writes_series_figures_and_report(demo):
     assert result.accuracy.set_index("method").loc["dora", "final"] == pytest.approx(final)
 
 
+@pytest.mark.slow
 def test_demo_refuses_to_overwrite_and_reuses_runs(demo):
     config, result = demo
     with pytest.raises(InputError, match="already holds demo results"):
@@ -99,6 +101,7 @@ def test_demo_refuses_to_overwrite_and_reuses_runs(demo):
     assert again.series.shape == result.series.shape
 
 
+@pytest.mark.slow
 def test_demo_cli_refuses_existing_results(demo):
     config, _ = demo
     done = subprocess.run(

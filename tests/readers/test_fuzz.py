@@ -585,6 +585,7 @@ def _can_reset_peak() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_reset_peak(), reason="needs Linux /proc/self/clear_refs to measure peaks")
 def test_fuzz_memory_and_time_bounded_by_bytes_stored(tmp_path: Path) -> None:
     """Class 1, in one subprocess: exit status and one line (or the right result), peak memory over
@@ -631,6 +632,7 @@ def _base_pair(root: Path) -> list[str]:
     return [str(base), str(base)]
 
 
+@pytest.mark.slow
 def test_cli_subprocess_one_line_exit_2(tmp_path: Path) -> None:
     """The real entry point: ``python -m dora_analysis compare`` prints one line and exits 2."""
     case = c1_stride0_tall(tmp_path)

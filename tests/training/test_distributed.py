@@ -79,6 +79,7 @@ def assert_same_run(run: Path, single: dict[str, torch.Tensor], tiny_model: Path
             assert moved > (1e-6 if ".value." in name else ulp), name
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_equals_single_process(tiny_model, single, tmp_path):
     out = tmp_path / "ddp"
     done = torchrun("-m", "dora_analysis", "train", *CLI, "--model", str(tiny_model), "--out", str(out))
@@ -86,6 +87,7 @@ def test_torchrun_ddp_equals_single_process(tiny_model, single, tmp_path):
     assert_same_run(out, single, tiny_model, "ddp")
 
 
+@pytest.mark.slow
 def test_torchrun_fsdp2_layer_and_train(tiny_model, single, tmp_path):
     out = tmp_path / "fsdp"
     torchrun(str(HERE / "fsdp_worker.py"), *CLI, "--model", str(tiny_model), "--out", str(out))

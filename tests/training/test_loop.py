@@ -48,6 +48,7 @@ def _inputs(tiny_model: Path) -> dict[str, torch.Tensor]:
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ft", "lora", "dora"])
 def test_run_folder_layout(runs, tiny_model, method):
     run = runs[method]
@@ -86,6 +87,7 @@ def test_run_folder_layout(runs, tiny_model, method):
     assert record["final_accuracy"] == history[-1]["eval_accuracy"]
 
 
+@pytest.mark.slow
 def test_ft_weights_pair_with_the_base_names(runs, tiny_model):
     from safetensors import safe_open
 
@@ -105,6 +107,7 @@ def test_ft_weights_pair_with_the_base_names(runs, tiny_model):
         assert not torch.equal(base.get_tensor(query), tuned.get_tensor("bert." + query))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_peft_loads_each_checkpoint_and_reproduces_our_outputs(runs, tiny_model, method):
     from peft import PeftModel
@@ -134,6 +137,7 @@ def test_peft_loads_each_checkpoint_and_reproduces_our_outputs(runs, tiny_model,
     assert len(lora_b) == 4 and all(v.abs().max() > 0 for v in lora_b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ft", "dora"])
 def test_saved_checkpoint_is_the_trained_model(runs, tiny_model, method):
     """Re-evaluating a loaded checkpoint gives the held-out loss recorded while training."""
@@ -154,6 +158,7 @@ def test_saved_checkpoint_is_the_trained_model(runs, tiny_model, method):
     assert got["eval_accuracy"] == recorded["eval_accuracy"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ft", "dora"])
 def test_same_seed_gives_identical_checkpoints(runs, tiny_model, tmp_path, method):
     again = train(
@@ -182,6 +187,7 @@ def test_training_leaves_the_callers_random_state_alone(tiny_model, tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+@pytest.mark.slow
 def test_refuses_a_folder_with_checkpoints_unless_overwrite(runs, tiny_model, tmp_path, capsys):
     out = tmp_path / "run"
     config = TrainConfig(method="lora", out=out, model=tiny_model, **QUICK)
@@ -262,6 +268,7 @@ def test_bad_options_are_input_errors(tiny_model, tmp_path, change, message):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_sgd_trains_the_same_parameters_and_is_recorded(runs, tiny_model, tmp_path, capsys):
     """--optimizer sgd: a DoRA run whose steps follow the gradient; run.json says how it was trained."""
     main(

@@ -21,6 +21,7 @@ def tiny_model(tmp_path_factory) -> Path:
     return save_tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_run_trains_the_magnitude(tiny_model, tmp_path, precision):
     out = train(

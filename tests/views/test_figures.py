@@ -88,6 +88,7 @@ def test_training_curves_draw_metric_and_loss_per_method():
     assert list(loss_axis.lines[2].get_xdata()) == list(range(0, 41, 5))
 
 
+@pytest.mark.slow
 def test_write_figures_png_200_dpi_pdf_and_refuses_to_overwrite(tmp_path):
     df = synthetic_series()
     written = write_figures(df, tmp_path, history=history(), modules=["value"], formats=("png", "pdf"))

@@ -24,6 +24,7 @@ def panel_points(ax) -> np.ndarray:
     return np.concatenate([c.get_offsets() for c in ax.collections])
 
 
+@pytest.mark.slow
 def test_bart_figures_are_one_file_per_stack_and_module(tmp_path):
     df = bart_like_series()
     table = correlations(df)
