@@ -21,7 +21,12 @@ from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.readers.files import open_weight_file
 from dora_analysis.readers.hub import adapter_base, cached_model, resolve_model
 from dora_analysis.readers.nvlabs_dora import has_nvlabs_keys, open_nvlabs_dora
-from dora_analysis.readers.peft_adapter import ADAPTER_FILES, adapter_weights_file, open_peft_adapter
+from dora_analysis.readers.peft_adapter import (
+    ADAPTER_FILES,
+    adapter_weights_file,
+    open_peft_adapter,
+    refuse_base_rewriting,
+)
 from dora_analysis.readers.sharded import ShardedReader
 from dora_analysis.readers.trainer import find_checkpoints
 
@@ -147,9 +152,8 @@ def _open_adapter(
         return _closing_on_error(
             owned, lambda: open_nvlabs_dora(factors, base_reader, lora_alpha=lora_alpha, owned=owned)
         )
-    read_adapter_config(
-        folder / "adapter_config.json"
-    )  # r and lora_alpha are required: fail before opening the base
+    # r and lora_alpha are required, and the init must leave the base alone: fail before opening the base
+    refuse_base_rewriting(read_adapter_config(folder / "adapter_config.json"))
     base_reader, owned = _resolve_base(base, config.base_model_name_or_path, folder, required=True)
     assert base_reader is not None
     return _closing_on_error(owned, lambda: open_peft_adapter(folder, base_reader, owned=owned))
