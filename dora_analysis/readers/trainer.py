@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers.folder import find_weights
 from dora_analysis.readers.json_file import read_json
 
 __all__ = ["MAX_STEP_DIGITS", "STATE_FILE", "checkpoint_step", "find_checkpoints", "trainer_step"]
@@ -70,8 +71,6 @@ def find_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
     weights or an adapter inside) gives one entry, its step from :func:`trainer_step` (else 0).
     Nothing is opened or read beyond ``trainer_state.json``.
     """
-    from dora_analysis.readers import find_weights  # the folder detection of open_checkpoint
-
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise InputError.of(run_dir, "no such file or folder")
