@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import short_repr
+from dora_analysis.readers._common import first_line, short_repr
 from dora_analysis.readers.json_file import read_json_object
+from dora_analysis.readers.lora_scale import lora_scale
 
 __all__ = ["AdapterConfig", "read_adapter_config", "pattern_value"]
 
@@ -96,7 +97,7 @@ class AdapterConfig:
                 f"the config gives rank r={r} for this module but its stored lora_A has {rank} rows",
                 tensor=module,
             )
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scale(alpha, r, self.use_rslora)
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -204,7 +205,7 @@ def _patterns(path: Path, raw: dict, key: str) -> list[tuple[str, object]]:
             re.compile(rf"(.*\.)?({pattern})$")
         except (re.error, RecursionError, OverflowError) as e:
             raise InputError.of(
-                path, f"{key} has an invalid regular expression {short_repr(pattern)} ({e})"
+                path, f"{key} has an invalid regular expression {short_repr(pattern)} ({first_line(e)})"
             ) from None
     return list(value.items())
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import WEIGHT_SUFFIXES, is_training_state_file, short_repr
-from dora_analysis.readers.json_file import read_json_object
+from dora_analysis.readers.json_file import MAX_CONFIG_BYTES, read_json_object
 
 __all__ = ["FoundWeights", "find_weights", "WEIGHT_FILES"]
 
@@ -26,7 +26,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_MAX_CONFIG_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ def _named_by_config(folder: Path) -> Path | None:
     config = folder / "config.json"
     if not config.is_file():
         return None
-    name = read_json_object(config, "model config", max_bytes=_MAX_CONFIG_BYTES).get("transformers_weights")
+    name = read_json_object(config, "model config", max_bytes=MAX_CONFIG_BYTES).get("transformers_weights")
     if name is None:
         return None
     if not isinstance(name, str) or not name.endswith((".safetensors", ".safetensors.index.json")):

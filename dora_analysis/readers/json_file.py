@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers._common import first_line
 
 __all__ = [
     "MAX_INT_DIGITS",
     "MAX_JSON_BYTES",
+    "MAX_CONFIG_BYTES",
     "parse_json",
     "read_json",
     "read_json_object",
@@ -31,6 +33,7 @@ __all__ = [
 
 MAX_INT_DIGITS = 20  # every int64/uint64 fits; nothing we read needs more
 MAX_JSON_BYTES = 100 * 1024 * 1024  # safetensors' own header limit; configs are far smaller
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a model's config.json (a few KB; large label maps fit)
 
 
 def _parse_int(text: str) -> int:
@@ -57,8 +60,7 @@ def parse_json(path: Path | str, raw: bytes | str, what: str = "JSON") -> object
     except RecursionError:
         raise InputError.of(path, f"{what} is nested too deeply to read") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise InputError.of(path, f"{what} is not valid JSON ({message})") from None
+        raise InputError.of(path, f"{what} is not valid JSON ({first_line(e)})") from None
 
 
 def read_json(path: Path | str, what: str = "JSON", *, max_bytes: int = MAX_JSON_BYTES) -> object:

@@ -17,7 +17,7 @@ from dora_analysis.errors import InputError
 from dora_analysis.readers.adapter_config import AdapterConfig, read_adapter_config
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.files import open_weight_file
-from dora_analysis.readers.json_file import read_json
+from dora_analysis.readers.json_file import MAX_CONFIG_BYTES, read_json
 from dora_analysis.readers.layout import model_names
 from dora_analysis.readers.merged import BiasTarget, Entry, MergedReader, MergeTarget, StoredCopy
 from dora_analysis.readers.names import match_names
@@ -248,7 +248,7 @@ def _is_conv1d(base: CheckpointReader, base_name: str) -> bool | None:
     config_file = folder / "config.json"
     if not config_file.is_file():
         return None
-    config = read_json(config_file, "model config", max_bytes=16 * 1024 * 1024)
+    config = read_json(config_file, "model config", max_bytes=MAX_CONFIG_BYTES)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str):
         return None

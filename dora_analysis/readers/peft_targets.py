@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import short_repr
+from dora_analysis.readers._common import first_line, short_repr
 from dora_analysis.readers.adapter_config import AdapterConfig
 
 __all__ = ["is_targeted", "check_targets"]
@@ -45,7 +45,8 @@ def check_targets(config: AdapterConfig, source: object, modules: list[str]) -> 
         untargeted = [m for m in modules if not is_targeted(config, m)]
     except (re.error, RecursionError, OverflowError) as e:
         raise InputError.of(
-            config.path, f"target_modules, exclude_modules or modules_to_save is not a valid pattern ({e})"
+            config.path,
+            f"target_modules, exclude_modules or modules_to_save is not a valid pattern ({first_line(e)})",
         ) from None
     if modules and len(untargeted) == len(modules):
         raise InputError.of(

@@ -35,6 +35,7 @@ import torch
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import (
     DEQUANTIZE,
+    LIBRARY_DETAIL,
     ReaderMixin,
     first_line,
     is_training_state_file,
@@ -236,10 +237,15 @@ def _refusal(path: Path, error: pickle.UnpicklingError) -> InputError:
         return InputError.of(path, f"not a readable PyTorch file ({first_line(error)})")
     # torch puts the reason on the first non-blank line after this marker.
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    why = f": {found.group(1).strip().rstrip('.')}" if found else ""
+    why = f": {_cut(found.group(1).strip().rstrip('.'))}" if found else ""
     return InputError.of(
         path, f"refused: this pickle needs code execution to load, not only weights (weights_only=True{why})"
     )
+
+
+def _cut(text: str) -> str:
+    """Torch's own reason, cut so that our text stays first and the line short."""
+    return text if len(text) <= LIBRARY_DETAIL else text[: LIBRARY_DETAIL - 3] + "..."
 
 
 def _flatten(path: Path, obj: object) -> dict[str, torch.Tensor]:
