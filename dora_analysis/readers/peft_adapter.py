@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers._common import short_repr
 from dora_analysis.readers.adapter_config import AdapterConfig, read_adapter_config
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.files import open_weight_file
@@ -127,9 +128,9 @@ def refuse_base_rewriting(config: AdapterConfig) -> None:
     if config.rewrites_base:
         raise InputError.of(
             config.path,
-            f"init_lora_weights {config.init_lora_weights!r} rewrites the base, so base + adapter is not "
-            "the fine-tuned model; convert it to LoRA: save_pretrained(out, "
-            "path_initial_model_for_weight_conversion=<the adapter as initialised>)",
+            f"init_lora_weights {short_repr(config.init_lora_weights, 24)} rewrote the base, so base + "
+            "factors is not the tuned model; convert it: save_pretrained(out, "
+            "path_initial_model_for_weight_conversion=<initial adapter>)",
         )
 
 

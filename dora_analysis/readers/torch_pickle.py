@@ -97,7 +97,9 @@ def _record_layout(path: Path) -> dict[int, tuple[str, int]]:
                         raise InputError.of(path, f"zip record {info.filename!r} has no local header")
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
                     layout[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size)
-    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+    except InputError:
+        raise
+    except Exception as e:  # zipfile raises many types for a damaged directory (NotImplementedError, ...)
         raise InputError.of(path, f"not a readable PyTorch file ({first_line(e)})") from None
     return layout
 
