@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dora_analysis.readers.lora_scale import lora_scale  # the one scale rule, re-exported here
+
 __all__ = [
     "AUTOCAST_DEVICES",
     "LoRALinear",
@@ -30,13 +32,6 @@ __all__ = [
 
 #: The device types ``torch.autocast`` supports: only these are asked whether autocast is on.
 AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "xla")
-
-
-def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
-    """The update's scale ``s``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (0 when r == 0)."""
-    if r == 0:
-        return 0.0
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def adapter_dtype(weight_dtype: torch.dtype) -> torch.dtype:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers._common import short_repr
+from dora_analysis.readers._common import first_line, short_repr
 from dora_analysis.readers.json_file import read_json_object
+from dora_analysis.readers.lora_scale import lora_scale
 
 __all__ = ["AdapterConfig", "read_adapter_config", "pattern_value"]
 
@@ -30,7 +31,8 @@ class AdapterConfig:
     """The fields of ``adapter_config.json`` that decide merged weights, checked.
 
     ``options`` keeps every other field as read (JSON values), for callers that refuse options
-    they do not support (``load_adapter``).
+    they do not support (``load_adapter``); the layer-selection fields and ``init_lora_weights`` are
+    both checked here and kept there.
     """
 
     path: Path  # the adapter_config.json file, for messages
@@ -48,7 +50,25 @@ class AdapterConfig:
     target_modules: str | list[str] | None = None
     exclude_modules: str | list[str] | None = None
     modules_to_save: list[str] = field(default_factory=list)
+    init_lora_weights: bool | str = True
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
+    target_parameters: list[str] | None = None
     options: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def rewrites_base(self) -> bool:
+        """Whether PEFT's ``init_lora_weights`` rewrites the base weights when it builds the adapter.
+
+        PiSSA, CorDA, OLoRA, LoftQ and LoRA-GA subtract their initial update from the base (peft 0.21
+        ``LoraLayer.update_layer``), so ``base + s * B @ A`` is not the fine-tuned weight; an adapter
+        converted with ``path_initial_model_for_weight_conversion`` is saved with ``true`` instead.
+        """
+        init = self.init_lora_weights
+        if not isinstance(init, str):
+            return False
+        init = init.lower()
+        return init.startswith(("pissa", "corda")) or init in ("olora", "loftq", "lora_ga")
 
     def rank(self, module: str) -> int:
         """The rank PEFT gives ``module`` (``rank_pattern`` applied)."""
@@ -77,7 +97,7 @@ class AdapterConfig:
                 f"the config gives rank r={r} for this module but its stored lora_A has {rank} rows",
                 tensor=module,
             )
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return lora_scale(alpha, r, self.use_rslora)
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -142,6 +162,10 @@ def read_adapter_config(path: Path, *, require_rank: bool = True) -> AdapterConf
         target_modules=_names(path, raw, "target_modules"),
         exclude_modules=_names(path, raw, "exclude_modules"),
         modules_to_save=_list_of_names(path, raw, "modules_to_save"),
+        init_lora_weights=_init(path, raw),
+        layers_to_transform=_layers(path, raw),
+        layers_pattern=_names(path, raw, "layers_pattern"),
+        target_parameters=_list_of_names(path, raw, "target_parameters") or None,
         options={k: v for k, v in raw.items() if k not in known},
         **flags,
     )
@@ -181,9 +205,29 @@ def _patterns(path: Path, raw: dict, key: str) -> list[tuple[str, object]]:
             re.compile(rf"(.*\.)?({pattern})$")
         except (re.error, RecursionError, OverflowError) as e:
             raise InputError.of(
-                path, f"{key} has an invalid regular expression {short_repr(pattern)} ({e})"
+                path, f"{key} has an invalid regular expression {short_repr(pattern)} ({first_line(e)})"
             ) from None
     return list(value.items())
+
+
+def _init(path: Path, raw: dict) -> bool | str:
+    value = raw.get("init_lora_weights", True)
+    if not isinstance(value, bool | str):
+        raise InputError.of(
+            path, f"init_lora_weights is {short_repr(value)}; expected true, false or a method name"
+        )
+    return value
+
+
+def _layers(path: Path, raw: dict) -> int | list[int] | None:
+    value = raw.get("layers_to_transform")
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise InputError.of(
+            path, f"layers_to_transform is {short_repr(value)}; expected a layer index or a list of them"
+        )
+    return list(value)
 
 
 def _string(path: Path, raw: dict, key: str) -> str | None:

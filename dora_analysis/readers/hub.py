@@ -7,11 +7,11 @@ called) or fails.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers.adapter_config import read_adapter_config
 
 __all__ = ["hub_cache_dir", "cached_model", "resolve_model", "adapter_base"]
 
@@ -74,9 +74,5 @@ def adapter_base(path: Path) -> str | None:
     config = folder / "adapter_config.json"
     if not config.is_file():
         return None
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError.of(config, f"unreadable JSON ({error})") from None
-    base = raw.get("base_model_name_or_path") if isinstance(raw, dict) else None
-    return base if isinstance(base, str) and base else None
+    base = read_adapter_config(config, require_rank=False).base_model_name_or_path
+    return base or None

@@ -16,13 +16,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers._common import first_line
 
-__all__ = ["MAX_INT_DIGITS", "MAX_JSON_BYTES", "parse_json", "read_json", "read_json_object"]
+__all__ = [
+    "MAX_INT_DIGITS",
+    "MAX_JSON_BYTES",
+    "MAX_CONFIG_BYTES",
+    "parse_json",
+    "read_json",
+    "read_json_object",
+    "json_field",
+]
 
 MAX_INT_DIGITS = 20  # every int64/uint64 fits; nothing we read needs more
 MAX_JSON_BYTES = 100 * 1024 * 1024  # safetensors' own header limit; configs are far smaller
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a model's config.json (a few KB; large label maps fit)
 
 
 def _parse_int(text: str) -> int:
@@ -49,8 +60,7 @@ def parse_json(path: Path | str, raw: bytes | str, what: str = "JSON") -> object
     except RecursionError:
         raise InputError.of(path, f"{what} is nested too deeply to read") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
-        message = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise InputError.of(path, f"{what} is not valid JSON ({message})") from None
+        raise InputError.of(path, f"{what} is not valid JSON ({first_line(e)})") from None
 
 
 def read_json(path: Path | str, what: str = "JSON", *, max_bytes: int = MAX_JSON_BYTES) -> object:
@@ -72,3 +82,31 @@ def read_json_object(path: Path | str, what: str = "JSON", *, max_bytes: int = M
     if not isinstance(value, dict):
         raise InputError.of(path, f"{what} is not a JSON object")
     return value
+
+
+_JSON_TYPES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
+
+
+def json_field(path: Path | str, record: dict, key: str, expected: type, *, required: bool = False) -> Any:
+    """``record[key]`` checked to be of the JSON type ``expected`` (None when absent and not ``required``).
+
+    ``float`` accepts integers too; ``int`` and ``float`` refuse booleans (JSON ``true`` is not 1).
+    Raises :class:`InputError`, one line naming the file and the field, for a missing or mistyped value.
+    """
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise InputError.of(path, f"has no {key!r} field (expected {_JSON_TYPES[expected]})")
+        return None
+    accepted = (int, float) if expected is float else expected
+    if isinstance(value, accepted) and not (expected in (int, float) and isinstance(value, bool)):
+        return float(value) if expected is float else value
+    shown = json.dumps(value)[:40] if not isinstance(value, (dict, list)) else type(value).__name__
+    raise InputError.of(path, f"field {key!r} is {shown}; expected {_JSON_TYPES[expected]}")

@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers.json_file import MAX_CONFIG_BYTES, parse_json, read_json
 from dora_analysis.readers.names import RowLayout, canonical_name, name_layout
 
 __all__ = [
@@ -168,11 +169,8 @@ def model_layout(sources: list[Path | str], override: str | None = None) -> Mode
     config = next((c for c in map(find_config, sources) if c is not None), None)
     if config is None:
         return ModelLayout()
-    try:
-        text = config.read_text(encoding="utf-8")
-        raw = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError.of(config, f"unreadable JSON ({error})") from None
+    raw = read_json(config, "model config", max_bytes=MAX_CONFIG_BYTES)
+    text = json.dumps(raw, sort_keys=True)  # the cache key of the model built from it
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if not isinstance(model_type, str):
         return ModelLayout(config=config)
@@ -209,7 +207,7 @@ def _module_layouts(config_text: str) -> tuple[dict[str, RowLayout], Callable[[s
         import transformers
         from transformers.pytorch_utils import Conv1D
 
-        raw = json.loads(config_text)
+        raw = parse_json("config.json", config_text, "model config")
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # the model's own config checks are not ours to print
         try:

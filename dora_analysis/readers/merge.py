@@ -46,15 +46,20 @@ def low_rank_fit_problem(
     return None
 
 
-def merge_low_rank(base_weight: torch.Tensor, update: LowRankUpdate) -> torch.Tensor:
-    """The merged weight, float32, in the base's layout.
+def merge_low_rank(
+    base_weight: torch.Tensor, update: LowRankUpdate, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The merged weight in ``dtype`` (float32 for the readers, float64 for the spectral analysis), in
+    the base's layout and on its device.
 
     Args:
         base_weight: ``W0``, ``(out, in)``; ``(in, out)`` when ``update.fan_in_fan_out``.
         update: ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``, ``scale``, optional ``magnitude`` ``(out,)``.
+        dtype: the dtype every product is taken in. DoRA row norms are always taken in float64.
 
     Returns:
-        A new float32 tensor of ``base_weight``'s shape. DoRA row norms are taken in float64.
+        A new ``dtype`` tensor of ``base_weight``'s shape. Rows where ``V`` is zero are NaN under DoRA
+        (the merge divides 0 by 0 there, as PEFT's does).
 
     Example:
         >>> from dora_analysis.readers.base import LowRankUpdate
@@ -72,12 +77,14 @@ def merge_low_rank(base_weight: torch.Tensor, update: LowRankUpdate) -> torch.Te
     )
     if problem:
         raise ValueError(f"{update.base_name}: {problem}")
-    w0 = base_weight.to(torch.float32)
+    w0 = base_weight.to(dtype)
     if update.fan_in_fan_out:
         w0 = w0.T  # (out, in)
-    v = w0 + update.scale * (update.lora_B.to(torch.float32) @ update.lora_A.to(torch.float32))  # (out, in)
+    b = update.lora_B.to(device=w0.device, dtype=dtype)  # (out, r)
+    a = update.lora_A.to(device=w0.device, dtype=dtype)  # (r, in)
+    v = w0 + update.scale * (b @ a)  # (out, in)
     if update.magnitude is not None:
         norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)  # (out,)
-        factor = (update.magnitude.to(torch.float64) / norm).to(torch.float32)  # (out,)
+        factor = (update.magnitude.to(device=w0.device, dtype=torch.float64) / norm).to(dtype)  # (out,)
         v = factor[:, None] * v
     return (v.T if update.fan_in_fan_out else v).contiguous()

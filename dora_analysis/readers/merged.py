@@ -157,7 +157,14 @@ def _check_fits(e: Entry) -> None:
         key = e.magnitude
     else:
         a_shape, b_shape = e.factors.shape(e.lora_A), e.factors.shape(e.lora_B)
-        problem = _conv_factor_problem(base_shape, a_shape, b_shape) if len(base_shape) > 2 else None
+        if len(base_shape) > 2:
+            problem = _conv_factor_problem(base_shape, a_shape, b_shape)
+        else:  # PEFT's Linear/Embedding/Conv1D factors are matrices; flattening must not make them fit
+            problem = (
+                low_rank_fit_problem(base_shape, a_shape, b_shape)
+                if len(a_shape) != 2 or len(b_shape) != 2
+                else None
+            )
         rows = [
             _rows_shape(shape) for shape in (base_shape, a_shape, b_shape)
         ]  # a conv's factors fit its rows

@@ -18,6 +18,7 @@ import re
 from dora_analysis.errors import InputError
 from dora_analysis.readers.adapter_config import read_adapter_config
 from dora_analysis.readers.base import CheckpointReader
+from dora_analysis.readers.lora_scale import lora_scale
 from dora_analysis.readers.merged import Entry, MergedReader, MergeTarget, StoredCopy
 from dora_analysis.readers.names import match_names
 
@@ -107,7 +108,7 @@ def _open(
                 raise InputError.of(
                     source, f"{config_file.name} says r={config.r} but lora_A has {rank} rows", tensor=a
                 )
-            scale = lora_alpha / rank
+            scale = lora_scale(lora_alpha, rank)  # the NVlabs code has no rsLoRA
         weight_key = f"{module}.weight"
         if weight_key in in_file:
             entries[weight_key] = MergeTarget(factors, weight_key, factors, a, b, m, scale, fan_in_fan_out)

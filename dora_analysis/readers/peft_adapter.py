@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dora_analysis.errors import InputError
+from dora_analysis.readers._common import short_repr
 from dora_analysis.readers.adapter_config import AdapterConfig, read_adapter_config
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.files import open_weight_file
-from dora_analysis.readers.json_file import read_json
+from dora_analysis.readers.json_file import MAX_CONFIG_BYTES, read_json
 from dora_analysis.readers.layout import model_names
 from dora_analysis.readers.merged import BiasTarget, Entry, MergedReader, MergeTarget, StoredCopy
 from dora_analysis.readers.names import match_names
+from dora_analysis.readers.peft_targets import check_targets
 
 __all__ = [
     "ADAPTER_FILES",
@@ -28,6 +30,7 @@ __all__ = [
     "parse_adapter_keys",
     "AdapterModule",
     "open_peft_adapter",
+    "refuse_base_rewriting",
 ]
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -105,6 +108,7 @@ def open_peft_adapter(folder: Path, base: CheckpointReader, *, owned: list[Check
     ``owned`` readers (e.g. a base this function's caller opened) are closed with the result.
     """
     config = read_adapter_config(folder / "adapter_config.json")
+    refuse_base_rewriting(config)
     factors = open_weight_file(adapter_weights_file(folder))
     try:
         entries = _entries(config, factors, base)
@@ -114,10 +118,27 @@ def open_peft_adapter(folder: Path, base: CheckpointReader, *, owned: list[Check
         raise
 
 
+def refuse_base_rewriting(config: AdapterConfig) -> None:
+    """Refuse an adapter whose initialisation rewrote its base (PiSSA, OLoRA, ...) and was not converted.
+
+    PEFT re-runs such an initialisation on the base each time it loads the adapter (exactly for
+    ``pissa``/``olora``, randomly for ``pissa_niter_*``, not at all without CorDA's or LoRA-GA's data),
+    so the fine-tuned weights are only well defined once converted to a plain LoRA adapter.
+    """
+    if config.rewrites_base:
+        raise InputError.of(
+            config.path,
+            f"init_lora_weights {short_repr(config.init_lora_weights, 24)} rewrote the base, so base + "
+            "factors is not the tuned model; convert it: save_pretrained(out, "
+            "path_initial_model_for_weight_conversion=<initial adapter>)",
+        )
+
+
 def _entries(config: AdapterConfig, factors: CheckpointReader, base: CheckpointReader) -> dict[str, Entry]:
     modules, copies = parse_adapter_keys(factors.source, factors.names())
     if not modules and not copies:
         raise InputError.of(factors.source, "adapter file holds no LoRA factors")
+    check_targets(config, factors.source, list(modules))
     for path, mod in modules.items():
         if config.use_dora and mod.magnitude is None:
             raise InputError.of(
@@ -228,7 +249,7 @@ def _is_conv1d(base: CheckpointReader, base_name: str) -> bool | None:
     config_file = folder / "config.json"
     if not config_file.is_file():
         return None
-    config = read_json(config_file, "model config", max_bytes=16 * 1024 * 1024)
+    config = read_json(config_file, "model config", max_bytes=MAX_CONFIG_BYTES)
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not isinstance(model_type, str):
         return None

@@ -108,7 +108,7 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
             f"past its end ({data_bytes} bytes)",
             tensor=name,
         )
-    if dtype_code not in _DTYPES:
+    if not isinstance(dtype_code, str) or dtype_code not in _DTYPES:  # a list is not even hashable
         raise InputError.of(path, f"unsupported safetensors dtype {short_repr(dtype_code)}", tensor=name)
     dtype = _DTYPES[dtype_code]
     problem = stored_tensor_problem(dtype, tuple(shape))

@@ -27,6 +27,7 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ import torch
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import (
     DEQUANTIZE,
+    LIBRARY_DETAIL,
     ReaderMixin,
     first_line,
     is_training_state_file,
@@ -85,6 +87,7 @@ def _record_layout(path: Path) -> dict[int, tuple[str, int]]:
                     f"zip records inflate to {declared} bytes, more than the file's {size} bytes plus "
                     f"{INFLATION_SLACK} (torch.save stores records uncompressed); refused",
                 )
+            _check_small_records(path, archive, infos)
             layout = {}
             with open(path, "rb") as f:
                 for info in infos:
@@ -94,9 +97,61 @@ def _record_layout(path: Path) -> dict[int, tuple[str, int]]:
                         raise InputError.of(path, f"zip record {info.filename!r} has no local header")
                     name_len, extra_len = struct.unpack("<HH", local[26:30])
                     layout[info.header_offset + 30 + name_len + extra_len] = (info.filename, info.file_size)
-    except (zipfile.BadZipFile, OSError, ValueError, struct.error) as e:
+    except InputError:
+        raise
+    except Exception as e:  # zipfile raises many types for a damaged directory (NotImplementedError, ...)
         raise InputError.of(path, f"not a readable PyTorch file ({first_line(e)})") from None
     return layout
+
+
+def _check_small_records(path: Path, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse the small records torch trusts unchecked, before ``torch.load`` sees them.
+
+    ``byteorder`` ``big`` makes torch byte-swap storages, which crashes the process on the ``meta``
+    device (SIGSEGV) and cannot be checked first; a ``.storage_alignment`` of 0 divides by zero
+    (SIGFPE). Only what ``torch.save`` writes on a little-endian machine is accepted.
+    """
+    prefix = infos[0].filename.split("/", 1)[0] + "/" if infos and "/" in infos[0].filename else ""
+    records = {info.filename.removeprefix(prefix): info for info in infos}
+    for name, problem in _SMALL_RECORDS.items():
+        info = records.get(name)
+        if info is None:
+            continue
+        if info.file_size > _SMALL_RECORD_BYTES:
+            raise InputError.of(path, f"zip record {name!r} holds {info.file_size} bytes; expected a few")
+        text = archive.read(info)
+        why = problem(text)
+        if why:
+            raise InputError.of(path, f"zip record {name!r} holds {short_repr(text, 40)}; {why}")
+
+
+def _byteorder_problem(text: bytes) -> str | None:
+    if text == b"little":
+        return None
+    if text == b"big":
+        return (
+            "a big-endian checkpoint is not read here (torch's byte swap cannot be checked first); "
+            "re-save it little-endian: torch.save(torch.load(f), g) on an x86/ARM machine"
+        )
+    return "expected 'little'"
+
+
+def _count_problem(low: int, high: int) -> Callable[[bytes], str | None]:
+    def problem(text: bytes) -> str | None:
+        if text.strip().isdigit() and low <= int(text) <= high:
+            return None
+        return f"expected an integer from {low} to {high}"
+
+    return problem
+
+
+_SMALL_RECORD_BYTES = 32
+_SMALL_RECORDS: dict[str, Callable[[bytes], str | None]] = {
+    "byteorder": _byteorder_problem,
+    ".storage_alignment": _count_problem(1, 1 << 20),
+    ".format_version": _count_problem(0, 1 << 20),
+    "version": _count_problem(0, 1 << 20),
+}
 
 
 def _check_zip_records(path: Path) -> bool:
@@ -184,10 +239,15 @@ def _refusal(path: Path, error: pickle.UnpicklingError) -> InputError:
         return InputError.of(path, f"not a readable PyTorch file ({first_line(error)})")
     # torch puts the reason on the first non-blank line after this marker.
     found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    why = f": {found.group(1).strip().rstrip('.')}" if found else ""
+    why = f": {_cut(found.group(1).strip().rstrip('.'))}" if found else ""
     return InputError.of(
         path, f"refused: this pickle needs code execution to load, not only weights (weights_only=True{why})"
     )
+
+
+def _cut(text: str) -> str:
+    """Torch's own reason, cut so that our text stays first and the line short."""
+    return text if len(text) <= LIBRARY_DETAIL else text[: LIBRARY_DETAIL - 3] + "..."
 
 
 def _flatten(path: Path, obj: object) -> dict[str, torch.Tensor]:

@@ -10,9 +10,17 @@ import re
 from pathlib import Path
 
 from dora_analysis.errors import InputError
-from dora_analysis.readers.json_file import read_json
+from dora_analysis.readers.folder import find_weights
+from dora_analysis.readers.json_file import json_field, read_json_object
 
-__all__ = ["MAX_STEP_DIGITS", "STATE_FILE", "checkpoint_step", "find_checkpoints", "trainer_step"]
+__all__ = [
+    "MAX_STEP_DIGITS",
+    "STATE_FILE",
+    "checkpoint_step",
+    "find_checkpoints",
+    "read_trainer_state",
+    "trainer_step",
+]
 
 STATE_FILE = "trainer_state.json"
 MAX_STEP_DIGITS = 18  # every step below 10**18 fits an int64 column
@@ -36,6 +44,19 @@ def checkpoint_step(folder: Path) -> int | None:
     return int(digits)
 
 
+def read_trainer_state(folder: Path) -> dict:
+    """``folder``'s ``trainer_state.json`` (``{}`` when there is none); :class:`InputError` when it is not
+    a JSON object or its ``log_history`` is not a list of objects."""
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        return {}
+    state = read_json_object(path, "trainer state")
+    history = json_field(path, state, "log_history", list)
+    if history is not None and not all(isinstance(entry, dict) for entry in history):
+        raise InputError.of(path, "field 'log_history' holds a non-object entry; expected a list of objects")
+    return state
+
+
 def trainer_step(folder: Path) -> int | None:
     """The step of one checkpoint folder: the ``<step>`` of ``checkpoint-<step>``, else
     ``trainer_state.json``'s ``global_step``, else None.
@@ -47,11 +68,10 @@ def trainer_step(folder: Path) -> int | None:
     state_file = folder / STATE_FILE
     if not state_file.is_file():
         return named
-    state = read_json(state_file, "trainer state")
-    step = state.get("global_step") if isinstance(state, dict) else None
+    step = json_field(state_file, read_trainer_state(folder), "global_step", int)
     if step is None:
         return named
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+    if step < 0:
         raise InputError.of(state_file, f"global_step is {str(step)[:40]!r}; expected a non-negative integer")
     if named is not None and named != step:
         raise InputError.of(
@@ -70,8 +90,6 @@ def find_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
     weights or an adapter inside) gives one entry, its step from :func:`trainer_step` (else 0).
     Nothing is opened or read beyond ``trainer_state.json``.
     """
-    from dora_analysis.readers import find_weights  # the folder detection of open_checkpoint
-
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise InputError.of(run_dir, "no such file or folder")

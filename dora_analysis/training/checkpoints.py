@@ -155,6 +155,24 @@ def is_completed_run(run: str | Path, steps: int) -> bool:
     return record.get("status") == "completed" and isinstance(config, dict) and config.get("steps") == steps
 
 
+def _run_method_and_labels(run_file: Path) -> tuple[str, int]:
+    """``run.json``'s ``method`` and number of ``task.labels``, type-checked (one line naming the field)."""
+    from dora_analysis.readers.json_file import json_field, read_json_object
+    from dora_analysis.schema import METHODS
+
+    record = read_json_object(run_file, RUN_FILE)
+    method = json_field(run_file, record, "method", str, required=True)
+    if method not in METHODS:
+        raise InputError.of(
+            run_file, f"field 'method' is {method[:40]!r}; expected one of {', '.join(METHODS)}"
+        )
+    task = json_field(run_file, record, "task", dict, required=True)
+    labels = json_field(run_file, task, "labels", list, required=True)
+    if not labels:
+        raise InputError.of(run_file, "field 'task.labels' is empty; expected the task's label names")
+    return method, len(labels)
+
+
 def load_trained_model(checkpoint: str | Path) -> torch.nn.Module:
     """The model saved in ``RUN_DIR/checkpoint-<step>`` (rebuilt from ``RUN_DIR/run.json``), in eval mode.
 
@@ -164,11 +182,7 @@ def load_trained_model(checkpoint: str | Path) -> torch.nn.Module:
     run_file = checkpoint.parent / RUN_FILE
     if not run_file.is_file():
         raise InputError.of(checkpoint, f"no {RUN_FILE} in the folder above: not a checkpoint of a train run")
-    from dora_analysis.readers.json_file import read_json_object
-
-    record = read_json_object(run_file, RUN_FILE)
-    method = record["method"]
-    num_labels = len(record["task"]["labels"])
+    method, num_labels = _run_method_and_labels(run_file)
     if method == "ft":
         from transformers import AutoModelForSequenceClassification
 
@@ -177,7 +191,10 @@ def load_trained_model(checkpoint: str | Path) -> torch.nn.Module:
         )
     else:
         from dora_analysis.adapters.peft_format import load_adapter
+        from dora_analysis.readers.json_file import json_field, read_json_object
 
-        model = load_model(Path(record["base_model"]), num_labels, record["seed"])
+        record = read_json_object(run_file, RUN_FILE)
+        base = json_field(run_file, record, "base_model", str, required=True)
+        model = load_model(Path(base), num_labels, json_field(run_file, record, "seed", int, required=True))
         load_adapter(model, checkpoint)  # wraps the modules the adapter config names, then loads
     return model.eval()

@@ -75,3 +75,22 @@ def test_fit_problems_are_described(base, a, b, m, ffio, needle) -> None:
 def test_fitting_shapes_have_no_problem() -> None:
     assert low_rank_fit_problem((4, 5), (2, 5), (4, 2), (4,), False) is None
     assert low_rank_fit_problem((5, 4), (2, 5), (4, 2), (4,), True) is None
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_float64_merge_is_the_spectral_analysis_merge(dora: bool) -> None:
+    """One merge, dtype a parameter: float64 gives analysis.spectrum.merged_weight's bits (the same
+    kernels on the same data) and the NumPy reference to float64 rounding."""
+    from dora_analysis.analysis.spectrum import merged_weight
+
+    g = torch.Generator().manual_seed(5)
+    w0 = torch.randn(16, 9, generator=g, dtype=torch.float64)
+    a, b = torch.randn(4, 9, generator=g), torch.randn(16, 4, generator=g)
+    m = (torch.rand(16, generator=g) + 0.5) if dora else None
+    update = LowRankUpdate("x.weight", a, b, 0.5, m)
+    merged = merge_low_rank(w0, update, dtype=torch.float64)
+    assert merged.dtype == torch.float64
+    assert torch.equal(merged, merged_weight(w0, update))
+    f64 = lambda t: t.to(torch.float64).numpy()  # noqa: E731
+    expected = _reference(f64(w0), f64(a), f64(b), 0.5, None if m is None else f64(m), False)
+    np.testing.assert_allclose(merged.numpy(), expected, rtol=1e-12, atol=1e-12)
