@@ -18,28 +18,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Protocol
 
 import torch
 
 from dora_analysis.analysis.decomposition import RowChanges, RowScalars, row_changes
 from dora_analysis.analysis.fused_rows import run_blocks
 from dora_analysis.analysis.row_blocks import row_blocks
+from dora_analysis.factors import Factors
 
-__all__ = ["Factors", "MAX_STACKED_RANK", "fits", "factored_scalars", "low_rank_row_changes"]
-
-
-class Factors(Protocol):
-    """A LoRA/DoRA update kept as its factors (the readers' ``LowRankUpdate`` has this shape).
-
-    The math only needs these fields, so it never imports the readers.
-    """
-
-    base_name: str  # for messages
-    lora_A: torch.Tensor  # (r, in)
-    lora_B: torch.Tensor  # (out, r)
-    scale: float  # s = alpha / r (or alpha / sqrt(r))
-    magnitude: torch.Tensor | None  # (out,) for DoRA, None for LoRA
+__all__ = ["MAX_STACKED_RANK", "fits", "factored_scalars", "low_rank_row_changes"]
 
 
 # Adapters are stacked until their ranks add up to this many columns of ``W0 A_all^T``; more are

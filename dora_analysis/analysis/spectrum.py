@@ -78,7 +78,7 @@ from typing import NamedTuple
 import torch
 
 from dora_analysis.analysis import fused_rows
-from dora_analysis.analysis.low_rank import Factors
+from dora_analysis.factors import Factors, merge_low_rank
 from dora_analysis.schema import (
     INTRUDER_COLUMNS,
     RANK90_LOWER,
@@ -100,7 +100,6 @@ __all__ = [
     "factored_svd",
     "dense_svd",
     "randomized_svd",
-    "merged_weight",
     "intruder_count",
     "subspace_similarity",
     "numerical_rank",
@@ -375,21 +374,6 @@ def vector_errors(matrix: torch.Tensor, partial: PartialSVD, k: int, remainder: 
     return torch.where(gap > 0, residual / gap, torch.ones_like(gap)).clamp(max=1.0)
 
 
-def merged_weight(base64: torch.Tensor, factors: Factors) -> torch.Tensor:
-    """``W_t`` ``(out, in)`` float64 of a LoRA (``W_0 + s B A``) or DoRA (``m V / ||V||_c``) update.
-
-    Rows where ``V`` is zero come out NaN, as the merge divides 0 by 0 there.
-    """
-    device = base64.device
-    b = factors.lora_B.to(device=device, dtype=torch.float64)
-    a = factors.lora_A.to(device=device, dtype=torch.float64)
-    v = base64 + float(factors.scale) * (b @ a)
-    if factors.magnitude is None:
-        return v
-    m = factors.magnitude.to(device=device, dtype=torch.float64)
-    return v * (m / torch.linalg.vector_norm(v, dim=1))[:, None]
-
-
 def numerical_rank(sigma: torch.Tensor, shape: tuple[int, int]) -> int:
     """How many of ``sigma`` exceed NumPy ``matrix_rank``'s tolerance σ_1 · max(m, n) · eps(float64)."""
     if sigma.numel() == 0 or float(sigma[0]) <= 0:
@@ -488,7 +472,11 @@ def tensor_spectra(
                     keep = min(options.subspace_dim, numerical_rank(sigma, tuple(base.rows.shape)))
                     left[index] = u[:, :keep]
             if intruders:
-                weight = tuned if tuned is not None else merged_weight(base.rows, update)
+                weight = (
+                    tuned
+                    if tuned is not None
+                    else merge_low_rank(base.rows, update, torch.float64, rows=True)
+                )
                 record["intruder_dimensions"] = _intruders(base, weight, options)
             records.append(record)
             del tuned
@@ -510,7 +498,9 @@ def _update_svd(
             update.lora_B.to(base.rows.device), update.lora_A.to(base.rows.device), update.scale
         )
         return u, sigma, None, float((sigma * sigma).sum())
-    weight = tuned if tuned is not None else merged_weight(base.rows, update)  # FT, DoRA: dense
+    weight = (
+        tuned if tuned is not None else merge_low_rank(base.rows, update, torch.float64, rows=True)
+    )  # FT, DoRA: dense
     delta = weight - base.rows
     del weight
     frob_sq = float(torch.linalg.vector_norm(delta) ** 2)

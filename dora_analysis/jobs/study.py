@@ -349,7 +349,7 @@ def _convention_weight(
     again with scale 1. A dense (FT) weight has no update: every convention measures ``scaled``.
     """
     from dora_analysis.analysis.conventions import MERGE_SCALED
-    from dora_analysis.readers.merge import merge_low_rank
+    from dora_analysis.factors import merge_low_rank
 
     if update is None or MERGE_SCALED[convention]:
         return scaled

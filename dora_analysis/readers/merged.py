@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from dora_analysis.errors import InputError
+from dora_analysis.factors import low_rank_fit_problem, merge_low_rank
 from dora_analysis.readers._common import ReaderMixin
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
-from dora_analysis.readers.merge import low_rank_fit_problem, merge_low_rank
 
 __all__ = ["MergeTarget", "BiasTarget", "StoredCopy", "MergedReader"]
 

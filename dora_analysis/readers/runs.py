@@ -30,8 +30,14 @@ import pandas as pd
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import is_training_state_file
 from dora_analysis.readers.adapter_config import read_adapter_config
-from dora_analysis.readers.json_file import read_json_object
-from dora_analysis.readers.trainer import STATE_FILE, checkpoint_step, find_checkpoints, trainer_step
+from dora_analysis.readers.json_file import json_field, read_json_object
+from dora_analysis.readers.trainer import (
+    STATE_FILE,
+    checkpoint_step,
+    find_checkpoints,
+    read_trainer_state,
+    trainer_step,
+)
 from dora_analysis.schema import default_metric
 
 __all__ = [
@@ -89,17 +95,12 @@ def _json_object(path: Path) -> dict | None:
 
 
 def _text_field(path: Path, record: dict | None, key: str) -> str | None:
-    """``record[key]`` of the file ``path``: a non-empty string, None when absent or null.
+    """``record[key]`` of the file ``path``: a non-empty string, None when absent, null or empty.
 
     Raises:
-        InputError: present with another type (``"method": 5``).
+        InputError: present with another type (``"method": 5``), one line naming file and field.
     """
-    value = (record or {}).get(key)
-    if value is None or value == "":
-        return None
-    if not isinstance(value, str):
-        raise InputError.of(path, f"field {key!r} is {str(value)[:40]!r}; expected a string")
-    return value
+    return json_field(path, record or {}, key, str) or None
 
 
 # ------------------------------------------------------------------------------------ run layout
@@ -228,16 +229,11 @@ def _log_history(checkpoint: Path) -> list[dict]:
     """The checkpoint's ``trainer_state.json`` ``log_history`` (``[]`` where there is none).
 
     Raises:
-        InputError: a state file that is not an object, or a ``log_history`` that is not a list.
+        InputError: a state file that is not an object, or a ``log_history`` that is not a list of
+            objects (:func:`~dora_analysis.readers.trainer.read_trainer_state`).
     """
-    state_file = checkpoint / STATE_FILE
-    state = _json_object(state_file) if checkpoint.is_dir() else None
-    history = (state or {}).get("log_history")
-    if history is None:
-        return []
-    if not isinstance(history, list):
-        raise InputError.of(state_file, f"field 'log_history' is {type(history).__name__}; expected a list")
-    return [e for e in history if isinstance(e, dict)]
+    state = read_trainer_state(checkpoint) if checkpoint.is_dir() else {}
+    return state.get("log_history") or []
 
 
 def eval_at(checkpoint: Path, step: int | None) -> tuple[str | None, float, float]:

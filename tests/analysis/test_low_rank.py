@@ -13,8 +13,8 @@ import dora_analysis.analysis.low_rank as low_rank
 from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.analysis.decomposition import row_changes, row_scalars, summarize
 from dora_analysis.analysis.low_rank import factored_scalars, fits, low_rank_row_changes
+from dora_analysis.factors import merge_low_rank
 from dora_analysis.readers.base import LowRankUpdate
-from dora_analysis.readers.merge import merge_low_rank
 
 
 def _reference(w0: torch.Tensor, update: LowRankUpdate) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

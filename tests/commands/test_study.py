@@ -12,8 +12,8 @@ from tiny_models import save_tiny_encoder
 
 from dora_analysis.analysis.conventions import convention_deltas
 from dora_analysis.commands.main import main
+from dora_analysis.factors import merge_low_rank
 from dora_analysis.readers import open_checkpoint
-from dora_analysis.readers.merge import merge_low_rank
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,32 @@
-"""Merging a stored LoRA/DoRA update into its base weight: pure tensor math, no files.
+"""A LoRA/DoRA update kept as its factors, and merging it into its base weight: pure tensor math.
 
 LoRA: ``W = W0 + s * B @ A``.  DoRA: ``W = m * V / ||V||_c`` with ``V = W0 + s * B @ A`` and
 ``||V||_c`` one L2 norm per output unit (a row of PyTorch's ``(out, in)`` layout), as PEFT's
-``merge_and_unload`` computes it.
+``merge_and_unload`` computes it. The readers merge adapters with it (float32) and the spectral
+analysis forms DoRA's dense update with it (float64); both know an update only as :class:`Factors`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:  # a runtime import would be circular: the readers merge through this module
-    from dora_analysis.readers.base import LowRankUpdate
+__all__ = ["Factors", "low_rank_fit_problem", "merge_low_rank"]
 
-__all__ = ["low_rank_fit_problem", "merge_low_rank"]
+
+class Factors(Protocol):
+    """A LoRA/DoRA update kept as its factors (the readers' ``LowRankUpdate`` has this shape).
+
+    The math only needs these fields, so it never imports the readers.
+    """
+
+    base_name: str  # for messages
+    lora_A: torch.Tensor  # (r, in)
+    lora_B: torch.Tensor  # (out, r)
+    scale: float  # s = alpha / r (or alpha / sqrt(r))
+    magnitude: torch.Tensor | None  # (out,) for DoRA, None for LoRA
+    fan_in_fan_out: bool  # the base weight is stored (in, out) (transformers' Conv1D)
 
 
 def low_rank_fit_problem(
@@ -47,13 +59,14 @@ def low_rank_fit_problem(
 
 
 def merge_low_rank(
-    base_weight: torch.Tensor, update: LowRankUpdate, dtype: torch.dtype = torch.float32
+    base_weight: torch.Tensor, update: Factors, dtype: torch.dtype = torch.float32, *, rows: bool = False
 ) -> torch.Tensor:
     """The merged weight in ``dtype`` (float32 for the readers, float64 for the spectral analysis), in
     the base's layout and on its device.
 
     Args:
-        base_weight: ``W0``, ``(out, in)``; ``(in, out)`` when ``update.fan_in_fan_out``.
+        base_weight: ``W0``, ``(out, in)``; ``(in, out)`` when ``update.fan_in_fan_out``, unless ``rows``
+            (it is already in row layout, ``(out, in)``, as the analysis holds every weight).
         update: ``lora_A`` ``(r, in)``, ``lora_B`` ``(out, r)``, ``scale``, optional ``magnitude`` ``(out,)``.
         dtype: the dtype every product is taken in. DoRA row norms are always taken in float64.
 
@@ -68,17 +81,18 @@ def merge_low_rank(
         >>> merge_low_rank(w0, up).tolist()
         [[1.5, 0.5], [0.5, 1.5]]
     """
+    transposed = update.fan_in_fan_out and not rows
     problem = low_rank_fit_problem(
         tuple(base_weight.shape),
         tuple(update.lora_A.shape),
         tuple(update.lora_B.shape),
         None if update.magnitude is None else tuple(update.magnitude.shape),
-        update.fan_in_fan_out,
+        transposed,
     )
     if problem:
         raise ValueError(f"{update.base_name}: {problem}")
     w0 = base_weight.to(dtype)
-    if update.fan_in_fan_out:
+    if transposed:
         w0 = w0.T  # (out, in)
     b = update.lora_B.to(device=w0.device, dtype=dtype)  # (out, r)
     a = update.lora_A.to(device=w0.device, dtype=dtype)  # (r, in)
@@ -87,4 +101,4 @@ def merge_low_rank(
         norm = torch.linalg.vector_norm(v, dim=1, dtype=torch.float64)  # (out,)
         factor = (update.magnitude.to(device=w0.device, dtype=torch.float64) / norm).to(dtype)  # (out,)
         v = factor[:, None] * v
-    return (v.T if update.fan_in_fan_out else v).contiguous()
+    return (v.T if transposed else v).contiguous()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from dora_analysis.factors import low_rank_fit_problem, merge_low_rank
 from dora_analysis.readers.base import LowRankUpdate
-from dora_analysis.readers.merge import low_rank_fit_problem, merge_low_rank
 
 
 def _reference(
@@ -79,9 +79,9 @@ def test_fitting_shapes_have_no_problem() -> None:
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_float64_merge_is_the_spectral_analysis_merge(dora: bool) -> None:
-    """One merge, dtype a parameter: float64 gives analysis.spectrum.merged_weight's bits (the same
-    kernels on the same data) and the NumPy reference to float64 rounding."""
-    from dora_analysis.analysis.spectrum import merged_weight
+    """One merge, dtype a parameter: float64 (what the spectral analysis uses, with ``rows=True``) gives
+    the NumPy reference to float64 rounding; ``rows=True`` takes a Conv1D's base already in row layout."""
+    import dataclasses
 
     g = torch.Generator().manual_seed(5)
     w0 = torch.randn(16, 9, generator=g, dtype=torch.float64)
@@ -90,7 +90,15 @@ def test_float64_merge_is_the_spectral_analysis_merge(dora: bool) -> None:
     update = LowRankUpdate("x.weight", a, b, 0.5, m)
     merged = merge_low_rank(w0, update, dtype=torch.float64)
     assert merged.dtype == torch.float64
-    assert torch.equal(merged, merged_weight(w0, update))
+    # a Conv1D update over its base in row layout: the same product as the (in, out) base merged
+    conv1d = dataclasses.replace(update, fan_in_fan_out=True)
+    assert torch.equal(
+        merge_low_rank(w0, conv1d, torch.float64, rows=True), merged
+    )  # same kernels, same data
+    # from the (in, out) base: the norms reduce over another memory layout, so equal to float64 rounding
+    # (each row norm sums 9 squares: a few units of 2^-53 relative, scaled by |m|)
+    from_columns = merge_low_rank(w0.T.contiguous(), conv1d, torch.float64).T
+    assert ((from_columns - merged).abs() <= 16 * 2.0**-53 * merged.abs().max()).all()
     f64 = lambda t: t.to(torch.float64).numpy()  # noqa: E731
     expected = _reference(f64(w0), f64(a), f64(b), 0.5, None if m is None else f64(m), False)
     np.testing.assert_allclose(merged.numpy(), expected, rtol=1e-12, atol=1e-12)
