@@ -64,51 +64,14 @@ def _open(
     if lora_alpha is None and config is not None:
         lora_alpha = config.lora_alpha
     fan_in_fan_out = bool(config and config.fan_in_fan_out)
-
-    names = factors.names()
-    modules: dict[str, dict[str, str]] = {}
-    rest: list[str] = []
-    for name in names:
-        found = _ROLE.match(name)
-        if found:
-            modules.setdefault(found["module"], {})[found["role"].split(".")[0]] = name
-        else:
-            rest.append(name)
+    modules, rest = _modules_of(factors.names())
     in_file = set(rest)
-    entries: dict[str, Entry] = {}
     need_base = [m for m in modules if f"{m}.weight" not in in_file]
-    base_name_of: dict[str, str] = {}
-    if need_base:
-        if base is None:
-            raise InputError.of(
-                source,
-                f"holds DoRA/LoRA factors without their base weights (e.g. {need_base[0]}.weight): pass the base checkpoint",
-            )
-        pairs = match_names(base.names(), [f"{m}.weight" for m in need_base]).pairs
-        base_name_of = {tuned: base_name for base_name, tuned in pairs}
+    base_name_of = _base_names(source, base, need_base)
+    entries: dict[str, Entry] = {}
     for module, roles in modules.items():
         a, b, m = roles.get("lora_A"), roles.get("lora_B"), roles.get("weight_m_wdecomp")
-        if (a is None) != (b is None):
-            raise InputError.of(source, "module has only one of lora_A and lora_B", tensor=module)
-        scale = 0.0
-        if a is not None:
-            if lora_alpha is None:
-                raise InputError.of(
-                    source,
-                    "NVlabs DoRA layout: lora_alpha is not stored in the weights; pass lora_alpha "
-                    "(scale = lora_alpha / r) or put an adapter_config.json with 'lora_alpha' beside the file",
-                )
-            a_shape = tuple(factors.shape(a))
-            if len(a_shape) != 2 or a_shape[0] == 0:
-                raise InputError.of(
-                    source, f"lora_A has shape {list(a_shape)}; expected (r, in) with r >= 1", tensor=a
-                )
-            rank = a_shape[0]
-            if config is not None and config.r is not None and config.r != rank:
-                raise InputError.of(
-                    source, f"{config_file.name} says r={config.r} but lora_A has {rank} rows", tensor=a
-                )
-            scale = lora_scale(lora_alpha, rank)  # the NVlabs code has no rsLoRA
+        scale = _module_scale(factors, module, a, b, lora_alpha, config, config_file)
         weight_key = f"{module}.weight"
         if weight_key in in_file:
             entries[weight_key] = MergeTarget(factors, weight_key, factors, a, b, m, scale, fan_in_fan_out)
@@ -127,5 +90,61 @@ def _open(
         ordered[name] = entries[name] if name in targets_in_file else StoredCopy(factors, name)
     for name, entry in entries.items():
         ordered.setdefault(name, entry)
-    partial = bool(need_base)
-    return MergedReader(source, ordered, partial=partial, owned=[factors, *owned])
+    return MergedReader(source, ordered, partial=bool(need_base), owned=[factors, *owned])
+
+
+def _modules_of(names: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """``({module: {role: name}}, the other names)``: the factor tensors grouped by their module."""
+    modules: dict[str, dict[str, str]] = {}
+    rest: list[str] = []
+    for name in names:
+        found = _ROLE.match(name)
+        if found:
+            modules.setdefault(found["module"], {})[found["role"].split(".")[0]] = name
+        else:
+            rest.append(name)
+    return modules, rest
+
+
+def _base_names(source, base: CheckpointReader | None, need_base: list[str]) -> dict[str, str]:
+    """``{module weight name: the base's name}`` for the modules whose weight is not in the file."""
+    if not need_base:
+        return {}
+    if base is None:
+        raise InputError.of(
+            source,
+            f"holds DoRA/LoRA factors without their base weights (e.g. {need_base[0]}.weight): pass the base checkpoint",
+        )
+    pairs = match_names(base.names(), [f"{m}.weight" for m in need_base]).pairs
+    return {tuned: base_name for base_name, tuned in pairs}
+
+
+def _module_scale(factors, module: str, a, b, lora_alpha, config, config_file) -> float:
+    """The update's scale ``lora_alpha / r`` of one module (0 for a magnitude-only module).
+
+    Raises:
+        InputError: one factor without the other, no ``lora_alpha``, a ``lora_A`` that is not
+            ``(r, in)``, or an ``adapter_config.json`` whose ``r`` disagrees with it.
+    """
+    source = factors.source
+    if (a is None) != (b is None):
+        raise InputError.of(source, "module has only one of lora_A and lora_B", tensor=module)
+    if a is None:
+        return 0.0
+    if lora_alpha is None:
+        raise InputError.of(
+            source,
+            "NVlabs DoRA layout: lora_alpha is not stored in the weights; pass lora_alpha "
+            "(scale = lora_alpha / r) or put an adapter_config.json with 'lora_alpha' beside the file",
+        )
+    a_shape = tuple(factors.shape(a))
+    if len(a_shape) != 2 or a_shape[0] == 0:
+        raise InputError.of(
+            source, f"lora_A has shape {list(a_shape)}; expected (r, in) with r >= 1", tensor=a
+        )
+    rank = a_shape[0]
+    if config is not None and config.r is not None and config.r != rank:
+        raise InputError.of(
+            source, f"{config_file.name} says r={config.r} but lora_A has {rank} rows", tensor=a
+        )
+    return lora_scale(lora_alpha, rank)  # the NVlabs code has no rsLoRA
