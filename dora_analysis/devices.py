@@ -6,7 +6,7 @@ from collections.abc import Collection
 
 import torch
 
-from dora_analysis.errors import InputError
+from dora_analysis.errors import InputError, first_line
 
 __all__ = ["parse_device", "resolve_device"]
 
@@ -21,7 +21,7 @@ def parse_device(device: str | torch.device) -> torch.device:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError, ValueError) as error:
-        raise InputError.of("--device", f"not a torch device: {device!r} ({error})") from None
+        raise InputError.of("--device", f"not a torch device: {device!r} ({first_line(error)})") from None
 
 
 def resolve_device(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DoraAnalysisError", "InputError", "one_line"]
+__all__ = ["DoraAnalysisError", "InputError", "LIBRARY_DETAIL", "first_line", "one_line"]
 
 MAX_MESSAGE = 1000  # characters: a malformed record must not become a 900 KB message
 MAX_PART = 300  # characters of one path or tensor name
@@ -37,3 +37,18 @@ def one_line(value: object, limit: int = MAX_MESSAGE) -> str:
         cut = len(text) - limit
         text = f"{text[: limit - 40]} ... [{cut + 40} characters left out]"
     return text
+
+
+LIBRARY_DETAIL = 100  # characters of a library's own text kept after ours (the line stays under 300)
+
+
+def first_line(error: BaseException, limit: int = LIBRARY_DETAIL) -> str:
+    """The first non-empty line of an exception's message, cut to ``limit`` characters.
+
+    Library errors can span many lines and quote whole records; our text comes first, theirs is cut.
+    """
+    for line in str(error).splitlines():
+        if line.strip():
+            line = line.strip()
+            return line if len(line) <= limit else line[: limit - 3] + "..."
+    return type(error).__name__

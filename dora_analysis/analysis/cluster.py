@@ -37,7 +37,7 @@ from dora_analysis.analysis.planning import Plan, finished_frames, plan_comparis
 from dora_analysis.analysis.spectrum import SpectrumOptions
 from dora_analysis.analysis.tensor_major import compare_in_process
 from dora_analysis.devices import parse_device
-from dora_analysis.errors import DoraAnalysisError, InputError
+from dora_analysis.errors import DoraAnalysisError, InputError, first_line
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.hub import resolve_model
 from dora_analysis.readers.reuse import MeteredReader, ReusingReader
@@ -452,8 +452,7 @@ def _connected(ray, config: Cluster) -> Iterator[None]:
             ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = config.address or "a local Ray"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError.of("--cluster", f"cannot start or join {where}: {first}") from None
+        raise InputError.of("--cluster", f"cannot start or join {where}: {first_line(error)}") from None
     try:
         yield
     finally:
@@ -563,7 +562,7 @@ def _result(ray, ref, job: GroupJob, config: Cluster) -> GroupResult:
     except ray.exceptions.RayError as error:
         raise DoraAnalysisError(
             f"Ray task for tensors {job.names[0]} .. {job.names[-1]} failed after "
-            f"{config.max_retries} retries: {_first_line(error)}"
+            f"{config.max_retries} retries: {first_line(error)}"
         ) from error
 
 
@@ -583,11 +582,6 @@ def _largest_node_memory(ray) -> int | None:
     except Exception:  # noqa: BLE001 - an older or remote client without node listings
         return None
     return int(max(found)) if found and max(found) > 0 else None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _progress_bar(total: int, enabled: bool):

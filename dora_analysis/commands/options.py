@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from dora_analysis.errors import InputError
+from dora_analysis.errors import InputError, first_line
 
 __all__ = [
     "add_device_argument",
@@ -92,7 +92,9 @@ def regex(value: str) -> str:
     try:
         re.compile(value)
     except re.error as error:
-        raise argparse.ArgumentTypeError(f"not a regular expression: {value!r} ({error})") from None
+        raise argparse.ArgumentTypeError(
+            f"not a regular expression: {value!r} ({first_line(error)})"
+        ) from None
     return value
 
 

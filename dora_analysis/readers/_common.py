@@ -15,8 +15,6 @@ __all__ = [
     "ReaderMixin",
     "is_training_state_file",
     "WEIGHT_SUFFIXES",
-    "first_line",
-    "LIBRARY_DETAIL",
     "short_repr",
     "DEQUANTIZE",
     "stored_tensor_problem",
@@ -88,21 +86,6 @@ def short_repr(value: object, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters: messages quote what a file holds, never all of it."""
     text = str(tuple(value)) if isinstance(value, tuple) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-LIBRARY_DETAIL = 100  # characters of a library's own text kept after ours (the line stays under 300)
-
-
-def first_line(error: BaseException, limit: int = LIBRARY_DETAIL) -> str:
-    """The first non-empty line of an exception's message, cut to ``limit`` characters.
-
-    Library errors can span many lines and quote whole records; our text comes first, theirs is cut.
-    """
-    for line in str(error).splitlines():
-        if line.strip():
-            line = line.strip()
-            return line if len(line) <= limit else line[: limit - 3] + "..."
-    return type(error).__name__
 
 
 class ReaderMixin:

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dora_analysis.errors import InputError
-from dora_analysis.readers._common import first_line, short_repr
+from dora_analysis.errors import InputError, first_line
+from dora_analysis.readers._common import short_repr
 from dora_analysis.readers.json_file import read_json_object
 from dora_analysis.readers.lora_scale import lora_scale
 

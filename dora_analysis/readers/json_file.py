@@ -18,8 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dora_analysis.errors import InputError
-from dora_analysis.readers._common import first_line
+from dora_analysis.errors import InputError, first_line
 
 __all__ = [
     "MAX_INT_DIGITS",

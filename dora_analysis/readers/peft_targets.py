@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from dora_analysis.errors import InputError
-from dora_analysis.readers._common import first_line, short_repr
+from dora_analysis.errors import InputError, first_line
+from dora_analysis.readers._common import short_repr
 from dora_analysis.readers.adapter_config import AdapterConfig
 
 __all__ = ["is_targeted", "check_targets"]

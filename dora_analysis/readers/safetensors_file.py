@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dora_analysis.errors import InputError
-from dora_analysis.readers._common import ReaderMixin, first_line, short_repr, stored_tensor_problem
+from dora_analysis.errors import InputError, first_line
+from dora_analysis.readers._common import ReaderMixin, short_repr, stored_tensor_problem
 from dora_analysis.readers.json_file import parse_json
 
 __all__ = ["MAX_HEADER_BYTES", "TensorEntry", "read_safetensors_header", "SafetensorsReader"]

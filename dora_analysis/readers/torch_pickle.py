@@ -32,12 +32,10 @@ from pathlib import Path
 
 import torch
 
-from dora_analysis.errors import InputError
+from dora_analysis.errors import LIBRARY_DETAIL, InputError, first_line
 from dora_analysis.readers._common import (
     DEQUANTIZE,
-    LIBRARY_DETAIL,
     ReaderMixin,
-    first_line,
     is_training_state_file,
     short_repr,
     stored_tensor_problem,
