@@ -1,4 +1,5 @@
-"""Zip-format PyTorch files whose small records torch trusts unchecked: refused before torch reads them.
+"""PyTorch pickles (readers/torch_pickle.py): containers unwrapped, payloads never run, and zip-format
+files whose small records torch trusts unchecked: refused before torch reads them.
 
 A ``byteorder`` of ``big`` made ``torch.load(map_location="meta")`` byte-swap a meta storage and end
 the process with SIGSEGV; a ``.storage_alignment`` of 0 divided by zero (SIGFPE). Those two run in
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from reader_checks import assert_same, read_all
+from tiny_models import file_digests
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint
@@ -102,3 +105,30 @@ def test_a_missing_record_is_one_short_line_with_our_text_first(tmp_path: Path, 
         open_checkpoint(crafted)
     message = str(caught.value)
     assert message.startswith(f"{crafted}: not a readable PyTorch file (") and len(message) <= 300, message
+
+
+def test_pickle_containers_and_prefixes_are_unwrapped(tmp_path: Path) -> None:
+    state = {"layer.0.weight": torch.randn(3, 4), "layer.0.bias": torch.randn(3)}
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "ddp.pt")
+    torch.save({"model": {f"_orig_mod.{k}": v for k, v in state.items()}}, tmp_path / "compiled.pth")
+    torch.save(state, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)  # cannot be mmapped
+    for name in ("ddp.pt", "compiled.pth", "legacy.bin"):
+        assert_same(read_all(tmp_path / name), state)
+
+
+def test_malicious_pickle_is_refused_and_its_payload_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').close()",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2, 2), "trap": Payload()}, evil)
+    before = file_digests(evil)
+    with pytest.raises(InputError) as err:
+        open_checkpoint(evil)
+    message = str(err.value)
+    assert str(evil) in message and "code execution" in message and "\n" not in message
+    assert not marker.exists()
+    assert file_digests(evil) == before
