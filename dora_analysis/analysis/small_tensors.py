@@ -45,12 +45,7 @@ def deltas_of_many(
     alone with :func:`row_scalars_many`, :func:`row_changes` and :func:`summarize_many`."""
     groups: dict[tuple, list[int]] = {}
     for position, (base, tuned) in enumerate(items):
-        key = (
-            tuple(base.shape),
-            base.dtype,
-            base.device,
-            tuple((index, rows.dtype, tuple(rows.shape)) for index, rows in tuned),
-        )
+        key = (base.shape, base.dtype, base.device, *((index, r.dtype, r.shape) for index, r in tuned))
         groups.setdefault(key, []).append(position)
     out: list[tuple[dict[int, TensorDelta], dict[int, RowChanges]]] = [({}, {}) for _ in items]
     for positions in groups.values():

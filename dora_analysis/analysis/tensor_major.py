@@ -140,11 +140,12 @@ def tensor_records(
     if callable(read_order):
         order = read_order(order)
     with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
-        for small, names in _batches(base, tuned, plan.selections, order, spectral is None):
+        for small, run in _batches(base, tuned, plan.selections, order, spectral is None):
             if small:
-                yield from _small_tensors(base, tuned, plan.selections, names, device, per_row)
+                yield from _small_tensors(base, plan.selections, run, device, per_row)
             else:
-                yield from _one_tensor(base, tuned, plan.selections, names[0], device, per_row, spectral)
+                name, wanted = run[0]
+                yield from _one_tensor(base, plan.selections, name, wanted, device, per_row, spectral)
 
 
 def _wanted(
@@ -168,10 +169,11 @@ def _batches(
     selections: Sequence[Selection],
     order: Sequence[str],
     batching: bool,
-) -> Iterator[tuple[bool, list[str]]]:
-    """``order`` cut into ``(True, names)``: runs of small dense tensors compared in one batch (see
-    :mod:`~dora_analysis.analysis.small_tensors`), and ``(False, [name])``: one tensor alone."""
-    run: list[str] = []
+) -> Iterator[tuple[bool, list[tuple[str, list[tuple[int, CheckpointReader, str]]]]]]:
+    """``order`` cut into runs of ``(base name, its wanted tuned tensors)``: ``(True, run)``, small
+    dense tensors compared in one batch (see :mod:`~dora_analysis.analysis.small_tensors`), and
+    ``(False, [one])``, a tensor compared alone."""
+    run: list = []
     elements = 0
     for name in order:
         numel = math.prod(base.shape(name))
@@ -184,12 +186,12 @@ def _batches(
             if run:
                 yield True, run
                 run, elements = [], 0
-            yield False, [name]
+            yield False, [(name, wanted)]
             continue
         if run and (elements + numel * (1 + len(wanted)) > BATCH_ELEMENTS or len(run) >= BATCH_TENSORS):
             yield True, run
             run, elements = [], 0
-        run.append(name)
+        run.append((name, wanted))
         elements += numel * (1 + len(wanted))
     if run:
         yield True, run
@@ -197,17 +199,16 @@ def _batches(
 
 def _one_tensor(
     base: CheckpointReader,
-    tuned: Sequence[CheckpointReader],
     selections: Sequence[Selection],
     base_name: str,
+    wanted: list[tuple[int, CheckpointReader, str]],
     device: torch.device | None,
     per_row: bool,
     spectral: Spectral | None,
 ) -> Iterator[tuple[int, dict]]:
-    """The records of one base tensor, for every tuned checkpoint that has it."""
+    """The records of one base tensor, for every tuned checkpoint that has it (``wanted``)."""
     found = _layout_of(selections, base_name)
     base_rows = _to(as_rows(base.get(base_name), found.layout), device)
-    wanted = _wanted(tuned, selections, base_name)
     deltas, changes = _tensor_deltas(base_rows, wanted, found.layout, device, per_row)
     extra = _spectral_records(spectral, base_rows, wanted, found.layout, device) if spectral else {}
     yield from _records(base, base_name, found, deltas, changes, extra)
@@ -215,25 +216,22 @@ def _one_tensor(
 
 def _small_tensors(
     base: CheckpointReader,
-    tuned: Sequence[CheckpointReader],
     selections: Sequence[Selection],
-    names: list[str],
+    run: list[tuple[str, list[tuple[int, CheckpointReader, str]]]],
     device: torch.device | None,
     per_row: bool,
 ) -> Iterator[tuple[int, dict]]:
-    """The records of several small base tensors (dense tuned tensors only, no spectral metrics),
-    compared in a few stacked passes (:func:`~dora_analysis.analysis.small_tensors.deltas_of_many`)."""
-    layouts = [_layout_of(selections, name) for name in names]
+    """The records of several small base tensors (``(name, wanted)``; dense tuned tensors only, no
+    spectral metrics), compared in a few stacked passes
+    (:func:`~dora_analysis.analysis.small_tensors.deltas_of_many`)."""
+    layouts = [_layout_of(selections, name) for name, _ in run]
     items = []
-    for name, found in zip(names, layouts, strict=True):
-        rows = [
-            (index, _to(as_rows(reader.get(tuned_name), found.layout), device))
-            for index, reader, tuned_name in _wanted(tuned, selections, name)
-        ]
+    for (name, wanted), found in zip(run, layouts, strict=True):
+        rows = [(index, _to(as_rows(reader.get(t), found.layout), device)) for index, reader, t in wanted]
         items.append((_to(as_rows(base.get(name), found.layout), device), rows))
     results = deltas_of_many(items, per_row)
     del items
-    for name, found, (deltas, changes) in zip(names, layouts, results, strict=True):
+    for (name, _), found, (deltas, changes) in zip(run, layouts, results, strict=True):
         yield from _records(base, name, found, deltas, changes, {})
 
 

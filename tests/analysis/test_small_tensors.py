@@ -75,7 +75,12 @@ def test_batched_equals_each_tensor_alone() -> None:
             got = deltas[index]
             statuses.add(got.status)
             assert (got.rows, got.rows_excluded, got.status) == (want.rows, want.rows_excluded, want.status)
-            for field in ("delta_magnitude", "delta_direction", "base_magnitude_mean", "tuned_magnitude_mean"):
+            for field in (
+                "delta_magnitude",
+                "delta_direction",
+                "base_magnitude_mean",
+                "tuned_magnitude_mean",
+            ):
                 np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=rtol, atol=0)
             for field in FIELDS:
                 # 1 - cos comes from |a|^2 |d|^2 - (a.d)^2: its error is relative to |d|^2 / |w|^2
@@ -144,9 +149,12 @@ def test_compare_batched_equals_compare_per_tensor(tmp_path: Path, monkeypatch: 
         assert list(got["status"]) == list(want["status"])
     assert (batched[1]["delta_magnitude"] == 0).all()  # the base against itself
     assert list(per_row["row"]) == list(alone_rows["row"])
-    np.testing.assert_allclose(per_row["delta_direction"], alone_rows["delta_direction"], rtol=_tolerance(300))
+    np.testing.assert_allclose(
+        per_row["delta_direction"], alone_rows["delta_direction"], rtol=_tolerance(300)
+    )
 
 
+@pytest.mark.slow
 def test_twenty_thousand_tiny_tensors_match_numpy(tmp_path: Path) -> None:
     base_path, tuned_path, base, tuned = _write_pair(tmp_path, 20_000, seed=3)
     frame = compare(base_path, tuned_path).set_index("tensor")
