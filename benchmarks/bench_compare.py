@@ -68,6 +68,32 @@ def llama_specs(size_gb: float, hidden: int = HIDDEN, mlp: int = MLP) -> list[Sp
     return specs
 
 
+def moe_specs(size_gb: float, experts: int = 128, hidden: int = 2048, moe: int = 768) -> list[Spec]:
+    """Qwen3-MoE-shaped expert layers (``experts`` x gate/up ``(moe, hidden)`` and down
+    ``(hidden, moe)``, bf16; Qwen3-30B-A3B's shapes) filling about ``size_gb`` GB, at least one layer."""
+    per_layer = 2 * experts * 3 * hidden * moe
+    layers = max(1, round(size_gb * 1e9 / per_layer))
+    specs = []
+    for i in range(layers):
+        for e in range(experts):
+            p = f"model.layers.{i}.mlp.experts.{e}."
+            specs += [Spec(p + "gate_proj.weight", (moe, hidden)), Spec(p + "up_proj.weight", (moe, hidden))]
+            specs.append(Spec(p + "down_proj.weight", (hidden, moe)))
+    return specs
+
+
+def tiny_specs(count: int, rows: int = 64, features: int = 128) -> list[Spec]:
+    """``count`` small expert matrices (``(rows, features)``, down projections transposed), named
+    like an MoE's experts (128 per layer, gate/up/down)."""
+    specs = []
+    for j in range(count):
+        layer, rest = divmod(j, 3 * 128)
+        expert, kind = divmod(rest, 3)
+        name = f"model.layers.{layer}.mlp.experts.{expert}.{('gate', 'up', 'down')[kind]}_proj.weight"
+        specs.append(Spec(name, (features, rows) if kind == 2 else (rows, features)))
+    return specs
+
+
 def write_safetensors(path: Path, tensors: Sequence[tuple[Spec, Callable[[], torch.Tensor]]]) -> None:
     """Stream bf16 tensors into a safetensors file, one in memory at a time."""
     header, offset = {}, 0
@@ -122,11 +148,15 @@ class TunedMaker:
         return w.bfloat16()
 
 
-def generate(folder: Path, size_gb: float, tuned: int, seed: int = 0) -> tuple[Path, list[Path], list[Spec]]:
-    """Write ``base.safetensors`` and ``tuned-<i>.safetensors`` (i < ``tuned``) into ``folder``."""
+def generate(
+    folder: Path, size_gb: float, tuned: int, seed: int = 0, specs: list[Spec] | None = None
+) -> tuple[Path, list[Path], list[Spec]]:
+    """Write ``base.safetensors`` and ``tuned-<i>.safetensors`` (i < ``tuned``) into ``folder``
+    (``specs``: default LLaMA-shaped, :func:`llama_specs`)."""
     from safetensors import safe_open
 
-    specs = llama_specs(size_gb)
+    folder.mkdir(parents=True, exist_ok=True)
+    specs = specs if specs is not None else llama_specs(size_gb)
     base_path = folder / "base.safetensors"
     write_safetensors(
         base_path, [(s, functools.partial(base_tensor, s, i, seed)) for i, s in enumerate(specs)]
@@ -246,6 +276,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="torch device for ours and naive (cpu, cuda)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temporary folder goes")
     parser.add_argument("--skip-naive", action="store_true", help="do not time the naive baseline")
+    parser.add_argument(
+        "--sections",
+        default="dense,tiny,header,moe",
+        help="what to run, comma-separated: dense (the LLaMA pair, naive, series, memory), tiny "
+        "(per-tensor overhead), header (a file of many tiny tensors), moe (Qwen3-MoE experts vs dense)",
+    )
+    parser.add_argument("--tiny", type=int, default=9216, help="tensors of the tiny pair (64x128 bf16)")
+    parser.add_argument("--header-tensors", type=int, default=200_000, help="tensors of the header file")
+    parser.add_argument("--moe-gb", type=float, default=1.2, help="size of the MoE pair's files (GB)")
+    parser.add_argument("--moe-experts", type=int, default=128, help="experts per MoE layer")
     parser.add_argument("--child-memory", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_memory:
@@ -253,56 +293,135 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}", flush=True)
-    folder = Path(tempfile.mkdtemp(prefix="bench_compare_", dir=args.workdir))
-    try:
-        start = time.perf_counter()
-        base, tuned, specs = generate(folder, args.size_gb, max(1, args.series))
-        gb = base.stat().st_size / 1e9
-        largest = max(int(np.prod(s.shape)) for s in specs) * 4 / 2**20
-        print(
-            f"generated base + {len(tuned)} tuned, {gb:.2f} GB each, {len(specs)} tensors "
-            f"({time.perf_counter() - start:.0f} s)",
-            flush=True,
-        )
-        pair = [base, tuned[0]]
-        read_floor([base, *tuned])  # warm the page cache
-        ours(base, tuned[0], args.device)  # and the code paths
-        times: dict[str, list[float]] = {"read": [], "ours": [], "naive": [], "series": []}
-        cpu: dict[str, list[float]] = {k: [] for k in times}
-        load = os.getloadavg()[0]
-        for _ in range(args.repeats):
-            times["read"].append(timed(lambda: read_floor(pair), cpu["read"]))
-            times["ours"].append(timed(lambda: ours(base, tuned[0], args.device), cpu["ours"]))
-            if not args.skip_naive:
-                times["naive"].append(timed(lambda: naive(base, tuned[0], args.device), cpu["naive"]))
-            if args.series > 1:
-                run_series = functools.partial(ours_series, base, tuned[: args.series], args.device)
-                times["series"].append(timed(run_series, cpu["series"]))
-        med = {k: statistics.median(v) for k, v in times.items() if v}
-        print(
-            f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work slows both)"
-        )
-        for k, v in times.items():
-            if v:
-                print(
-                    f"  {k:7s} median {med[k]:7.3f} s  ({', '.join(f'{x:.3f}' for x in v)}); "
-                    f"CPU {statistics.median(cpu[k]):.3f} s"
-                )
-        print(f"ours/read  = {med['ours'] / med['read']:.2f}   (target <= 2.0)")
-        if "naive" in med:
-            print(f"naive/ours = {med['naive'] / med['ours']:.1f}   (target >= 5)")
-        if "series" in med:
-            ratio = med["series"] / (args.series * med["ours"])
-            print(f"series / ({args.series} x pair) = {ratio:.2f}   (target <= 0.65)")
-        memory = measure_memory(base, tuned[0], args.device)
-        budget = 2 * largest + 300
-        print(
-            f"ours peak RssAnon = {memory['peak_mb']:.0f} MB (after imports {memory['after_imports_mb']:.0f} MB); "
-            f"target <= 2 x {largest:.0f} MB + 300 MB = {budget:.0f} MB, and < 500 MB"
-        )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    sections = set(args.sections.split(","))
+    for name, run in (
+        ("dense", bench_dense),
+        ("tiny", bench_tiny),
+        ("header", bench_header),
+        ("moe", bench_moe),
+    ):
+        if name in sections:
+            folder = Path(tempfile.mkdtemp(prefix=f"bench_compare_{name}_", dir=args.workdir))
+            try:
+                run(args, folder)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
     return 0
+
+
+def bench_dense(args: argparse.Namespace, folder: Path) -> None:
+    """The LLaMA-shaped pair: ours against the read floor and the naive code, a series, memory."""
+    start = time.perf_counter()
+    base, tuned, specs = generate(folder, args.size_gb, max(1, args.series))
+    gb = base.stat().st_size / 1e9
+    largest = max(int(np.prod(s.shape)) for s in specs) * 4 / 2**20
+    print(
+        f"generated base + {len(tuned)} tuned, {gb:.2f} GB each, {len(specs)} tensors "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+    pair = [base, tuned[0]]
+    read_floor([base, *tuned])  # warm the page cache
+    ours(base, tuned[0], args.device)  # and the code paths
+    times: dict[str, list[float]] = {"read": [], "ours": [], "naive": [], "series": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
+    load = os.getloadavg()[0]
+    for _ in range(args.repeats):
+        times["read"].append(timed(lambda: read_floor(pair), cpu["read"]))
+        times["ours"].append(timed(lambda: ours(base, tuned[0], args.device), cpu["ours"]))
+        if not args.skip_naive:
+            times["naive"].append(timed(lambda: naive(base, tuned[0], args.device), cpu["naive"]))
+        if args.series > 1:
+            run_series = functools.partial(ours_series, base, tuned[: args.series], args.device)
+            times["series"].append(timed(run_series, cpu["series"]))
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    print(
+        f"load average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (others' work slows both)"
+    )
+    for k, v in times.items():
+        if v:
+            print(
+                f"  {k:7s} median {med[k]:7.3f} s  ({', '.join(f'{x:.3f}' for x in v)}); "
+                f"CPU {statistics.median(cpu[k]):.3f} s"
+            )
+    print(f"ours/read  = {med['ours'] / med['read']:.2f}   (target <= 2.0)")
+    if "naive" in med:
+        print(f"naive/ours = {med['naive'] / med['ours']:.1f}   (target >= 5)")
+    if "series" in med:
+        ratio = med["series"] / (args.series * med["ours"])
+        print(f"series / ({args.series} x pair) = {ratio:.2f}   (target <= 0.65)")
+    memory = measure_memory(base, tuned[0], args.device)
+    budget = 2 * largest + 300
+    print(
+        f"ours peak RssAnon = {memory['peak_mb']:.0f} MB (after imports {memory['after_imports_mb']:.0f} MB); "
+        f"target <= 2 x {largest:.0f} MB + 300 MB = {budget:.0f} MB, and < 500 MB"
+    )
+
+
+def _spread(values: Sequence[float]) -> str:
+    return f"median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f})"
+
+
+def floor_ratios(
+    pair: tuple[Path, Path], repeats: int, device: str, warm: bool = True
+) -> dict[str, list[float]]:
+    """``repeats`` interleaved timings of the read floor and of ``ours`` on ``pair`` (warm page
+    cache; ``warm``: and code paths, one untimed run of ``ours`` first)."""
+    read_floor(pair)
+    if warm:
+        ours(*pair, device)
+    out: dict[str, list[float]] = {"read": [], "read_cpu": [], "ours": [], "ours_cpu": [], "ratio": []}
+    for _ in range(repeats):
+        out["read"].append(timed(lambda: read_floor(pair), out["read_cpu"]))
+        out["ours"].append(timed(lambda: ours(*pair, device), out["ours_cpu"]))
+        out["ratio"].append(out["ours"][-1] / out["read"][-1])
+    return out
+
+
+def bench_tiny(args: argparse.Namespace, folder: Path) -> None:
+    """Per-tensor overhead: ``(ours - read floor) / tensors`` on many 64x128 bf16 experts."""
+    specs = tiny_specs(args.tiny)
+    base, tuned, _ = generate(folder, 0, 1, specs=specs)
+    t = floor_ratios((base, tuned[0]), args.repeats, args.device)
+    print(f"tiny pair: {len(specs)} tensors 64x128 bf16, {base.stat().st_size / 1e6:.0f} MB each")
+    print(f"  read  {_spread(t['read'])} s; CPU {_spread(t['read_cpu'])} s")
+    print(f"  ours  {_spread(t['ours'])} s; CPU {_spread(t['ours_cpu'])} s")
+    for kind, ours_s, read_s in (("wall", "ours", "read"), ("CPU", "ours_cpu", "read_cpu")):
+        per = [(o - r) / len(specs) * 1e6 for o, r in zip(t[ours_s], t[read_s], strict=True)]
+        print(f"per-tensor overhead ({kind}) = {_spread(per)} us   (target <= 30 us)")
+    print(
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (a loaded machine inflates wall times)"
+    )
+
+
+def bench_header(args: argparse.Namespace, folder: Path) -> None:
+    """A valid header of many tiny (8x8 bf16) tensors: the whole comparison's wall time."""
+    specs = tiny_specs(args.header_tensors, rows=8, features=8)
+    base, tuned, _ = generate(folder, 0, 1, specs=specs)
+    t = floor_ratios((base, tuned[0]), max(1, min(args.repeats, 3)), args.device, warm=False)
+    print(f"header pair: {len(specs)} tensors 8x8 bf16")
+    print(f"  ours  {_spread(t['ours'])} s; CPU {_spread(t['ours_cpu'])} s   (target <= 30 s)", flush=True)
+
+
+def bench_moe(args: argparse.Namespace, folder: Path) -> None:
+    """Qwen3-MoE expert shapes against a dense (LLaMA-shaped) pair of about the same size, each as a
+    ratio to its own read floor, measured in alternation."""
+    moe = moe_specs(args.moe_gb, experts=args.moe_experts)
+    gb = sum(int(np.prod(s.shape)) for s in moe) * 2 / 1e9
+    moe_pair = generate(folder / "moe", 0, 1, specs=moe)
+    dense_pair = generate(folder / "dense", 0, 1, specs=llama_specs(gb))
+    print(f"moe pair: {len(moe)} experts, {gb:.2f} GB each; dense pair: {len(dense_pair[2])} tensors")
+    ratios: dict[str, list[float]] = {"moe": [], "dense": []}
+    for _ in range(args.repeats):
+        for name, (base, tuned, _) in (("moe", moe_pair), ("dense", dense_pair)):
+            ratios[name] += floor_ratios((base, tuned[0]), 1, args.device)["ratio"]
+    for name, values in ratios.items():
+        print(f"  {name:5s} ours/read {_spread(values)}")
+    # the least disturbed run of each (min) is the steadier figure on a shared machine
+    for how in (statistics.median, min):
+        relative = how(ratios["moe"]) / how(ratios["dense"])
+        print(f"({how.__name__}) (moe ours/read) / (dense ours/read) = {relative:.2f}   (target <= 1.10)")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,6 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
         ``a.d`` and ``[i, 2]`` is ``|d|^2``.
     """
     kernel = _kernel()
-    from numba.typed import List
-
     k, features = base.shape
     sub = max(1, SUB_ELEMENTS // max(features, 1))
     out = torch.empty(len(tuned), 3, k, dtype=torch.float64)
@@ -81,7 +79,7 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, view in enumerate(views):
         if view is not None:
             groups.setdefault(view.dtype, []).append(i)
-    direct = [(idx, List([views[i] for i in idx]), np.empty((len(idx), 3, k))) for idx in groups.values()]
+    direct = [(idx, _series([views[i] for i in idx]), np.empty((len(idx), 3, k))) for idx in groups.values()]
     converted = [(i, np.empty((1, 3, k))) for i, view in enumerate(views) if view is None]
 
     def work(todo: Iterator[tuple[int, int]]) -> None:
@@ -94,8 +92,7 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
             for _, ws, sums in direct:
                 kernel(a, a0, ws, start, start, stop, sub, sums)
             for i, sums in converted:
-                w = List([_converted(tuned[i], start, stop, buffers, 1)])
-                kernel(a, a0, w, 0, start, stop, sub, sums)
+                kernel(a, a0, (_converted(tuned[i], start, stop, buffers, 1),), 0, start, stop, sub, sums)
 
     run_blocks(base, work, row_blocks(base, BLOCK_ELEMENTS))
     for idx, _, sums in direct:
@@ -103,6 +100,16 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
     for i, sums in converted:
         out[i] = torch.from_numpy(sums[0])
     return out
+
+
+def _series(arrays: list[np.ndarray]):
+    """The kernel's ``ws``: one array as a 1-tuple (typed in about a microsecond, the common pair),
+    several as a Numba typed list (one compiled kernel for any length, ~10 us per array to build)."""
+    if len(arrays) == 1:
+        return (arrays[0],)
+    from numba.typed import List
+
+    return List(arrays)
 
 
 def _direct_view(rows: torch.Tensor) -> np.ndarray | None:

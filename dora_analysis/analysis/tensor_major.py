@@ -9,6 +9,7 @@ so a series of T checkpoints costs about T + 1 reads, not 2T. What is compared w
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -31,9 +32,17 @@ from dora_analysis.analysis.fused_rows import single_threaded_torch
 from dora_analysis.analysis.low_rank import fits as low_rank_fits
 from dora_analysis.analysis.low_rank import low_rank_row_changes
 from dora_analysis.analysis.planning import Plan, Selection, finished_frames, label_frame, plan_comparison
+from dora_analysis.analysis.small_tensors import (
+    BATCH_ELEMENTS,
+    BATCH_TENSORS,
+    SMALL_ELEMENTS,
+    deltas_of_many,
+    row_of,
+)
 from dora_analysis.analysis.spectrum import SpectrumOptions, tensor_spectra
 from dora_analysis.devices import resolve_device
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.layout import TensorLayout
 from dora_analysis.readers.names import as_rows, split_name
 from dora_analysis.schema import COLUMNS, PER_ROW_COLUMNS, metric_columns, sort_rows
 
@@ -131,30 +140,110 @@ def tensor_records(
     if callable(read_order):
         order = read_order(order)
     with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
-        for base_name in order:
-            yield from _one_tensor(base, tuned, plan.selections, base_name, device, per_row, spectral)
+        for small, run in _batches(base, tuned, plan.selections, order, spectral is None):
+            if small:
+                yield from _small_tensors(base, plan.selections, run, device, per_row)
+            else:
+                name, wanted = run[0]
+                yield from _one_tensor(base, plan.selections, name, wanted, device, per_row, spectral)
 
 
-def _one_tensor(
-    base: CheckpointReader,
-    tuned: Sequence[CheckpointReader],
-    selections: Sequence[Selection],
-    base_name: str,
-    device: torch.device | None,
-    per_row: bool,
-    spectral: Spectral | None,
-) -> Iterator[tuple[int, dict]]:
-    """The records of one base tensor, for every tuned checkpoint that has it."""
-    found = next(s.layouts[base_name] for s in selections if base_name in s.layouts)
-    layout = found.layout
-    base_rows = _to(as_rows(base.get(base_name), layout), device)
-    wanted = [
+def _wanted(
+    tuned: Sequence[CheckpointReader], selections: Sequence[Selection], base_name: str
+) -> list[tuple[int, CheckpointReader, str]]:
+    """``(tuned index, reader, tuned name)`` of every tuned checkpoint that has ``base_name``."""
+    return [
         (index, reader, selection.pairs[base_name])
         for index, (reader, selection) in enumerate(zip(tuned, selections, strict=True))
         if base_name in selection.pairs
     ]
-    deltas, changes = _tensor_deltas(base_rows, wanted, layout, device, per_row)
-    extra = _spectral_records(spectral, base_rows, wanted, layout, device) if spectral else {}
+
+
+def _layout_of(selections: Sequence[Selection], base_name: str) -> TensorLayout:
+    return next(s.layouts[base_name] for s in selections if base_name in s.layouts)
+
+
+def _batches(
+    base: CheckpointReader,
+    tuned: Sequence[CheckpointReader],
+    selections: Sequence[Selection],
+    order: Sequence[str],
+    batching: bool,
+) -> Iterator[tuple[bool, list[tuple[str, list[tuple[int, CheckpointReader, str]]]]]]:
+    """``order`` cut into runs of ``(base name, its wanted tuned tensors)``: ``(True, run)``, small
+    dense tensors compared in one batch (see :mod:`~dora_analysis.analysis.small_tensors`), and
+    ``(False, [one])``, a tensor compared alone."""
+    run: list = []
+    elements = 0
+    for name in order:
+        numel = math.prod(base.shape(name))
+        wanted = _wanted(tuned, selections, name)
+        if not (
+            batching
+            and 0 < numel <= SMALL_ELEMENTS
+            and all(reader.low_rank(tuned_name) is None for _, reader, tuned_name in wanted)
+        ):
+            if run:
+                yield True, run
+                run, elements = [], 0
+            yield False, [(name, wanted)]
+            continue
+        if run and (elements + numel * (1 + len(wanted)) > BATCH_ELEMENTS or len(run) >= BATCH_TENSORS):
+            yield True, run
+            run, elements = [], 0
+        run.append((name, wanted))
+        elements += numel * (1 + len(wanted))
+    if run:
+        yield True, run
+
+
+def _one_tensor(
+    base: CheckpointReader,
+    selections: Sequence[Selection],
+    base_name: str,
+    wanted: list[tuple[int, CheckpointReader, str]],
+    device: torch.device | None,
+    per_row: bool,
+    spectral: Spectral | None,
+) -> Iterator[tuple[int, dict]]:
+    """The records of one base tensor, for every tuned checkpoint that has it (``wanted``)."""
+    found = _layout_of(selections, base_name)
+    base_rows = _to(as_rows(base.get(base_name), found.layout), device)
+    deltas, changes = _tensor_deltas(base_rows, wanted, found.layout, device, per_row)
+    extra = _spectral_records(spectral, base_rows, wanted, found.layout, device) if spectral else {}
+    yield from _records(base, base_name, found, deltas, changes, extra)
+
+
+def _small_tensors(
+    base: CheckpointReader,
+    selections: Sequence[Selection],
+    run: list[tuple[str, list[tuple[int, CheckpointReader, str]]]],
+    device: torch.device | None,
+    per_row: bool,
+) -> Iterator[tuple[int, dict]]:
+    """The records of several small base tensors (``(name, wanted)``; dense tuned tensors only, no
+    spectral metrics), compared in a few stacked passes
+    (:func:`~dora_analysis.analysis.small_tensors.deltas_of_many`)."""
+    layouts = [_layout_of(selections, name) for name, _ in run]
+    items = []
+    for (name, wanted), found in zip(run, layouts, strict=True):
+        rows = [(index, _to(as_rows(reader.get(t), found.layout), device)) for index, reader, t in wanted]
+        items.append((_to(as_rows(base.get(name), found.layout), device), rows))
+    results = deltas_of_many(items, per_row)
+    del items
+    for (name, _), found, (deltas, changes) in zip(run, layouts, results, strict=True):
+        yield from _records(base, name, found, deltas, changes, {})
+
+
+def _records(
+    base: CheckpointReader,
+    base_name: str,
+    found: TensorLayout,
+    deltas: dict[int, TensorDelta],
+    changes: dict[int, RowChanges],
+    extra: dict[int, dict],
+) -> Iterator[tuple[int, dict]]:
+    """One record per tuned index in ``deltas`` (with ``"changes"`` where ``changes`` has them)."""
     # What the name says is the same for every tuned checkpoint: work it out once.
     parts = split_name(base_name)
     about = {
@@ -163,11 +252,10 @@ def _one_tensor(
         "layer": parts.layer,
         "module": parts.module,
         "shape": "x".join(map(str, base.shape(base_name))),
-        "layout": layout,
+        "layout": found.layout,
         "layout_source": found.source,
     }
-    for index, _, _ in wanted:
-        delta = deltas[index]
+    for index, delta in deltas.items():
         record = {
             **about,
             "rows": delta.rows,
@@ -179,7 +267,7 @@ def _one_tensor(
             "status": delta.status,
             **extra.get(index, {}),
         }
-        if per_row:
+        if index in changes:
             record["changes"] = changes[index]
         yield index, record
 
@@ -208,7 +296,7 @@ def _tensor_deltas(
         for i, (index, delta) in enumerate(zip(indices, summarize_many(changes), strict=True)):
             deltas[index] = delta
             if per_row:
-                per_row_changes[index] = _row_of(changes, i)
+                per_row_changes[index] = row_of(changes, i)
 
     if factored:
         keep(
@@ -221,12 +309,6 @@ def _tensor_deltas(
         keep([i for i, _, _ in group], row_changes(row_scalars_many(base_rows, tuned_rows)))
         del tuned_rows
     return deltas, per_row_changes
-
-
-def _row_of(changes: RowChanges, i: int) -> RowChanges:
-    """Row ``i`` of a series' ``(T, k)`` changes as ``(k,)`` CPU tensors (kept for per-row output)."""
-    fields = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
-    return RowChanges(*(getattr(changes, f)[i].cpu() for f in fields))
 
 
 def _spectral_records(

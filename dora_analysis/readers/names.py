@@ -50,6 +50,8 @@ _GENERIC_MODULES = {"dense", "linear", "proj", "fc"}
 
 def strip_prefixes(name: str, prefixes: tuple[str, ...]) -> str:
     """``name`` without any of ``prefixes`` at its start, however many and in whatever order."""
+    if not name.startswith(prefixes):  # the common case, in one call (it runs for every tensor name)
+        return name
     changed = True
     while changed:
         changed = False

@@ -6,13 +6,16 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import file_digests
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint
+from dora_analysis.readers.safetensors_file import SafetensorsReader
 
 
 def _safetensors_bytes(tmp_path: Path) -> bytes:
@@ -68,3 +71,47 @@ def test_bad_safetensors_files(tmp_path: Path, case: str, needle: str) -> None:
     if case == "offsets_past_eof":
         assert "b.weight" in message
     assert file_digests(path) == before
+
+
+def _assert_same_as_safe_open(path: Path) -> None:
+    reader = SafetensorsReader(path)
+    with safe_open(str(path), framework="pt") as reference:
+        for name in reference.keys():  # noqa: SIM118 - safe_open has no __iter__
+            got, want = reader.get(name), reference.get_tensor(name)
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            assert torch.equal(got, want), name
+            assert got.is_contiguous(), name
+
+
+def test_views_equal_safe_open_for_every_dtype_and_shape(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(3, 5, generator=g).bfloat16(),
+        "b": torch.tensor(3.5, dtype=torch.float64),
+        "c": torch.arange(7, dtype=torch.int8),
+        "d": torch.randn(2, 3, 4, generator=g),
+        "e": torch.zeros(0, 4, dtype=torch.float16),
+        "f": torch.tensor([True, False]),
+        "g": torch.randn(1, generator=g).half(),
+    }
+    save_file(tensors, tmp_path / "x.safetensors")
+    _assert_same_as_safe_open(tmp_path / "x.safetensors")
+
+
+def test_unaligned_offsets_and_writes_never_reach_the_file(tmp_path: Path) -> None:
+    # an F32 tensor 2 bytes into the data: not a whole float32 from the map's start
+    header = {
+        "h": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]},
+        "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [2, 18]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    data = np.array([0x3F80], dtype="<u2").tobytes() + np.arange(4, dtype="<f4").tobytes()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    before = path.read_bytes()
+    _assert_same_as_safe_open(path)
+    reader = SafetensorsReader(path)
+    assert torch.equal(reader.get("w"), torch.arange(4.0).reshape(2, 2))
+    reader.get("h").fill_(7.0)  # a private mapping: the caller's write stays in memory
+    assert path.read_bytes() == before

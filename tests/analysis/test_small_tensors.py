@@ -1,0 +1,165 @@
+"""Small tensors compared in stacked batches give what each tensor gives alone, and NumPy float64's."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dora_analysis.analysis import tensor_major
+from dora_analysis.analysis.comparison import compare, compare_many
+from dora_analysis.analysis.decomposition import row_changes, row_scalars_many, summarize_many
+from dora_analysis.analysis.small_tensors import deltas_of_many, row_of
+
+EPS64 = float(np.finfo(np.float64).eps)
+FIELDS = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
+
+
+def _mixed_items(seed: int = 0, count: int = 60):
+    """Small tensors of several row shapes, dtypes and strides, some with a second tuned tensor;
+    zero, NaN and unchanged rows among them."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 8), (8, 4), (3, 5), (16, 16), (1, 7)]
+    dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
+    items = []
+    for j in range(count):
+        k, n = shapes[j % len(shapes)]
+        dtype = dtypes[(j // len(shapes)) % len(dtypes)]
+        base = torch.randn(k, n, generator=g, dtype=torch.float64)
+        tuned = base * (1 + 0.05 * torch.randn(k, 1, generator=g, dtype=torch.float64))
+        tuned += 0.01 * torch.randn(k, n, generator=g, dtype=torch.float64)
+        if j % 7 == 3:
+            base[0] = 0.0  # an excluded row
+        if j % 11 == 5:
+            tuned[-1, 0] = math.nan  # a nonfinite tuned tensor
+        if j % 13 == 2:
+            tuned = base.clone()  # unchanged
+        base_rows = base.to(dtype)
+        if j % 3 == 1:  # a transposed (Conv1D-like) view: strided rows
+            base_rows = base.T.contiguous().to(dtype).T
+        tuned_list = [(0, tuned.to(dtype))]
+        if j % 2 == 0:
+            tuned_list.append((2, (tuned + 0.001).to(torch.float32)))
+        items.append((base_rows, tuned_list))
+    return items
+
+
+def _alone(base: torch.Tensor, tuned: list[tuple[int, torch.Tensor]]):
+    """The per-tensor path: one tensor's row_scalars_many -> row_changes -> summarize_many."""
+    changes = row_changes(row_scalars_many(base, [t for _, t in tuned]))
+    deltas = summarize_many(changes)
+    return {index: deltas[i] for i, (index, _) in enumerate(tuned)}, {
+        index: row_of(changes, i) for i, (index, _) in enumerate(tuned)
+    }
+
+
+def _tolerance(features: int) -> float:
+    """Relative error bound of a float64 sum of ``features`` exact products (any order), doubled for
+    the ratios and the mean over rows built from it."""
+    return 4 * features * EPS64
+
+
+def test_batched_equals_each_tensor_alone() -> None:
+    items = _mixed_items()
+    batched = deltas_of_many(items, per_row=True)
+    statuses = set()
+    for (base, tuned), (deltas, changes) in zip(items, batched, strict=True):
+        want_deltas, want_changes = _alone(base, tuned)
+        assert deltas.keys() == want_deltas.keys() == changes.keys()
+        rtol = _tolerance(base.shape[1])
+        for index, want in want_deltas.items():
+            got = deltas[index]
+            statuses.add(got.status)
+            assert (got.rows, got.rows_excluded, got.status) == (want.rows, want.rows_excluded, want.status)
+            for field in (
+                "delta_magnitude",
+                "delta_direction",
+                "base_magnitude_mean",
+                "tuned_magnitude_mean",
+            ):
+                np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=rtol, atol=0)
+            for field in FIELDS:
+                # 1 - cos comes from |a|^2 |d|^2 - (a.d)^2: its error is relative to |d|^2 / |w|^2
+                # (below 1 here), not to its own value
+                np.testing.assert_allclose(
+                    getattr(changes[index], field).double().numpy(),
+                    getattr(want_changes[index], field).double().numpy(),
+                    rtol=rtol,
+                    atol=rtol if field == "direction_change" else 0,
+                )
+    assert {"ok", "nonfinite tuned"} <= statuses
+
+
+def _numpy_delta(base: np.ndarray, tuned: np.ndarray) -> tuple[float, float]:
+    """ΔM and ΔD in float64 NumPy over the rows where both norms are nonzero."""
+    na, nw = np.linalg.norm(base, axis=1), np.linalg.norm(tuned, axis=1)
+    valid = (na > 0) & (nw > 0)
+    cos = np.sum(base * tuned, axis=1)[valid] / (na[valid] * nw[valid])
+    return float(np.mean(np.abs(nw - na)[valid])), float(np.mean(1 - cos))
+
+
+def test_batched_agrees_with_numpy_float64() -> None:
+    items = [item for item in _mixed_items(seed=1) if item[0].dtype != torch.float16]
+    for (base, tuned), (deltas, _) in zip(items, deltas_of_many(items), strict=True):
+        for index, rows in tuned:
+            got = deltas[index]
+            if got.status != "ok":
+                continue
+            # the update d = w - a is formed in float32 (exact for bf16/fp16, rounded for fp32)
+            a = base.double().numpy()
+            w = a + (rows.float() - base.float()).double().numpy() if base.dtype != torch.float64 else None
+            w = rows.double().numpy() if w is None else w
+            dm, dd = _numpy_delta(a, w)
+            # NumPy's 1 - cos cancels: absolute error ~ features * eps64 per row
+            np.testing.assert_allclose(got.delta_magnitude, dm, rtol=1e-9)
+            assert abs(got.delta_direction - dd) <= 8 * base.shape[1] * EPS64 + 1e-9 * dd
+
+
+def _write_pair(folder: Path, count: int, seed: int = 0) -> tuple[Path, Path, dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    base, tuned = {}, {}
+    for j in range(count):
+        shape = (4, 6) if j % 2 else (6, 4)
+        name = f"model.layers.{j // 3}.mlp.experts.{j}.{('gate', 'up', 'down')[j % 3]}_proj.weight"
+        base[name] = (0.02 * torch.randn(shape, generator=g)).bfloat16()
+        tuned[name] = (base[name].float() + 0.002 * torch.randn(shape, generator=g)).bfloat16()
+    # one large tensor between them: the per-tensor path in the same comparison
+    base["model.layers.0.self_attn.q_proj.weight"] = torch.randn(300, 300, generator=g).bfloat16()
+    tuned["model.layers.0.self_attn.q_proj.weight"] = torch.randn(300, 300, generator=g).bfloat16()
+    save_file(base, folder / "base.safetensors")
+    save_file(tuned, folder / "tuned.safetensors")
+    return folder / "base.safetensors", folder / "tuned.safetensors", base, tuned
+
+
+def test_compare_batched_equals_compare_per_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, tuned, _, _ = _write_pair(tmp_path, 90)
+    batched = compare_many(base, [tuned, base])
+    per_row = compare(base, tuned, per_row=True)
+    monkeypatch.setattr(tensor_major, "SMALL_ELEMENTS", 0)  # every tensor alone
+    alone = compare_many(base, [tuned, base])
+    alone_rows = compare(base, tuned, per_row=True)
+    for got, want in zip(batched, alone, strict=True):
+        assert list(got["tensor"]) == list(want["tensor"]) and len(got) == 91
+        for column in ("delta_magnitude", "delta_direction", "base_magnitude_mean", "tuned_magnitude_mean"):
+            np.testing.assert_allclose(got[column], want[column], rtol=_tolerance(300), atol=0)
+        assert list(got["status"]) == list(want["status"])
+    assert (batched[1]["delta_magnitude"] == 0).all()  # the base against itself
+    assert list(per_row["row"]) == list(alone_rows["row"])
+    np.testing.assert_allclose(
+        per_row["delta_direction"], alone_rows["delta_direction"], rtol=_tolerance(300)
+    )
+
+
+@pytest.mark.slow
+def test_twenty_thousand_tiny_tensors_match_numpy(tmp_path: Path) -> None:
+    base_path, tuned_path, base, tuned = _write_pair(tmp_path, 20_000, seed=3)
+    frame = compare(base_path, tuned_path).set_index("tensor")
+    assert len(frame) == 20_001 and (frame["status"] == "ok").all()
+    for name in list(base)[::997]:
+        dm, dd = _numpy_delta(base[name].double().numpy(), tuned[name].double().numpy())
+        np.testing.assert_allclose(frame.loc[name, "delta_magnitude"], dm, rtol=1e-9)
+        assert abs(frame.loc[name, "delta_direction"] - dd) <= 8 * 6 * EPS64 + 1e-9 * dd
