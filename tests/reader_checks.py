@@ -53,3 +53,36 @@ def check_against_peft(
         want = ref_by_canon[canonical_name(name)]
         assert got.shape == want.shape == reader.shape(name)
         torch.testing.assert_close(got, want.to(torch.float32), atol=1e-5, rtol=0)
+
+
+class MemoryReader:
+    """A CheckpointReader over a dict, counting get() calls."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str, partial: bool = False):
+        self.tensors, self.source, self.partial = tensors, Path(source), partial
+        self.reads: list[str] = []
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        self.reads.append(name)
+        return self.tensors[name]
+
+    def low_rank(self, name: str):
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass

@@ -2,48 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from reader_checks import MemoryReader
 
 from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.errors import InputError
 from dora_analysis.schema import COLUMNS
-
-
-class MemoryReader:
-    """A CheckpointReader over a dict, counting get() calls."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor], source: str, partial: bool = False):
-        self.tensors, self.source, self.partial = tensors, Path(source), partial
-        self.reads: list[str] = []
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.tensors[name].shape)
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.tensors[name].dtype
-
-    def get(self, name: str) -> torch.Tensor:
-        self.reads.append(name)
-        return self.tensors[name]
-
-    def low_rank(self, name: str):
-        return None
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 def _reference_delta(w0: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
