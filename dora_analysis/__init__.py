@@ -76,6 +76,7 @@ _EXPORTS = {
     "DecompositionTracker": "dora_analysis.tracking.tracker",
     "DecompositionCallback": "dora_analysis.tracking.callback",
     "read_tracked": "dora_analysis.tracking.output",
+    "DeltasRecorder": "dora_analysis.tracking.recorder",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -62,6 +62,7 @@ def _optimizer(parameters: list[torch.nn.Parameter], config: TrainConfig) -> tor
 
 
 ProgressCallback = Callable[[int], None]
+TrackHook = Callable[[torch.nn.Module, int], None]  # (the model being trained, step): e.g. ΔM/ΔD
 
 
 def _total(norm: torch.Tensor) -> float:
@@ -69,7 +70,9 @@ def _total(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> Path:
+def train(
+    config: TrainConfig, *, progress: ProgressCallback | bool = True, track: TrackHook | None = None
+) -> Path:
     """Train ``config.method`` and write the checkpoint series; returns the run folder.
 
     Args:
@@ -77,6 +80,8 @@ def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> P
         progress: ``True`` shows a tqdm bar on stderr (steps, loss, s/step); ``False`` nothing; a
             callable is called with ``1`` after every step instead (e.g. ``bar.update`` of one bar
             that spans several runs).
+        track: called with the model and the step at step 0 and every ``config.track_every`` steps
+            (the train command's ``--track-every`` passes a recorder writing ``RUN_DIR/deltas.csv``).
 
     Returns:
         ``config.out``, holding ``run.json`` and ``checkpoint-<step>/`` folders.
@@ -110,7 +115,7 @@ def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> P
         try:
             with torch.random.fork_rng(devices=[]):  # seed dropout without touching the caller's RNG
                 torch.manual_seed(config.seed)
-                return _run(config, model_path, task, out, progress if ranks.main else False, ranks)
+                return _run(config, model_path, task, out, progress if ranks.main else False, ranks, track)
         except BaseException:
             if created:  # e.g. --targets that match nothing: leave no empty RUN_DIR behind
                 remove_if_empty(out)
@@ -135,6 +140,7 @@ def _run(
     out: Path,
     progress: ProgressCallback | bool,
     ranks: Ranks,
+    track: TrackHook | None = None,
 ) -> Path:
     from transformers import AutoTokenizer
 
@@ -223,6 +229,9 @@ def _run(
     generator = torch.Generator().manual_seed(config.seed)
     batches = train_batches(len(train_data.ids), config.batch_size, generator)
     wrapped.train()
+    track = track if config.track_every else None
+    if track is not None:
+        track(wrapped, 0)  # every rank: FSDP2 gathers the shards
     started = time.perf_counter()
     losses: list[float] = []
     step = 0
@@ -256,6 +265,8 @@ def _run(
                     }
                 )
                 losses = []
+            if track is not None and (step % config.track_every == 0 or step == config.steps):
+                track(wrapped, step)
             if step % config.save_every == 0 or step == config.steps:
                 whole = full_model(wrapped, shadow, config.fsdp)  # a collective under FSDP2
                 if ranks.main:
