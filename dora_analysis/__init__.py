@@ -77,6 +77,8 @@ _EXPORTS = {
     "DecompositionCallback": "dora_analysis.tracking.callback",
     "read_tracked": "dora_analysis.tracking.output",
     "DeltasRecorder": "dora_analysis.tracking.recorder",
+    "trajectories_figure": "dora_analysis.views.trajectories",
+    "write_trajectories": "dora_analysis.views.trajectories",
 }
 
 __all__ = sorted(_EXPORTS)

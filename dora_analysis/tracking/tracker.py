@@ -31,6 +31,7 @@ from dora_analysis.analysis.series import SERIES_COLUMNS
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint, resolve_model
 from dora_analysis.readers.base import CheckpointReader
+from dora_analysis.readers.names import match_names
 from dora_analysis.tracking.live import LiveReader, live_model
 
 __all__ = ["DecompositionTracker", "module_means"]
@@ -44,7 +45,8 @@ class DecompositionTracker:
             adapter layers, or any ``nn.Module`` (DDP and FSDP2 wrapped ones too: every rank must
             call :meth:`record` under FSDP2, whose shards are gathered one tensor at a time).
         base: the pre-trained checkpoint (path or cached model id). Default: for LoRA/DoRA the frozen
-            weights inside the model; for full fine-tuning the model's ``name_or_path``.
+            weights inside the model (those the model's ``name_or_path`` checkpoint holds, where it
+            names one); for full fine-tuning the model's ``name_or_path``.
         run: the ``run`` column (default ``"run"``); method: the ``method`` column (default: from the
             model's layers: ``ft``, ``lora`` or ``dora``).
         include, exclude, layout: as :func:`dora_analysis.compare`.
@@ -79,7 +81,8 @@ class DecompositionTracker:
         self._base: CheckpointReader
         self._owned: CheckpointReader | None = None
         if base is None and found.method != "ft":
-            self._base = LiveReader(self._config_dir, found.base, partial=False)
+            frozen = _in_base_checkpoint(model, found.base)
+            self._base = LiveReader(self._config_dir, frozen, partial=False)
         else:
             self._base = self._owned = open_checkpoint(_base_path(model, base))
         self.device = torch.device(device) if device is not None else _model_device(model)
@@ -202,6 +205,19 @@ def _base_path(model: nn.Module, base: str | os.PathLike | None) -> Path:
                 "a fully fine-tuned model without name_or_path: pass base= (the pre-trained checkpoint)",
             )
     return resolve_model(base)
+
+
+def _in_base_checkpoint(model: nn.Module, frozen: dict) -> dict:
+    """The frozen tensors the model's base checkpoint also holds, by their stored names (a PEFT classifier over an encoder
+    saved without a head compares its head with nothing, as ``compare`` on the files would); all of
+    them where the model names no readable checkpoint. Only the names are read."""
+    try:
+        with open_checkpoint(_base_path(model, None)) as reader:
+            stored = reader.names()
+    except InputError:
+        return frozen
+    # keyed by the stored names, so that the ``tensor`` column is the checkpoint's, as in ``compare``
+    return {stored_name: frozen[name] for stored_name, name in match_names(stored, list(frozen)).pairs}
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -38,6 +38,11 @@ def test_track_every_writes_the_rows_of_the_saved_checkpoints(method, tmp_path):
     from_files = dora_analysis.correlations(series.assign(run=deltas["run"].iloc[0]), resamples=50)
     pd.testing.assert_series_equal(tracked["n"], from_files["n"])
     np.testing.assert_allclose(tracked["r"], from_files["r"], rtol=1e-6)
+    # the figures command reads the tracked frame as well: the paper's figures and the trajectories
+    figures = tmp_path / "figures"
+    assert main(["figures", str(out / "deltas.csv"), "--out", str(figures), "--formats", "png"]) == 0
+    names = {p.name for p in figures.iterdir()}
+    assert {"trajectories_query.png", "trajectories_value.png", "direction_magnitude_query.png"} <= names
 
 
 def test_track_every_must_be_positive(tmp_path, capsys):
