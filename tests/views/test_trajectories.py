@@ -35,7 +35,10 @@ def test_each_layer_is_one_line_through_its_steps_in_order():
     df = frame()
     fig = trajectories_figure(df, "query")
     axes = fig.axes
-    assert [ax.get_title().split("\n")[0] for ax in axes] == ["FT (ft)", "DoRA (dora)"]  # methods in the paper's order
+    assert [ax.get_title().split("\n")[0] for ax in axes] == [
+        "FT (ft)",
+        "DoRA (dora)",
+    ]  # methods in the paper's order
     for ax, method in zip(axes, ("ft", "dora"), strict=True):
         lines = ax.get_lines()
         assert len(lines) == 3  # one per layer
