@@ -135,3 +135,36 @@ def test_bad_output_suffix_is_refused_at_once(tmp_path):
         dora_analysis.DecompositionCallback(every=5, output=tmp_path / "deltas.txt")
     with pytest.raises(ValueError, match="every"):
         dora_analysis.DecompositionCallback(every=0)
+
+
+@pytest.mark.slow
+def test_evaluations_fill_the_eval_columns_as_analyze_series_reads_them(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = build("bert", "lora", tmp_path / "base")
+    callback = dora_analysis.DecompositionCallback(every=2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, eval_strategy="steps", eval_steps=2,
+        per_device_train_batch_size=4, learning_rate=2e-2, report_to=[], use_cpu=True, seed=0,
+        disable_tqdm=True,
+    )  # fmt: skip
+
+    def accuracy(prediction) -> dict:
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    data = dataset("bert")
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=data[:8], compute_metrics=accuracy
+    )
+    callback.add_to(trainer)  # ahead of the reporters
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    tracked = read_tracked(tmp_path / "run" / "deltas.csv")
+    series = dora_analysis.analyze_series(tmp_path / "base", tmp_path / "run")
+    for step in (2, 4):
+        mine = tracked[tracked.step == step]
+        theirs = series[series.step == step]
+        assert set(mine["eval_metric_name"]) == {"eval_accuracy"}
+        np.testing.assert_array_equal(mine["eval_metric"].to_numpy(), theirs["eval_metric"].to_numpy())
+        np.testing.assert_array_equal(mine["eval_loss"].to_numpy(), theirs["eval_loss"].to_numpy())
+    assert tracked[tracked.step == 0]["eval_metric"].isna().all()
