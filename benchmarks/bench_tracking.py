@@ -7,7 +7,8 @@ against the base checkpoint on disk, the costliest case) and PEFT DoRA on query/
 The three settings are timed in interleaved rounds (a fresh model each time, only
 ``trainer.train()`` timed), and per round the ratio to that round's run without the callback is
 taken: the median ratio and its spread (min-max over rounds) are printed, target <= 1.05 at
-``every=50``. Peak memory added: resident set size sampled every 5 ms during training (psutil) above
+``every=50``; beside it the callback's own share of the time (its events timed inside the runs),
+which a shared machine's drift between runs does not blur. Peak memory added: resident set size sampled every 5 ms during training (psutil) above
 the RSS at its start, medians over rounds; and tracemalloc's peak of Python allocations in one extra untimed run each.
 
     python benchmarks/bench_tracking.py                  # 100 steps, 3 rounds (~10 min on 2 shared cores)
@@ -70,6 +71,29 @@ def fresh_model(model_path: Path, labels: int, method: str) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
+def timed(event):
+    """``event`` adding its duration to the callback's ``seconds``."""
+
+    def wrapper(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return event(self, *args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    return wrapper
+
+
+class TimedCallback(dora_analysis.DecompositionCallback):
+    """The callback, adding up the time spent in its events (the records, the writes)."""
+
+    seconds = 0.0
+    on_train_begin = timed(dora_analysis.DecompositionCallback.on_train_begin)
+    on_step_end = timed(dora_analysis.DecompositionCallback.on_step_end)
+    on_save = timed(dora_analysis.DecompositionCallback.on_save)
+    on_train_end = timed(dora_analysis.DecompositionCallback.on_train_end)
+
+
 @contextlib.contextmanager
 def rss_peak(result: dict):
     """``result["rss_mb"]``: the peak RSS above the RSS at entry, sampled every 5 ms."""
@@ -101,7 +125,7 @@ def one_run(model_path, data, labels, tokenizer, method, every, steps, folder, t
         output_dir=str(folder), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-4,
         save_strategy="no", report_to=[], logging_steps=10**6, disable_tqdm=True, use_cpu=True, seed=0,
     )  # fmt: skip
-    callbacks = [] if every is None else [dora_analysis.DecompositionCallback(every=every)]
+    callbacks = [] if every is None else [TimedCallback(every=every)]
     trainer = Trainer(
         model=model, args=args, train_dataset=data, data_collator=DataCollatorWithPadding(tokenizer),
         callbacks=callbacks,
@@ -117,6 +141,7 @@ def one_run(model_path, data, labels, tokenizer, method, every, steps, folder, t
         started = time.perf_counter()
         trainer.train()
         result["seconds"] = time.perf_counter() - started
+    result["callback_seconds"] = callbacks[0].seconds if callbacks else 0.0
     return result
 
 
@@ -167,6 +192,10 @@ def summarize(runs: dict, traced: dict) -> dict:
             "ratio_median": round(statistics.median(ratios), 4),
             "ratio_min": round(min(ratios), 4),
             "ratio_max": round(max(ratios), 4),
+            # the callback's own share of its runs' time: less exposed to a loaded machine's drift
+            "callback_share_median": round(
+                statistics.median(r["callback_seconds"] / r["seconds"] for r in runs[every]), 4
+            ),
             "rss_added_mb": round(
                 statistics.median(r["rss_mb"] for r in runs[every])
                 - statistics.median(b["rss_mb"] for b in baseline),
