@@ -165,7 +165,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for method in options.methods.split(","):
             runs: dict = {every: [] for every in SETTINGS}
-            one_run(model_path, data, labels, tokenizer, method, None, 3, Path(tmp) / "warm-up")
+            # warm-up with a record at every step: numba compiles the dense kernels on their first call
+            one_run(model_path, data, labels, tokenizer, method, 1, 2, Path(tmp) / f"warm-up-{method}")
             for round_index in range(options.rounds):
                 order = SETTINGS if round_index % 2 == 0 else SETTINGS[::-1]  # alternate to cancel drift
                 for every in order:
