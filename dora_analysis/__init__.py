@@ -20,6 +20,8 @@ starts fast:
   :func:`save_adapter`, :func:`load_adapter`
 - training: :class:`TrainConfig`, :func:`train`, :func:`load_trained_model`, :func:`default_model_path`
 - the demo: :class:`DemoConfig`, :func:`run_demo`
+- while training: :class:`DecompositionTracker` (any loop), :class:`DecompositionCallback`
+  (``transformers.Trainer``), :func:`read_tracked` (their ``deltas.csv``), :func:`trajectories_figure`
 - the update's shape (``metrics="spectrum,intruders"``): :class:`SpectrumOptions`,
   :func:`spectrum_layers_figure`, :func:`intruders_figure`, :func:`subspace_figure`,
   :func:`write_spectrum_figures`, :func:`spectrum_table`
@@ -78,6 +80,12 @@ _EXPORTS = {
     "split_name": "dora_analysis.readers.names",
     "model_layout": "dora_analysis.readers.layout",
     "resolve_model": "dora_analysis.readers",
+    "DecompositionTracker": "dora_analysis.tracking.tracker",
+    "DecompositionCallback": "dora_analysis.tracking.callback",
+    "read_tracked": "dora_analysis.tracking.output",
+    "DeltasRecorder": "dora_analysis.tracking.recorder",
+    "trajectories_figure": "dora_analysis.views.trajectories",
+    "write_trajectories": "dora_analysis.views.trajectories",
 }
 
 __all__ = sorted(_EXPORTS)

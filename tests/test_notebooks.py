@@ -76,6 +76,7 @@ def test_notebooks_are_saved_without_outputs():
         "02_training_dynamics.ipynb",
         "03_peft_adapters.ipynb",
         "04_update_spectrum.ipynb",
+        "05_tracking.ipynb",
     }
 
 
@@ -159,3 +160,20 @@ def test_update_spectrum_notebook(tiny, tmp_path, kernel_dirs):
     text = outputs_text(nb)
     assert "effective_rank" in text.replace("update_", "") and "subspace_to_final" in text
     assert images(nb) == 3
+
+
+@pytest.mark.slow
+def test_tracking_notebook(tmp_path, kernel_dirs):
+    from tiny_models import save_tiny_encoder
+
+    model = save_tiny_encoder(tmp_path / "tiny")
+    nb = run_notebook(
+        "05_tracking.ipynb",
+        {"MODEL": str(model), "METHOD": "dora", "STEPS": 4, "EVERY": 2, "OUT": str(tmp_path / "run")},
+        tmp_path,
+        kernel_dirs,
+    )
+    text = outputs_text(nb)
+    assert "3 steps x" in text and "dora/attention.self.query/delta_magnitude" in text
+    assert images(nb) == 2  # the query and value trajectories
+    assert (tmp_path / "run" / "deltas.csv").is_file()

@@ -25,8 +25,23 @@ def _formats(value: str) -> tuple[str, ...]:
     return formats
 
 
+def _tracked(paths: list[Path], method: str | None):
+    """The tracked frames in ``paths`` as one series (``method`` replaces their method column)."""
+    import pandas as pd
+
+    from dora_analysis.tracking.output import read_tracked
+
+    series = pd.concat([read_tracked(p) for p in paths], ignore_index=True)
+    return series.assign(method=method) if method else series
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder (checkpoint-<step>/ inside)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run folder (checkpoint-<step>/ inside), or a tracked deltas.csv/.parquet (train --track-every)",
+    )
     parser.add_argument("--base", help="pre-trained checkpoint (default: run.json's base_model)")
     parser.add_argument(
         "--out", type=output_folder, default=Path("figures"), help="output folder (default figures/)"
@@ -53,8 +68,14 @@ def run(args: argparse.Namespace) -> int:
     from dora_analysis.views.figures import write_figures
     from dora_analysis.views.tables import render
 
+    tracked = [Path(r) for r in args.runs if Path(r).suffix.lower() in (".csv", ".parquet")]
+    if tracked and len(tracked) != len(args.runs):
+        raise InputError.of(tracked[0], "give either tracked frames (.csv/.parquet) or run folders, not both")
     try:
-        series = analyze_series(args.base, args.runs, method=args.method, progress=True)
+        if tracked:
+            series = _tracked(tracked, args.method)
+        else:
+            series = analyze_series(args.base, args.runs, method=args.method, progress=True)
     except InputError as error:
         if args.base is None and str(error).endswith(_NO_BASE):  # name the option that gives it
             raise InputError(
@@ -74,12 +95,16 @@ def run(args: argparse.Namespace) -> int:
     written = write_figures(
         series,
         args.out,
-        history=training_history(args.runs, method=args.method),
+        history=None if tracked else training_history(args.runs, method=args.method),
         table=table,
         modules=modules,
         formats=args.formats,
         overwrite=args.overwrite,
     )
+    if tracked:  # dense steps: each layer's path as well
+        from dora_analysis.views.trajectories import write_trajectories
+
+        written.update(write_trajectories(series, args.out, modules, args.formats, overwrite=args.overwrite))
     print(render(table, "table"), end="")
     for paths in written.values():
         for path in paths:

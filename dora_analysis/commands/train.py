@@ -159,6 +159,13 @@ def _add_execution_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="under torchrun: shard the model with FSDP2 (fully_shard) instead of data-parallel DDP",
     )
+    parser.add_argument(
+        "--track-every",
+        type=at_least(1),
+        default=None,
+        metavar="N",
+        help="record ΔM and ΔD of the live model at step 0 and every N steps into RUN_DIR/deltas.csv",
+    )
     add_quiet_argument(parser)
 
 
@@ -166,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     require_module("transformers")  # the [train] extra: say so before RUN_DIR is touched
-    from dora_analysis.training import TrainConfig, train
+    from dora_analysis.training import TrainConfig, default_model_path, train
 
     config = TrainConfig(
         method=args.method,
@@ -198,8 +205,19 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         fsdp=args.fsdp,
+        track_every=args.track_every,
     )
-    out = train(config, progress=not args.quiet)
+    from dora_analysis.tracking.recorder import DELTAS_FILE, DeltasRecorder
+
+    track = None
+    if args.track_every:  # the base read from its folder: its names in the rows, as analyze_series
+        base = args.model or default_model_path()
+        track = DeltasRecorder(args.out / DELTAS_FILE, method=args.method, base=base)
+    try:
+        out = train(config, progress=not args.quiet, track=track)
+    finally:
+        if track is not None:
+            track.close()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
         return 0
     from dora_analysis.readers.runs import read_run_record

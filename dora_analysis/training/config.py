@@ -86,6 +86,7 @@ class TrainConfig:
     device: str = "cpu"  # torch device; under torchrun ``cuda`` means each process's own GPU
     precision: Precision = "fp32"  # "bf16"/"fp16": autocast (fp16 with a GradScaler); weights stay fp32
     fsdp: bool = False  # under torchrun: shard with FSDP2 (fully_shard) instead of DDP
+    track_every: int | None = None  # call train(track=...) at step 0 and every this many steps (ΔM/ΔD)
 
     @property
     def learning_rate(self) -> float:
@@ -118,6 +119,8 @@ def check_config(config: TrainConfig) -> Path:
             raise InputError.of(
                 f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(config, name)}"
             )
+    if config.track_every is not None and config.track_every < 1:
+        raise InputError.of("--track-every", f"must be at least 1, got {config.track_every}")
     if config.optimizer not in OPTIMIZERS:
         raise InputError.of(
             "--optimizer", f"unknown optimizer {config.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}"

@@ -74,6 +74,7 @@ def _decay_groups(named: list[tuple[str, torch.nn.Parameter]], config: TrainConf
 
 
 ProgressCallback = Callable[[int], None]
+TrackHook = Callable[[torch.nn.Module, int], None]  # (the model being trained, step): e.g. ΔM/ΔD
 
 
 def _total(norm: torch.Tensor) -> float:
@@ -81,7 +82,9 @@ def _total(norm: torch.Tensor) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> Path:
+def train(
+    config: TrainConfig, *, progress: ProgressCallback | bool = True, track: TrackHook | None = None
+) -> Path:
     """Train ``config.method`` and write the checkpoint series; returns the run folder.
 
     Args:
@@ -89,6 +92,8 @@ def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> P
         progress: ``True`` shows a tqdm bar on stderr (steps, loss, s/step); ``False`` nothing; a
             callable is called with ``1`` after every step instead (e.g. ``bar.update`` of one bar
             that spans several runs).
+        track: called with the model and the step at step 0 and every ``config.track_every`` steps
+            (the train command's ``--track-every`` passes a recorder writing ``RUN_DIR/deltas.csv``).
 
     Returns:
         ``config.out``, holding ``run.json`` and ``checkpoint-<step>/`` folders.
@@ -122,7 +127,7 @@ def train(config: TrainConfig, *, progress: ProgressCallback | bool = True) -> P
         try:
             with torch.random.fork_rng(devices=[]):  # seed dropout without touching the caller's RNG
                 torch.manual_seed(config.seed)
-                return _run(config, model_path, task, out, progress if ranks.main else False, ranks)
+                return _run(config, model_path, task, out, progress if ranks.main else False, ranks, track)
         except BaseException:
             if created:  # e.g. --targets that match nothing: leave no empty RUN_DIR behind
                 remove_if_empty(out)
@@ -181,6 +186,7 @@ def _run(
     out: Path,
     progress: ProgressCallback | bool,
     ranks: Ranks,
+    track: TrackHook | None = None,
 ) -> Path:
     """Set up, evaluate the untrained model, write run.json, then train (see :func:`_train_steps`)."""
     setup = _set_up(config, model_path, task, ranks)
@@ -196,9 +202,12 @@ def _run(
         len(setup.train_data.ids), config.batch_size, torch.Generator().manual_seed(config.seed)
     )
     setup.wrapped.train()
+    track = track if config.track_every else None
+    if track is not None:
+        track(setup.wrapped, 0)  # every rank: FSDP2 gathers the shards
     state.started = time.perf_counter()
     try:
-        _train_steps(setup, state, record, out, batches, _reporter(bar, progress, state))
+        _train_steps(setup, state, record, out, batches, _reporter(bar, progress, state), track)
     except KeyboardInterrupt:
         record.update(status="interrupted", interrupted_at_step=state.step)
         raise
@@ -332,8 +341,10 @@ def _train_steps(
     out: Path,
     batches: Iterator[tuple[int, Any]],
     report: Callable[[float], None],
+    track: TrackHook | None = None,
 ) -> None:
-    """Every optimizer step; a log entry every ``log_every``, a checkpoint every ``save_every`` steps.
+    """Every optimizer step; a log entry every ``log_every``, ``track`` every ``track_every`` and a
+    checkpoint every ``save_every`` steps.
 
     ``batches`` yields ``(epoch, batch index)``; ``report`` is called with each step's loss.
     """
@@ -347,6 +358,8 @@ def _train_steps(
         epoch = round(epoch_index + (step % batches_per_epoch or batches_per_epoch) / batches_per_epoch, 4)
         if step % config.log_every == 0 or step == config.steps:
             _log_losses(state, epoch, grad_norm, learning_rate)
+        if track is not None and (step % config.track_every == 0 or step == config.steps):
+            track(setup.wrapped, step)
         if step % config.save_every == 0 or step == config.steps:
             _save(setup, state, record, out, epoch)
         report(step_loss)
