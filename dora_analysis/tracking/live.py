@@ -25,8 +25,8 @@ from torch import nn
 
 from dora_analysis.adapters.lora import WrappedLinear
 from dora_analysis.errors import InputError
+from dora_analysis.factors import merge_low_rank
 from dora_analysis.readers.base import LowRankUpdate
-from dora_analysis.readers.merge import merge_low_rank
 from dora_analysis.readers.names import strip_prefixes
 
 __all__ = ["LiveAdapter", "LiveReader", "LiveModel", "live_model", "full_tensor"]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from dora_analysis.analysis.series import SERIES_COLUMNS
 from dora_analysis.atomic import atomic_path
 from dora_analysis.errors import InputError
+from dora_analysis.schema import SERIES_COLUMNS
 
 __all__ = ["FORMATS", "frame_format", "write_tracked", "read_tracked", "rows_up_to"]
 

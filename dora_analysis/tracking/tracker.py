@@ -3,7 +3,7 @@
 Each :meth:`~DecompositionTracker.record` compares the live model with its pre-trained weights
 through the same comparison as :func:`dora_analysis.compare` (the same selection, layouts, names and
 row math), so its rows are the rows :func:`dora_analysis.analyze_series` gives for a checkpoint saved
-at that step: columns :data:`~dora_analysis.analysis.series.SERIES_COLUMNS`, ``checkpoint`` empty
+at that step: columns :data:`~dora_analysis.schema.SERIES_COLUMNS`, ``checkpoint`` empty
 and the evaluation columns NaN (nothing was evaluated).
 
 LoRA/DoRA models are analysed from their live factors over the frozen base weight in the model (no
@@ -26,12 +26,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from dora_analysis.analysis.comparison import compare_many, sort_rows
-from dora_analysis.analysis.series import SERIES_COLUMNS
+from dora_analysis.analysis.comparison import compare_many
 from dora_analysis.errors import InputError
 from dora_analysis.readers import open_checkpoint, resolve_model
 from dora_analysis.readers.base import CheckpointReader
 from dora_analysis.readers.names import match_names
+from dora_analysis.schema import SERIES_COLUMNS, sort_rows
 from dora_analysis.tracking.live import LiveReader, live_model
 
 __all__ = ["DecompositionTracker", "module_means"]
