@@ -16,8 +16,10 @@ from dora_analysis.analysis.spectrum import (
     SpectrumOptions,
     factored_svd,
     intruder_count,
+    neighbour_bounds,
     randomized_svd,
     remainder_norm_bound,
+    ritz_couplings,
     tensor_spectra,
     update_metrics,
     vector_errors,
@@ -248,6 +250,32 @@ def test_vector_errors_bound_the_true_angles(decay):
         assert float(bound[0]) < 1e-3
     with pytest.raises(ValueError, match="more than k = 20"):
         vector_errors(matrix, partial, 20, remainder)  # no computed neighbour below the 20th
+
+
+def test_neighbour_bounds_are_above_the_true_values_and_sharpen_weyl():
+    n, k = 150, 10
+    trained = (torch.arange(n, dtype=torch.float64) + 8) ** -0.6  # like pre-trained weights' spectra
+    near = torch.cat(
+        [torch.linspace(4, 2, 9), torch.tensor([1 + 1e-9, 1.0]), 0.9 * torch.rand(n - 11)]
+    ).double()
+    sharper = 0
+    for seed, sigma in enumerate(
+        (trained, 0.9 ** torch.arange(n, dtype=torch.float64), near, torch.ones(n, dtype=torch.float64))
+    ):
+        matrix, _ = _known_svd(200, n, sigma.sort(descending=True).values, seed=50 + seed)
+        true_sq = np.linalg.svd(matrix.numpy(), compute_uv=False) ** 2
+        for iterations in (1, 4):
+            partial = randomized_svd(matrix, 20, power_iterations=iterations)
+            remainder = _true_remainder(matrix, partial.left)
+            values = partial.sigma.square()
+            weyl = neighbour_bounds(values, k, remainder)
+            bounds = neighbour_bounds(values, k, remainder, ritz_couplings(matrix, partial))
+            assert np.all(true_sq[1 : k + 1] <= bounds.numpy() * (1 + 1e-12)), (seed, iterations)
+            assert torch.all(bounds <= weyl)
+            sharper += int((bounds < weyl).sum())
+        if seed == 0:  # the trained-like spectrum: Weyl cannot separate σ_11 from σ_10, the bound can
+            assert float(weyl[-1]) > true_sq[9] > float(bounds[-1])
+    assert sharper > 0
 
 
 def test_remainder_norm_bound_is_above_the_true_norm_and_close_to_it():
