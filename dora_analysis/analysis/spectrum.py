@@ -58,9 +58,10 @@ them: on a flat top spectrum the unchecked intruder count came out 9 where the e
 and a near-degenerate pair σ_k ≈ σ_(k+1) rotates the k-th vector within the pair. So the
 randomised intruder count is certified (:func:`randomized_intruders`): each top-k vector's angle to
 the true one is bounded by a one-vector Davis-Kahan bound (:func:`vector_errors`) whose gap is
-measured against a lower bound on σ_(i-1) (interlacing) and an upper bound on σ_(i+1) (Weyl, with an
-upper bound on ||R||_2: ||R||_F, or :func:`remainder_norm_bound`, which fails with probability at
-most 1e-12 over its own Gaussian draws); the count is returned only where no bound lets a cosine
+measured against a lower bound on σ_(i-1) (interlacing) and an upper bound on σ_(i+1)
+(:func:`neighbour_bounds`: Weyl, or sharper a quadratic bound from the converged pairs' residuals,
+both with an upper bound on ||R||_2: ||R||_F, or :func:`remainder_norm_bound`, which fails with
+probability at most 1e-12 over its own Gaussian draws); the count is returned only where no bound lets a cosine
 cross ε. The k-th vector always has 10 computed values below it (``max(svd_rank, k) + 10`` are
 computed). Failing that, the rank is doubled and the power iterations go 4, 9, 19, ... while that
 costs less than the exact SVD, and then the matrix gets the exact SVD. φ from randomised vectors is
