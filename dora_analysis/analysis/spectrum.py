@@ -58,9 +58,10 @@ them: on a flat top spectrum the unchecked intruder count came out 9 where the e
 and a near-degenerate pair σ_k ≈ σ_(k+1) rotates the k-th vector within the pair. So the
 randomised intruder count is certified (:func:`randomized_intruders`): each top-k vector's angle to
 the true one is bounded by a one-vector Davis-Kahan bound (:func:`vector_errors`) whose gap is
-measured against a lower bound on σ_(i-1) (interlacing) and an upper bound on σ_(i+1) (Weyl, with an
-upper bound on ||R||_2: ||R||_F, or :func:`remainder_norm_bound`, which fails with probability at
-most 1e-12 over its own Gaussian draws); the count is returned only where no bound lets a cosine
+measured against a lower bound on σ_(i-1) (interlacing) and an upper bound on σ_(i+1)
+(:func:`neighbour_bounds`: Weyl, or sharper a quadratic bound from the converged pairs' residuals,
+both with an upper bound on ||R||_2: ||R||_F, or :func:`remainder_norm_bound`, which fails with
+probability at most 1e-12 over its own Gaussian draws); the count is returned only where no bound lets a cosine
 cross ε. The k-th vector always has 10 computed values below it (``max(svd_rank, k) + 10`` are
 computed). Failing that, the rank is doubled and the power iterations go 4, 9, 19, ... while that
 costs less than the exact SVD, and then the matrix gets the exact SVD. φ from randomised vectors is
@@ -95,6 +96,8 @@ __all__ = [
     "partial_remainder",
     "rank90_bounds",
     "vector_errors",
+    "ritz_couplings",
+    "neighbour_bounds",
     "remainder_norm_bound",
     "randomized_intruders",
     "factored_svd",
@@ -345,7 +348,48 @@ def remainder_norm_bound(matrix: torch.Tensor, basis: torch.Tensor, seed: int = 
     return math.sqrt(lambda_bound)
 
 
-def vector_errors(matrix: torch.Tensor, partial: PartialSVD, k: int, remainder: float) -> torch.Tensor:
+def ritz_couplings(matrix: torch.Tensor, partial: PartialSVD) -> torch.Tensor:
+    """``σ̃_j^2 ||W ṽ_j - σ̃_j u_j||^2`` ``(w,)``: how strongly each computed pair couples to what the
+    range finder missed (``u_jᵀ WWᵀ (I - UUᵀ) = σ̃_j r_jᵀ``, ``r_j`` the pair's residual). O(m n w)."""
+    residual = matrix @ partial.right - partial.left * partial.sigma  # (m, w)
+    return partial.sigma.square() * residual.square().sum(0)
+
+
+def neighbour_bounds(
+    values: torch.Tensor, k: int, remainder: float, couplings: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Upper bounds on σ_(i+1)^2 for i = 1..k ``(k,)``, from the computed ``values`` σ̃^2 ``(w,)``,
+    ``remainder`` >= ||R||_2 and (optionally) :func:`ritz_couplings`.
+
+    Weyl: σ_(i+1)^2 <= σ̃_(i+1)^2 + ||R||_2^2. Sharper where the pairs after i have converged: by
+    Cauchy, σ_(i+1)^2 <= λ_1 of ``WWᵀ`` compressed to the complement of ``u_1..u_i``; split that into
+    the pairs ``i+1..t`` (block A, top σ̃_(i+1)^2) and the rest (block C: pairs ``t+1..w`` and the
+    missed space, top <= σ̃_(t+1)^2 + ||R||_2^2), coupled only through the residuals (Ritz vectors
+    are orthogonal in ``WWᵀ``): ``||E||^2 <= Σ_(j in A) couplings_j``. For a 2 x 2 block Hermitian
+    matrix with λ_1(A) > λ_1(C), λ_1 <= λ_1(A) + ||E||^2 / (λ_1(A) - λ_1(C)) (eliminate the C part of
+    the top eigenvector). The smallest over every split t is taken.
+    """
+    weyl = values[1 : k + 1] + remainder * remainder
+    if couplings is None:
+        return weyl
+    bounds = []
+    for i in range(k):
+        below = values[i + 1]
+        coupled = torch.cumsum(couplings[i + 1 :], 0)  # ||E||^2 for t = i+1 .. w
+        top_c = torch.cat([values[i + 2 :], values.new_zeros(1)]) + remainder * remainder
+        margin = below - top_c
+        quadratic = torch.where(margin > 0, below + coupled / margin, torch.full_like(margin, math.inf))
+        bounds.append(torch.minimum(weyl[i], quadratic.min()))
+    return torch.stack(bounds)
+
+
+def vector_errors(
+    matrix: torch.Tensor,
+    partial: PartialSVD,
+    k: int,
+    remainder: float,
+    couplings: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Upper bounds on ``sin θ_i`` between each of the first ``k`` vectors ``partial.left`` ``(m, w)``
     of a randomised SVD of ``matrix`` ``(m, n)`` and the true i-th left singular vector; ``(k,)``,
     1 where no bound below 1 holds. Needs ``w > k`` (a computed neighbour below the k-th value).
@@ -353,9 +397,9 @@ def vector_errors(matrix: torch.Tensor, partial: PartialSVD, k: int, remainder: 
     Davis-Kahan for one vector: for unit ``u``, any ``ρ`` and ``M = WWᵀ`` with eigenpairs ``(λ_j, x_j)``,
     ``||Mu - ρu||^2 = Σ (uᵀx_j)^2 (λ_j - ρ)^2 >= δ^2 sin^2 θ``, θ the angle from ``u`` to the
     eigenvectors with ``λ_j`` in ``(ρ - δ, ρ + δ)``. ``δ`` is taken so that only ``σ_i^2`` can lie
-    there, from rigorous bounds on its neighbours: ``σ_{i-1}^2 >= σ̃_{i-1}^2`` (interlacing) above, and
-    below ``σ_{i+1}^2 <= σ̃_{i+1}^2 + ||R||_2^2`` (Weyl on ``WᵀW = BᵀB + RᵀR``, ``B = UᵀW``,
-    ``R = (I - UUᵀ)W``), with ``remainder`` >= ||R||_2. Rounding: :data:`ROUNDING`.
+    there, from rigorous bounds on its neighbours: ``σ_(i-1)^2 >= σ̃_(i-1)^2`` (interlacing) above,
+    and :func:`neighbour_bounds` below (``remainder`` >= ||R||_2, ``R = (I - UUᵀ)W``; ``couplings``
+    from :func:`ritz_couplings` sharpen it). Rounding: :data:`ROUNDING`.
     """
     m, n = matrix.shape
     values = partial.sigma.square()
@@ -363,13 +407,15 @@ def vector_errors(matrix: torch.Tensor, partial: PartialSVD, k: int, remainder: 
         raise ValueError(f"vector_errors needs more than k = {k} computed values, got {values.numel()}")
     frob_sq = float(torch.linalg.vector_norm(matrix) ** 2)
     slack = ROUNDING * (m + n) * torch.finfo(torch.float64).eps * frob_sq
+    if couplings is not None:  # each ||σ̃_j r_j|| is rounded by at most σ̃_j γ_n ||W||_F < slack
+        couplings = (couplings.sqrt() + slack).square()
     u = partial.left[:, :k]
     u = u / torch.linalg.vector_norm(u, dim=0)
     t = matrix.T @ u  # (n, k)
     rayleigh = t.square().sum(0)  # (k,) uᵀ W Wᵀ u
     residual = torch.linalg.vector_norm(matrix @ t - u * rayleigh, dim=0) + slack  # (k,)
-    upper = values[1 : k + 1] + remainder * remainder + slack  # bounds on σ_{i+1}^2
-    lower = torch.cat([values.new_full((1,), math.inf), values[: k - 1] - slack])  # bounds on σ_{i-1}^2
+    upper = neighbour_bounds(values, k, remainder, couplings) + slack  # bounds on σ_(i+1)^2
+    lower = torch.cat([values.new_full((1,), math.inf), values[: k - 1] - slack])  # bounds on σ_(i-1)^2
     gap = torch.minimum(rayleigh - upper, lower - rayleigh)
     return torch.where(gap > 0, residual / gap, torch.ones_like(gap)).clamp(max=1.0)
 
@@ -567,8 +613,10 @@ def _certified_intruders(
     # rounding of the unit dot products (both sides orthonormal to about m · eps)
     margins = (cosines - eps).abs() - 4 * weight.shape[0] * torch.finfo(torch.float64).eps
 
+    couplings = ritz_couplings(weight, partial)
+
     def certified(remainder: float) -> bool:
-        sines = vector_errors(weight, partial, k, remainder)
+        sines = vector_errors(weight, partial, k, remainder, couplings)
         cos = torch.sqrt((1 - sines.square()).clamp(min=0))
         moves = sines * torch.sqrt(2 / (1 + cos))  # sqrt(2 - 2 cos θ), without cancellation
         return bool((moves < margins).all())
