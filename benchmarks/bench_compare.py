@@ -14,8 +14,18 @@ and prints ``ours/read`` (target <= 2.0), ``naive/ours`` (target >= 5), ``series
 (target <= 0.65), and the peak anonymous memory (RssAnon) of ``ours`` measured in a fresh
 subprocess (target <= 2 x the largest tensor in float32 + 300 MB; issue 2 asks < 500 MB).
 
+Issue 23's fixed cost per tensor, each section in its own temporary folder:
+
+- ``tiny``: ``--tiny`` MoE-named 64x128 bf16 experts; per-tensor overhead = (ours - read floor) /
+  tensors, wall and CPU seconds (target <= 30 us);
+- ``header``: a valid header of ``--header-tensors`` (200,000) 8x8 tensors compared at all (target
+  <= 30 s);
+- ``moe``: Qwen3-MoE expert shapes (128 x gate/up 768x2048 and down 2048x768 per layer) against a
+  LLaMA-shaped pair of the same size, each ours/read, in alternation (target: within 10%).
+
     python benchmarks/bench_compare.py                    # ~1 GB checkpoints, 3 repetitions
     python benchmarks/bench_compare.py --size-gb 0.25 --repeats 2 --series 4
+    python benchmarks/bench_compare.py --sections dense,tiny,moe --series 0 --skip-naive --repeats 5
 """
 
 from __future__ import annotations
