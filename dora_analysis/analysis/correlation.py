@@ -286,6 +286,42 @@ def _bootstrap_intervals(
     return {**nan, **intervals}, "spearman: no interval with bootstrap='layers-within-run'"
 
 
+def _row(
+    group: pd.DataFrame, bootstrap: str, resamples: int, level: float, seed: int, min_layers: int
+) -> dict:
+    """One row of :func:`correlations` from one group's points (columns ``_run`` and ``_stack`` added)."""
+    x = group["delta_direction"].to_numpy(np.float64)
+    y = group["delta_magnitude"].to_numpy(np.float64)
+    runs = group["_run"].to_numpy()
+    # -1: no step / no layer (a lone checkpoint, a matrix outside the blocks), one group of its own
+    steps = pd.to_numeric(group["step"]).astype("float64").fillna(-1).to_numpy()
+    layers = pd.to_numeric(group["layer"]).astype("float64").fillna(-1).to_numpy()
+    design = design_codes(layers, runs, steps)
+    estimates = _estimates(x, y, runs, steps, layers)
+    if bootstrap == DEFAULT_BOOTSTRAP:
+        intervals, note = layer_jackknife(x, y, design, estimates, level, min_layers)
+    else:
+        intervals, note = _bootstrap_intervals(x, y, design, bootstrap, resamples, level, seed)
+    run_labels = list(dict.fromkeys(runs))
+    row = {
+        "method": group["method"].iloc[0],
+        "run": _shown("+".join(run_labels)) if _MISSING not in run_labels else None,
+        "stack": _shown(group["_stack"].iloc[0]),
+        "module": group["module"].iloc[0],
+        "n": int(x.size),
+        "runs": len(run_labels),
+        "steps": int(pd.Series(steps).nunique()),
+        "layers": design.layers,
+        "bootstrap": bootstrap,
+        INTERVAL: interval_label(bootstrap, level, design.layers),
+        INTERVAL_NOTE: note,
+        **estimates,
+    }
+    for name, (low, high) in INTERVAL_COLUMNS.items():
+        row[low], row[high] = intervals[name]
+    return row
+
+
 def correlations(
     df: pd.DataFrame,
     resamples: int = 2000,
@@ -331,38 +367,8 @@ def correlations(
     stack = _labels(data, "stack")
     keys = ["method", "_stack", "module"] if pool_runs else ["method", "_run", "_stack", "module"]
     data = data.assign(_run=run, _stack=stack)
-    rows = []
-    for _, group in data.groupby(keys, sort=False):
-        x = group["delta_direction"].to_numpy(np.float64)
-        y = group["delta_magnitude"].to_numpy(np.float64)
-        runs = group["_run"].to_numpy()
-        # -1: no step / no layer (a lone checkpoint, a matrix outside the blocks), one group of its own
-        steps = pd.to_numeric(group["step"]).astype("float64").fillna(-1).to_numpy()
-        layers = pd.to_numeric(group["layer"]).astype("float64").fillna(-1).to_numpy()
-        design = design_codes(layers, runs, steps)
-        estimates = _estimates(x, y, runs, steps, layers)
-        if bootstrap == DEFAULT_BOOTSTRAP:
-            intervals, note = layer_jackknife(x, y, design, estimates, level, min_layers)
-        else:
-            intervals, note = _bootstrap_intervals(x, y, design, bootstrap, resamples, level, seed)
-        run_labels = list(dict.fromkeys(runs))
-        row = {
-            "method": group["method"].iloc[0],
-            "run": _shown("+".join(run_labels)) if _MISSING not in run_labels else None,
-            "stack": _shown(group["_stack"].iloc[0]),
-            "module": group["module"].iloc[0],
-            "n": int(x.size),
-            "runs": len(run_labels),
-            "steps": int(pd.Series(steps).nunique()),
-            "layers": design.layers,
-            "bootstrap": bootstrap,
-            INTERVAL: interval_label(bootstrap, level, design.layers),
-            INTERVAL_NOTE: note,
-            **estimates,
-        }
-        for name, (low, high) in INTERVAL_COLUMNS.items():
-            row[low], row[high] = intervals[name]
-        rows.append(row)
+    options = {"bootstrap": bootstrap, "resamples": resamples, "level": level, "seed": seed}
+    rows = [_row(group, min_layers=min_layers, **options) for _, group in data.groupby(keys, sort=False)]
     result = pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
     if result.empty:
         return result
