@@ -26,6 +26,12 @@ __all__ = [
     "SUBSPACE_COLUMN",
     "FINAL_COLUMN",
     "STACK_ORDER",
+    "CORRELATION_COLUMNS",
+    "INTERVAL_COLUMNS",
+    "INTERVAL",
+    "INTERVAL_NOTE",
+    "ROW_COUPLING_COLUMNS",
+    "ROW_SUMMARY_COLUMNS",
     "parse_metrics",
     "metric_columns",
     "sort_rows",
@@ -126,6 +132,88 @@ INTRUDER_COLUMNS = ["intruder_dimensions"]
 SUBSPACE_COLUMN = "subspace_to_reference"
 #: φ of each checkpoint's update with its run's final one (a series with ``spectrum``).
 FINAL_COLUMN = "subspace_to_final"
+
+#: ``correlations``: one row per run (or pooled runs), stack and module; every statistic with its
+#: interval (``*_low``/``*_high``), what the intervals are (``interval``) and why one is missing.
+SPEARMAN_LOW, SPEARMAN_HIGH = "spearman_low", "spearman_high"
+SLOPE_LOW, SLOPE_HIGH = "slope_low", "slope_high"
+R_WITHIN_STEP_LOW, R_WITHIN_STEP_HIGH = "r_within_step_low", "r_within_step_high"
+R_WITHIN_LAYER_LOW, R_WITHIN_LAYER_HIGH = "r_within_layer_low", "r_within_layer_high"
+#: What the row's intervals are, in words: ``"95% layer jackknife, t(5)"``.
+INTERVAL = "interval"
+#: Why an interval of the row is missing (NaN); None when every interval is there.
+INTERVAL_NOTE = "interval_note"
+#: ``statistic -> (low column, high column)`` for every interval of a row.
+INTERVAL_COLUMNS = {
+    "r": ("r_low", "r_high"),
+    "spearman": (SPEARMAN_LOW, SPEARMAN_HIGH),
+    "slope": (SLOPE_LOW, SLOPE_HIGH),
+    "r_within_step": (R_WITHIN_STEP_LOW, R_WITHIN_STEP_HIGH),
+    "r_within_layer": (R_WITHIN_LAYER_LOW, R_WITHIN_LAYER_HIGH),
+}
+
+CORRELATION_COLUMNS = [
+    "method",
+    "run",
+    "stack",
+    "module",
+    "n",
+    "runs",
+    "steps",
+    "layers",
+    "r",
+    "r_low",
+    "r_high",
+    "bootstrap",
+    INTERVAL,
+    INTERVAL_NOTE,
+    "spearman",
+    SPEARMAN_LOW,
+    SPEARMAN_HIGH,
+    "slope",
+    SLOPE_LOW,
+    SLOPE_HIGH,
+    "intercept",
+    "r_within_step",
+    R_WITHIN_STEP_LOW,
+    R_WITHIN_STEP_HIGH,
+    "r_within_layer",
+    R_WITHIN_LAYER_LOW,
+    R_WITHIN_LAYER_HIGH,
+]
+
+#: :func:`~dora_analysis.analysis.coupling.row_coupling`: one row per (run, step, tensor).
+ROW_COUPLING_COLUMNS = [
+    "run",
+    "method",
+    "step",
+    "stack",
+    "layer",
+    "module",
+    "tensor",
+    "rows",
+    "r_abs",  # Pearson r over the rows of |Δm_n| with 1 - cos_n
+    "r_signed",  # Pearson r over the rows of the signed Δm_n = m_n - m0_n with 1 - cos_n
+    "spearman_abs",
+    "spearman_signed",
+]
+#: :func:`~dora_analysis.analysis.coupling.row_coupling_summary`: one row per (method, stack, module, step).
+ROW_SUMMARY_COLUMNS = [
+    "method",
+    "stack",
+    "module",
+    "step",
+    "matrices",
+    "layers",
+    "r_abs",
+    "r_abs_low",
+    "r_abs_high",
+    "r_signed",
+    "r_signed_low",
+    "r_signed_high",
+    "interval",
+    "interval_note",
+]
 
 #: Stacks in reading order: the input side of a model before its output side; others alphabetically after.
 STACK_ORDER = ("model", "vision", "audio", "text", "encoder", "decoder")

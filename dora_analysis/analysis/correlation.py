@@ -48,11 +48,16 @@ from dora_analysis.analysis.inference import (
     stratified_cluster_counts,
     weighted_statistics,
 )
-from dora_analysis.schema import METHODS, points
+from dora_analysis.schema import (
+    CORRELATION_COLUMNS,
+    INTERVAL,
+    INTERVAL_COLUMNS,
+    INTERVAL_NOTE,
+    METHODS,
+    points,
+)
 
 __all__ = [
-    "CORRELATION_COLUMNS",
-    "INTERVAL_COLUMNS",
     "BOOTSTRAPS",
     "DEFAULT_BOOTSTRAP",
     "pearson",
@@ -61,54 +66,6 @@ __all__ = [
     "cluster_bootstrap_interval",
     "interval_label",
     "correlations",
-]
-
-# -- The columns issue 21 adds (to move into schema.py): each statistic's interval, what it is, why none.
-SPEARMAN_LOW, SPEARMAN_HIGH = "spearman_low", "spearman_high"
-SLOPE_LOW, SLOPE_HIGH = "slope_low", "slope_high"
-R_WITHIN_STEP_LOW, R_WITHIN_STEP_HIGH = "r_within_step_low", "r_within_step_high"
-R_WITHIN_LAYER_LOW, R_WITHIN_LAYER_HIGH = "r_within_layer_low", "r_within_layer_high"
-#: What the row's intervals are, in words: ``"95% layer jackknife, t(5)"``.
-INTERVAL = "interval"
-#: Why an interval of the row is missing (NaN); None when every interval is there.
-INTERVAL_NOTE = "interval_note"
-#: ``statistic -> (low column, high column)`` for every interval of a row.
-INTERVAL_COLUMNS = {
-    "r": ("r_low", "r_high"),
-    "spearman": (SPEARMAN_LOW, SPEARMAN_HIGH),
-    "slope": (SLOPE_LOW, SLOPE_HIGH),
-    "r_within_step": (R_WITHIN_STEP_LOW, R_WITHIN_STEP_HIGH),
-    "r_within_layer": (R_WITHIN_LAYER_LOW, R_WITHIN_LAYER_HIGH),
-}
-
-CORRELATION_COLUMNS = [
-    "method",
-    "run",
-    "stack",
-    "module",
-    "n",
-    "runs",
-    "steps",
-    "layers",
-    "r",
-    "r_low",
-    "r_high",
-    "bootstrap",
-    INTERVAL,
-    INTERVAL_NOTE,
-    "spearman",
-    SPEARMAN_LOW,
-    SPEARMAN_HIGH,
-    "slope",
-    SLOPE_LOW,
-    SLOPE_HIGH,
-    "intercept",
-    "r_within_step",
-    R_WITHIN_STEP_LOW,
-    R_WITHIN_STEP_HIGH,
-    "r_within_layer",
-    R_WITHIN_LAYER_LOW,
-    R_WITHIN_LAYER_HIGH,
 ]
 
 #: ``"layer-jackknife"`` (default): the delete-one-layer jackknife t interval, a layer index dropped

@@ -29,50 +29,14 @@ import pandas as pd
 
 from dora_analysis.analysis.correlation import pearson, spearman
 from dora_analysis.analysis.inference import MIN_LAYERS, jackknife_t_interval
+from dora_analysis.schema import ROW_COUPLING_COLUMNS, ROW_SUMMARY_COLUMNS
 
 __all__ = [
-    "ROW_COUPLING_COLUMNS",
-    "ROW_SUMMARY_COLUMNS",
     "increments",
     "relative_to_base",
     "row_coupling",
     "row_coupling_summary",
 ]
-
-#: :func:`row_coupling`: one row per (run, step, tensor).
-ROW_COUPLING_COLUMNS = [
-    "run",
-    "method",
-    "step",
-    "stack",
-    "layer",
-    "module",
-    "tensor",
-    "rows",
-    "r_abs",  # Pearson r over the rows of |Δm_n| with 1 - cos_n
-    "r_signed",  # Pearson r over the rows of the signed Δm_n = m_n - m0_n with 1 - cos_n
-    "spearman_abs",
-    "spearman_signed",
-]
-#: :func:`row_coupling_summary`: one row per (method, stack, module, step).
-ROW_SUMMARY_COLUMNS = [
-    "method",
-    "stack",
-    "module",
-    "step",
-    "matrices",
-    "layers",
-    "r_abs",
-    "r_abs_low",
-    "r_abs_high",
-    "r_signed",
-    "r_signed_low",
-    "r_signed_high",
-    "interval",
-    "interval_note",
-]
-
-_KEYS = ["run", "stack", "layer", "module", "tensor"]
 
 
 def increments(series: pd.DataFrame) -> pd.DataFrame:

@@ -12,13 +12,12 @@ from scipy import stats
 from series_builders import bart_like_series, synthetic_series
 
 from dora_analysis.analysis.correlation import (
-    INTERVAL_COLUMNS,
     bootstrap_interval,
     cluster_bootstrap_interval,
     correlations,
     pearson,
 )
-from dora_analysis.schema import points
+from dora_analysis.schema import INTERVAL_COLUMNS, points
 
 
 def test_pooled_r_and_slope_match_scipy_and_polyfit():

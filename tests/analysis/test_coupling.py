@@ -9,12 +9,12 @@ from scipy import stats
 
 from dora_analysis.analysis.correlation import correlations
 from dora_analysis.analysis.coupling import (
-    ROW_COUPLING_COLUMNS,
     increments,
     relative_to_base,
     row_coupling,
     row_coupling_summary,
 )
+from dora_analysis.schema import ROW_COUPLING_COLUMNS
 
 
 def _series(seed: int = 0, runs=("a", "b"), layers: int = 4, steps=(10, 20, 30)) -> pd.DataFrame:
