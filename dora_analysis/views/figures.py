@@ -37,6 +37,7 @@ from dora_analysis.views.style import (
     line_style,
     method_colours,
     pyplot,
+    refuse_existing_figures,
     save_figure,
 )
 
@@ -476,12 +477,7 @@ def write_figures(
     if history is not None and not history.empty:
         names.append("training_curves")
     if not overwrite:
-        for name in names:
-            for fmt in formats:
-                if (out / f"{name}.{fmt}").exists():
-                    raise InputError.of(
-                        out / f"{name}.{fmt}", "already exists; pass --overwrite to replace it"
-                    )
+        refuse_existing_figures(out, names, formats)
     written: dict[str, list[Path]] = {}
     for stack, module in panels:
         fig = direction_magnitude_figure(series, module, table, stack=stack if with_stack else None)

@@ -15,7 +15,15 @@ import pandas as pd
 
 from dora_analysis.schema import method_label, method_order, module_is, module_mask
 
-__all__ = ["PAPER_R", "accuracy_table", "markdown_table", "paper_comparison", "render_report", "write_report"]
+__all__ = [
+    "PAPER_R",
+    "accuracy_table",
+    "interval_text",
+    "markdown_table",
+    "paper_comparison",
+    "render_report",
+    "write_report",
+]
 
 #: Pearson r of (ΔD, ΔM) the paper reports (Section 3.2, Figure 2, query matrices of VL-BART).
 PAPER_R = {"ft": -0.62, "lora": 0.83, "dora": -0.31}
@@ -143,7 +151,7 @@ def markdown_table(frame: pd.DataFrame, formats: Mapping[str, str] | None = None
     return "\n".join([header, rule, *body])
 
 
-def _interval(row: pd.Series, name: str = "r", number: str = "+.2f") -> str:
+def interval_text(row: pd.Series, name: str = "r", number: str = "+.2f") -> str:
     """``value [low, high]`` of statistic ``name`` of a correlation row (the value alone where the row has
     no interval for it, ``-`` where there is no value)."""
     value = row.get(name)
@@ -166,17 +174,17 @@ def _correlation_markdown(table: pd.DataFrame) -> str:
             "steps x layers": [
                 f"{s} x {lay}" for s, lay in zip(table["steps"], table["layers"], strict=True)
             ],
-            "r [95% CI]": [_interval(row) for _, row in table.iterrows()],
+            "r [95% CI]": [interval_text(row) for _, row in table.iterrows()],
         }
     )
     rows = [row for _, row in table.iterrows()]
     if "spearman" in table.columns:
-        columns["Spearman"] = [_interval(row, "spearman") for row in rows]
+        columns["Spearman"] = [interval_text(row, "spearman") for row in rows]
     columns.update(
         {
-            "slope": [_interval(row, "slope", ".3g") for row in rows],
-            "r within step": [_interval(row, "r_within_step") for row in rows],
-            "r within layer": [_interval(row, "r_within_layer") for row in rows],
+            "slope": [interval_text(row, "slope", ".3g") for row in rows],
+            "r within step": [interval_text(row, "r_within_step") for row in rows],
+            "r within layer": [interval_text(row, "r_within_layer") for row in rows],
             "paper r": [
                 PAPER_R.get(m, math.nan) if module_is(mod, "query") else math.nan
                 for m, mod in zip(table["method"], table["module"], strict=True)

@@ -27,6 +27,7 @@ from dora_analysis.views.style import (
     line_style,
     method_colours,
     pyplot,
+    refuse_existing_figures,
     save_figure,
 )
 
@@ -176,10 +177,5 @@ def write_spectrum_figures(
     if "subspace_to_final" in series.columns:
         plan += [(f"subspace_to_final_{m}", lambda m=m: subspace_figure(series, m)) for m in modules]
     if not overwrite:
-        for name, _ in plan:
-            for fmt in formats:
-                if (out / f"{name}.{fmt}").exists():
-                    raise InputError.of(
-                        out / f"{name}.{fmt}", "already exists; pass --overwrite to replace it"
-                    )
+        refuse_existing_figures(out, [name for name, _ in plan], formats)
     return {name: save_figure(draw(), out / name, formats, overwrite=True) for name, draw in plan}

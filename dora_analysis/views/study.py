@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from dora_analysis.schema import method_label, method_order
-from dora_analysis.views.report import PAPER_R, markdown_table
+from dora_analysis.views.report import PAPER_R, interval_text, markdown_table
 from dora_analysis.views.style import figure_style, pyplot, save_figure
 
 __all__ = ["configuration_labels", "sign_map_figure", "write_sign_maps", "sign_flips", "render_study_report"]
@@ -145,16 +145,6 @@ def _with_spread(row: pd.Series) -> str:
     return text
 
 
-def _interval_text(row: pd.Series, column: str) -> str:
-    value = row.get(column)
-    if value is None or not math.isfinite(value):
-        return "-"
-    low, high = row.get(f"{column}_low"), row.get(f"{column}_high")
-    if low is None or not math.isfinite(low):
-        return f"{value:+.2f} (no interval)"
-    return f"{value:+.2f} [{low:+.2f}, {high:+.2f}]"
-
-
 def _coupling_section(paper: pd.DataFrame, module: str) -> list[str]:
     """The same configurations apart from the growth every matrix shares: r of the step-to-step
     increments, and the row-by-row r within each matrix at the window's last step (paper convention)."""
@@ -169,8 +159,8 @@ def _coupling_section(paper: pd.DataFrame, module: str) -> list[str]:
     ]
     text = paper.apply(
         lambda row: (
-            f"increments {_interval_text(row, 'r_increments')}; rows abs(Δm) "
-            f"{_interval_text(row, 'r_rows_abs')}, signed {_interval_text(row, 'r_rows_signed')}"
+            f"increments {interval_text(row, 'r_increments')}; rows abs(Δm) "
+            f"{interval_text(row, 'r_rows_abs')}, signed {interval_text(row, 'r_rows_signed')}"
         ),
         axis=1,
     )

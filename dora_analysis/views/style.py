@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from dora_analysis.atomic import atomic_path, refuse_existing
+from dora_analysis.errors import InputError
 
 __all__ = [
     "DPI",
@@ -26,6 +27,7 @@ __all__ = [
     "line_style",
     "method_colours",
     "pyplot",
+    "refuse_existing_figures",
     "save_figure",
 ]
 
@@ -111,3 +113,19 @@ def save_figure(
             fig.savefig(temporary, format=fmt, dpi=dpi, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return targets
+
+
+def refuse_existing_figures(out: Path, names: Iterable[str], formats: Iterable[str]) -> None:
+    """Raise before anything is drawn when ``out/<name>.<format>`` exists for any of them (the figures
+    of one call are refused together, not one by one as each is saved).
+
+    Raises:
+        InputError: the first such file, saying to pass ``--overwrite``.
+    """
+    formats = tuple(formats)
+    for name in names:
+        for fmt in formats:
+            if (Path(out) / f"{name}.{fmt}").exists():
+                raise InputError.of(
+                    Path(out) / f"{name}.{fmt}", "already exists; pass --overwrite to replace it"
+                )

@@ -17,7 +17,8 @@ import pandas as pd
 
 from dora_analysis.errors import InputError
 from dora_analysis.schema import method_label, method_order, module_mask
-from dora_analysis.views.figures import figure_modules, figure_panels, figure_style, save_figure
+from dora_analysis.views.figures import figure_modules, figure_panels
+from dora_analysis.views.style import figure_style, refuse_existing_figures, save_figure
 
 __all__ = ["trajectories_figure", "write_trajectories"]
 
@@ -117,12 +118,7 @@ def write_trajectories(
     names = ["_".join(["trajectories", *([str(st)] if with_stack and st else []), m]) for st, m in panels]
     names = [name.replace("/", "_").replace(" ", "_") for name in names]
     if not overwrite:
-        for name in names:
-            for fmt in formats:
-                if (out / f"{name}.{fmt}").exists():
-                    raise InputError.of(
-                        out / f"{name}.{fmt}", "already exists; pass --overwrite to replace it"
-                    )
+        refuse_existing_figures(out, names, formats)
     written = {}
     for name, (stack, module) in zip(names, panels, strict=True):
         fig = trajectories_figure(df, module, stack=stack if with_stack else None)
