@@ -33,7 +33,7 @@ __all__ = ["DemoConfig", "DemoResult", "RESULT_FILES", "demo_plan", "demo_summar
 METHODS = ("ft", "lora", "dora")
 #: The demo analyses the update's spectrum and intruder dimensions too (a few seconds on MiniLM).
 DEMO_METRICS = "decomposition,spectrum,intruders"
-RESULT_FILES = ("report.md", "series.csv", "correlations.csv", "history.csv", "figures", "runs")
+RESULT_FILES = ("report.md", "series.csv", "correlations.csv", "history.csv", "deltas.csv", "figures", "runs")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class DemoConfig:
     model: Path | None = None  # local encoder folder; None: the packaged all-MiniLM-L6-v2
     steps: int | None = None  # optimizer steps per method
     save_every: int | None = None  # a checkpoint every this many steps (the paper analyses four)
+    track_every: int | None = None  # ΔM/ΔD of the live model every this many steps (RUN/deltas.csv)
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
     max_length: int | None = None
@@ -56,9 +57,10 @@ class DemoConfig:
     methods: tuple[str, ...] = METHODS
 
 
-# (steps, save_every, max_train_examples, max_eval_examples, max_length); four checkpoints as in the paper.
-_FULL = (100, 25, None, None, 64)
-_QUICK = (24, 6, 96, 48, 32)
+# (steps, save_every, max_train_examples, max_eval_examples, max_length, track_every); four checkpoints
+# as in the paper, and a dense trajectory of every layer between them (no checkpoint written for it).
+_FULL = (100, 25, None, None, 64, 5)
+_QUICK = (24, 6, 96, 48, 32, 3)
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class DemoResult:
 
 def demo_plan(config: DemoConfig) -> DemoConfig:
     """``config`` with every ``None`` training field filled from the full or quick defaults."""
-    steps, save_every, n_train, n_eval, length = _QUICK if config.quick else _FULL
+    steps, save_every, n_train, n_eval, length, track_every = _QUICK if config.quick else _FULL
     return dataclasses.replace(
         config,
         out=Path(config.out),
@@ -88,6 +90,7 @@ def demo_plan(config: DemoConfig) -> DemoConfig:
         max_train_examples=config.max_train_examples if config.max_train_examples is not None else n_train,
         max_eval_examples=config.max_eval_examples if config.max_eval_examples is not None else n_eval,
         max_length=config.max_length or length,
+        track_every=config.track_every or track_every,
     )
 
 
@@ -133,7 +136,7 @@ def run_demo(
     _check_out(config)
     started = time.perf_counter()
     n_tensors = _analysed_tensor_count(config.model)
-    n_figures = 5
+    n_figures = 7
     total = len(config.methods) * config.steps + n_tensors + n_figures
     bar = tqdm(
         total=total, desc="demo", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not progress
@@ -147,7 +150,7 @@ def run_demo(
         files = _write_tables(config, analysed)
         bar.set_description("demo: figures")
         modules = figure_modules(analysed.series)
-        bar.total = len(config.methods) * config.steps + n_tensors + 4 * len(modules) + 2
+        bar.total = len(config.methods) * config.steps + n_tensors + 5 * len(modules) + 2
         figures = _draw(config, analysed, modules)
         bar.update(sum(1 for _ in figures))
         context = _context(config, runs, time.perf_counter() - started, reused)
@@ -178,11 +181,16 @@ class _Analysed:
     table: pd.DataFrame  # correlations of ``series``
     history: pd.DataFrame
     accuracy: pd.DataFrame
+    tracked: pd.DataFrame  # every run's deltas.csv: ΔM/ΔD every ``track_every`` steps
 
 
 def _train_runs(config: DemoConfig, bar) -> tuple[dict[str, Path], list[str]]:
-    """``({method: run folder}, [methods reused])``: each method trained, or its completed run reused."""
-    from dora_analysis.training import TrainConfig, train
+    """``({method: run folder}, [methods reused])``: each method trained, or its completed run reused.
+
+    Each run records ΔM/ΔD of its live model every ``track_every`` steps into ``RUN/deltas.csv``.
+    """
+    from dora_analysis.tracking.recorder import DELTAS_FILE, DeltasRecorder
+    from dora_analysis.training import TrainConfig, default_model_path, train
 
     runs: dict[str, Path] = {}
     reused: list[str] = []
@@ -193,22 +201,29 @@ def _train_runs(config: DemoConfig, bar) -> tuple[dict[str, Path], list[str]]:
             reused.append(method)
             bar.update(config.steps)
             continue
-        runs[method] = train(
-            TrainConfig(
-                method=method,
-                out=config.out / "runs" / method,
-                model=config.model,
-                steps=config.steps,
-                save_every=config.save_every,
-                max_train_examples=config.max_train_examples,
-                max_eval_examples=config.max_eval_examples,
-                max_length=config.max_length,
-                seed=config.seed,
-                threads=config.threads,
-                overwrite=config.overwrite,
-            ),
-            progress=bar.update,
-        )
+        run = config.out / "runs" / method
+        track = DeltasRecorder(run / DELTAS_FILE, method=method, base=config.model or default_model_path())
+        try:
+            runs[method] = train(
+                TrainConfig(
+                    method=method,
+                    out=run,
+                    model=config.model,
+                    steps=config.steps,
+                    save_every=config.save_every,
+                    max_train_examples=config.max_train_examples,
+                    max_eval_examples=config.max_eval_examples,
+                    max_length=config.max_length,
+                    seed=config.seed,
+                    threads=config.threads,
+                    overwrite=config.overwrite,
+                    track_every=config.track_every,
+                ),
+                progress=bar.update,
+                track=track,
+            )
+        finally:
+            track.close()
     return runs, reused
 
 
@@ -222,7 +237,17 @@ def _analyse(config: DemoConfig, runs: dict[str, Path], bar) -> _Analysed:
     bar.set_description("demo: analyse")
     series = analyze_series(None, list(runs.values()), progress=bar.update, metrics=DEMO_METRICS)
     history = training_history(list(runs.values()))
-    return _Analysed(series, correlations(series), history, accuracy_table(history))
+    return _Analysed(series, correlations(series), history, accuracy_table(history), _tracked(runs))
+
+
+def _tracked(runs: dict[str, Path]) -> pd.DataFrame:
+    """The runs' ``deltas.csv`` frames in one (empty where no run has one: runs reused from before)."""
+    from dora_analysis.schema import SERIES_COLUMNS
+    from dora_analysis.tracking.output import read_tracked
+    from dora_analysis.tracking.recorder import DELTAS_FILE
+
+    frames = [read_tracked(run / DELTAS_FILE) for run in runs.values() if (run / DELTAS_FILE).is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=SERIES_COLUMNS)
 
 
 def _write_tables(config: DemoConfig, analysed: _Analysed) -> list[Path]:
@@ -233,6 +258,7 @@ def _write_tables(config: DemoConfig, analysed: _Analysed) -> list[Path]:
         "series.csv": analysed.series,
         "correlations.csv": analysed.table,
         "history.csv": analysed.history,
+        "deltas.csv": analysed.tracked,
     }
     return [
         atomic_write(config.out / name, frame.to_csv(index=False), overwrite=config.overwrite)
@@ -244,6 +270,7 @@ def _draw(config: DemoConfig, analysed: _Analysed, modules: list[str]) -> dict[s
     """The paper's figures, then the update's spectrum figures, into ``OUT/figures``."""
     from dora_analysis.views.figures import write_figures
     from dora_analysis.views.spectrum_figures import write_spectrum_figures
+    from dora_analysis.views.trajectories import write_trajectories
 
     folder, formats, overwrite = config.out / "figures", config.formats, config.overwrite
     folder.mkdir(exist_ok=True)
@@ -259,6 +286,12 @@ def _draw(config: DemoConfig, analysed: _Analysed, modules: list[str]) -> dict[s
     figures.update(
         write_spectrum_figures(analysed.series, folder, modules=modules, formats=formats, overwrite=overwrite)
     )
+    if not analysed.tracked.empty:  # the dense Figure 2: each layer's path in the (ΔD, ΔM) plane
+        figures.update(
+            write_trajectories(
+                analysed.tracked, folder, modules=modules, formats=formats, overwrite=overwrite
+            )
+        )
     return figures
 
 

@@ -30,6 +30,7 @@ def demo(tmp_path_factory):
         model=tiny_encoder(root / "tiny"),
         steps=4,
         save_every=2,
+        track_every=1,
         max_train_examples=32,
         max_eval_examples=16,
         max_length=16,
@@ -65,8 +66,20 @@ def test_demo_writes_series_figures_and_report(demo):
             "intruders",
             "subspace_to_final_query",
             "subspace_to_final_value",
+            "trajectories_query",
+            "trajectories_value",
         )
     )
+    # deltas.csv: every step tracked (0..4) on the live model; at the saved steps it equals the series
+    tracked = pd.read_csv(out / "deltas.csv")
+    assert set(tracked.step) == {0, 1, 2, 3, 4} and set(tracked.method) == {"ft", "lora", "dora"}
+    keys = ["method", "step", "tensor"]
+    both = series.merge(tracked, on=keys, suffixes=("", "_tracked"))
+    assert len(both) == len(series)
+    for column in ("delta_magnitude", "delta_direction"):
+        assert both[f"{column}_tracked"].to_numpy() == pytest.approx(
+            both[column].to_numpy(), rel=1e-6, abs=1e-12
+        )
     # the update's shape: LoRA's rank90 is at most its rank; every final checkpoint agrees with itself
     assert (series.loc[series.method == "lora", "update_rank90"] <= 8).all()
     last = series[series.step == 4]
