@@ -212,7 +212,20 @@ def _train_grid(
 def _train_one(
     config: StudyConfig, plan: StudyPlan, cell: Cell, method: str, seed: int, run: Path, progress
 ) -> None:
-    """One run of the grid into ``run`` (replacing an incomplete one)."""
+    """One run of the grid into ``run`` (replacing an incomplete one), its live ΔM/ΔD recorded four times
+    between checkpoints into ``run/deltas.csv`` (the dense trajectory between them)."""
+    from dora_analysis.tracking.recorder import DELTAS_FILE, DeltasRecorder
+    from dora_analysis.training import default_model_path
+
+    every = cell.save_every or plan.save_every
+    track = DeltasRecorder(run / DELTAS_FILE, method=method, base=config.model or default_model_path())
+    try:
+        _train_tracked(config, plan, cell, method, seed, run, progress, track, max(1, every // 4))
+    finally:
+        track.close()
+
+
+def _train_tracked(config, plan, cell, method, seed, run, progress, track, track_every: int) -> None:
     from dora_analysis.training import TrainConfig, train
 
     train(
@@ -227,9 +240,11 @@ def _train_one(
             lr=cell.lr_by_method.get(method),
             device=config.device or "cpu",
             overwrite=True,  # only an incomplete run of ours is ever here
+            track_every=track_every,
             **{**plan.train, **cell.overrides},
         ),
         progress=progress,
+        track=track,
     )
 
 

@@ -115,3 +115,23 @@ def test_the_full_plan_isolates_each_factor():
         assert cells[name].methods == ("dora",)
     assert cells["no-detach"].overrides == {"detach_norm": False}
     assert cells["magnitude-only"].overrides == {"magnitude_only": True}
+
+
+def test_every_study_run_records_its_dense_trajectory(quick_study):
+    """Each run's live ΔM/ΔD between checkpoints (deltas.csv), equal to the checkpoints' at saved steps."""
+    points = pd.read_csv(quick_study / "points.csv")
+    paper = points[points["convention"] == "paper"]
+    for run, part in paper.groupby("checkpoint"):
+        folder = Path(run).parent
+        tracked = pd.read_csv(folder / "deltas.csv")
+        assert set(tracked["step"]) == {
+            0,
+            *range(1, 9),
+        }  # every step of the quick runs (8 steps, every 2 // 4 -> 1)
+        step = int(part["step"].iloc[0])
+        at = tracked[tracked["step"] == step].set_index("tensor")
+        for row in part.itertuples(index=False):
+            assert at.loc[row.tensor, "delta_magnitude"] == pytest.approx(
+                row.delta_magnitude, rel=1e-6, abs=1e-12
+            )
+        break  # one checkpoint of one run is enough here; the tracker's own tests cover the rest
