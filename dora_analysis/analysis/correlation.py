@@ -201,8 +201,8 @@ def _shown(label: str) -> object:
 
 def interval_label(bootstrap: str, level: float, layers: int) -> str:
     """The ``interval`` column: which interval a row holds, in words (``"95% layer jackknife, t(5)"``)."""
-    if bootstrap == DEFAULT_BOOTSTRAP:
-        return f"{level:.0%} layer jackknife, t({layers - 1})"
+    if bootstrap == DEFAULT_BOOTSTRAP:  # no degrees of freedom to name below 2 layers
+        return f"{level:.0%} layer jackknife" + (f", t({layers - 1})" if layers >= 2 else "")
     if bootstrap == "points":
         return f"{level:.0%} percentile bootstrap, points as independent"
     return f"{level:.0%} percentile bootstrap, layers within each run"

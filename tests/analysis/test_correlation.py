@@ -307,6 +307,8 @@ def test_no_interval_below_the_minimum_layers_and_a_note_says_why():
     assert table[interval_columns].isna().all().all()
     assert table.r.notna().all()
     assert (table.interval_note == "2 layers: no interval below 3 layers").all()
+    one_layer = correlations(synthetic_series()[lambda f: f.layer == 0]).iloc[0]
+    assert one_layer.interval == "95% layer jackknife" and one_layer.interval_note.startswith("1 layer:")
     # a lone checkpoint: r within a layer is not defined, nor its interval; the note names it
     one_step = synthetic_series()[lambda f: f.step == 10]
     row = correlations(one_step).iloc[0]
