@@ -142,8 +142,8 @@ def _table_row(table: pd.DataFrame | None, method: str, run, stack, module: str)
 
 
 def _panel_title(label: str, stats: pd.Series | None) -> str:
-    """``label: r = +0.23 [-0.10, +0.50], Spearman +0.20`` and, on a second line, which interval that is
-    (the correlation table's ``interval`` column, e.g. ``95% layer jackknife, t(5)``)."""
+    """``label: r = +0.23 [-0.10, +0.50]`` and, on the lines below, Spearman's rank correlation and which
+    interval that is (the correlation table's ``interval`` column, e.g. ``95% layer jackknife, t(5)``)."""
     if stats is None or not np.isfinite(stats["r"]):
         return label
     interval = ""
@@ -151,15 +151,16 @@ def _panel_title(label: str, stats: pd.Series | None) -> str:
         interval = f" [{stats['r_low']:+.2f}, {stats['r_high']:+.2f}]"
     pooled = " pooled" if stats.get("runs", 1) > 1 else ""
     title = f"{label}: r{pooled} = {stats['r']:+.2f}{interval}"
+    second = []
     spearman = stats.get("spearman")
     if spearman is not None and np.isfinite(spearman):
-        title += f", Spearman {spearman:+.2f}"
+        second.append(f"Spearman {spearman:+.2f}")
     kind = stats.get("interval")
     if interval and isinstance(kind, str):
-        title += f"\n({kind} interval)"
+        second.append(f"({kind} interval)")
     elif not interval and isinstance(stats.get("interval_note"), str):
-        title += "\n(no interval: too few layers)"
-    return title
+        second.append("(no interval: too few layers)")
+    return "\n".join([title, *second])  # one line each: three panels side by side must not touch
 
 
 def _stack_of(rows: pd.DataFrame, stack: str | None):

@@ -58,6 +58,7 @@ def trajectories_figure(df: pd.DataFrame, module: str = "query", stack: str | No
     """
     import matplotlib.pyplot as plt
     import seaborn as sns
+    from matplotlib.ticker import MaxNLocator
 
     rows = _rows(df, module, stack)
     if rows.empty:
@@ -92,6 +93,7 @@ def trajectories_figure(df: pd.DataFrame, module: str = "query", stack: str | No
             ax.set_xlabel("ΔD")
             ax.set_ylabel("ΔM")
             ax.ticklabel_format(style="sci", scilimits=(-3, 3), useMathText=True)
+            ax.xaxis.set_major_locator(MaxNLocator(4))  # long tick labels must not run into each other
         handles, labels = axes[0][-1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title=module)
         fig.tight_layout()
