@@ -34,7 +34,7 @@ import pandas as pd
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers.runs import read_run_record
-from dora_analysis.schema import METHODS
+from dora_analysis.schema import CORRELATION_COLUMNS, METHODS
 from dora_analysis.training.checkpoints import is_completed_run
 
 if TYPE_CHECKING:
@@ -215,37 +215,28 @@ def _train_one(
     """One run of the grid into ``run`` (replacing an incomplete one), its live ΔM/ΔD recorded four times
     between checkpoints into ``run/deltas.csv`` (the dense trajectory between them)."""
     from dora_analysis.tracking.recorder import DELTAS_FILE, DeltasRecorder
-    from dora_analysis.training import default_model_path
+    from dora_analysis.training import TrainConfig, default_model_path, train
 
     every = cell.save_every or plan.save_every
+    train_config = TrainConfig(
+        method=method,
+        out=run,
+        model=config.model,
+        steps=cell.steps or plan.steps,
+        save_every=every,
+        seed=seed,
+        threads=config.threads,
+        lr=cell.lr_by_method.get(method),
+        device=config.device or "cpu",
+        overwrite=True,  # only an incomplete run of ours is ever here
+        track_every=max(1, every // 4),
+        **{**plan.train, **cell.overrides},
+    )
     track = DeltasRecorder(run / DELTAS_FILE, method=method, base=config.model or default_model_path())
     try:
-        _train_tracked(config, plan, cell, method, seed, run, progress, track, max(1, every // 4))
+        train(train_config, progress=progress, track=track)
     finally:
         track.close()
-
-
-def _train_tracked(config, plan, cell, method, seed, run, progress, track, track_every: int) -> None:
-    from dora_analysis.training import TrainConfig, train
-
-    train(
-        TrainConfig(
-            method=method,
-            out=run,
-            model=config.model,
-            steps=cell.steps or plan.steps,
-            save_every=cell.save_every or plan.save_every,
-            seed=seed,
-            threads=config.threads,
-            lr=cell.lr_by_method.get(method),
-            device=config.device or "cpu",
-            overwrite=True,  # only an incomplete run of ours is ever here
-            track_every=track_every,
-            **{**plan.train, **cell.overrides},
-        ),
-        progress=progress,
-        track=track,
-    )
 
 
 def _timing(runs: list[Path], trained: int, analysis_seconds: float) -> str:
@@ -422,24 +413,10 @@ def study_table(points: pd.DataFrame, plan: StudyPlan, coupling: pd.DataFrame | 
 
 
 #: The correlation table's columns a study row carries over (the statistics and their intervals).
-_CARRIED = (
-    "r",
-    "r_low",
-    "r_high",
-    "interval",
-    "interval_note",
-    "spearman",
-    "spearman_low",
-    "spearman_high",
-    "slope",
-    "slope_low",
-    "slope_high",
-    "r_within_step",
-    "r_within_step_low",
-    "r_within_step_high",
-    "r_within_layer",
-    "r_within_layer_low",
-    "r_within_layer_high",
+_CARRIED = tuple(
+    c
+    for c in CORRELATION_COLUMNS
+    if c not in ("method", "run", "stack", "module", "n", "runs", "steps", "layers", "bootstrap", "intercept")
 )
 
 
