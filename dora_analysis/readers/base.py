@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["CheckpointReader", "LowRankUpdate", "ReaderWrapper"]
+__all__ = ["CheckpointReader", "EntryReader", "LowRankUpdate", "ReaderWrapper"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,20 @@ class ReaderWrapper:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EntryReader:
+    """The name lookup of a reader built over a ``{name: entry}`` map (merged adapters, a live model):
+    ``names()`` in the map's order, ``_entry(name)`` with a :class:`KeyError` naming ``source``."""
+
+    source: Path
+    _entries: dict
+
+    def _entry(self, name: str):
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self.source}: no tensor {name!r}") from None
+
+    def names(self) -> list[str]:
+        return list(self._entries)

@@ -20,7 +20,7 @@ import torch
 from dora_analysis.errors import InputError
 from dora_analysis.factors import low_rank_fit_problem, merge_low_rank
 from dora_analysis.readers._common import ReaderMixin
-from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.base import CheckpointReader, EntryReader, LowRankUpdate
 
 __all__ = ["MergeTarget", "BiasTarget", "StoredCopy", "MergedReader"]
 
@@ -65,7 +65,7 @@ class StoredCopy:
 Entry = MergeTarget | BiasTarget | StoredCopy
 
 
-class MergedReader(ReaderMixin):
+class MergedReader(EntryReader, ReaderMixin):
     """Names map to :data:`Entry` records; ``close`` closes the readers it was given to own."""
 
     def __init__(
@@ -77,15 +77,6 @@ class MergedReader(ReaderMixin):
         self._owned = owned
         for entry in entries.values():
             _check_fits(entry)
-
-    def _entry(self, name: str) -> Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"{self.source}: no tensor {name!r}") from None
-
-    def names(self) -> list[str]:
-        return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
         e = self._entry(name)

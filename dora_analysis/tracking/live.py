@@ -26,7 +26,7 @@ from torch import nn
 from dora_analysis.adapters.lora import WrappedLinear
 from dora_analysis.errors import InputError
 from dora_analysis.factors import merge_low_rank
-from dora_analysis.readers.base import LowRankUpdate
+from dora_analysis.readers.base import EntryReader, LowRankUpdate
 from dora_analysis.readers.names import strip_prefixes
 
 __all__ = ["LiveAdapter", "LiveReader", "LiveModel", "live_model", "full_tensor"]
@@ -69,7 +69,7 @@ class LiveAdapter:
 Entry = torch.Tensor | LiveAdapter
 
 
-class LiveReader:
+class LiveReader(EntryReader):
     """A :class:`~dora_analysis.readers.base.CheckpointReader` over tensors of a live model.
 
     ``source`` is a folder holding the model's ``config.json`` (where the analysis finds the layouts).
@@ -80,15 +80,6 @@ class LiveReader:
         self.source = Path(source)
         self.partial = partial
         self._entries = entries
-
-    def _entry(self, name: str) -> Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"{self.source}: no tensor {name!r}") from None
-
-    def names(self) -> list[str]:
-        return list(self._entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
         entry = self._entry(name)
