@@ -126,8 +126,9 @@ SPECTRUM_COLUMNS = [
     RANK90_LOWER,
     RANK90_UPPER,
 ]
-#: What the ``intruders`` group adds.
-INTRUDER_COLUMNS = ["intruder_dimensions"]
+#: What the ``intruders`` group adds: the count, and the k (top singular vectors examined, at most the
+#: matrix's smaller side) and ε (the |cos| below which a vector is an intruder) it was counted with.
+INTRUDER_COLUMNS = ["intruder_dimensions", "intruder_k", "intruder_eps"]
 #: φ to a reference update (``--relative`` in compare).
 SUBSPACE_COLUMN = "subspace_to_reference"
 #: φ of each checkpoint's update with its run's final one (a series with ``spectrum``).

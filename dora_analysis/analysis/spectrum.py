@@ -14,7 +14,8 @@ For a weight in row layout (``(out, in)``, one row per output unit, as for ΔM/�
   weight, as the paper's code computes them with ``torch.linalg.svd(weight)`` on PyTorch's layout),
   those whose largest |cosine| with every left singular vector of ``W_0`` (all ``min(out, in)`` of
   them, ``full_matrices=False``) is below ``eps``. The absolute value is taken because a singular
-  vector's sign is arbitrary.
+  vector's sign is arbitrary. ``intruder_k`` and ``intruder_eps`` beside it say which k (at most the
+  matrix's smaller side) and ε the count used.
 - subspace agreement, the LoRA paper's (Hu et al. 2021, §7) φ(ΔW_1, ΔW_2, i, j) =
   ||U_1^(i)ᵀ U_2^(j)||_F^2 / min(i, j) in [0, 1], with ``U^(i)`` the top-i left singular vectors of
   each update. Where an update has fewer than ``i`` non-zero singular values (a rank-4 LoRA, a
@@ -81,7 +82,6 @@ import torch
 from dora_analysis.analysis import fused_rows
 from dora_analysis.factors import Factors, merge_low_rank
 from dora_analysis.schema import (
-    INTRUDER_COLUMNS,
     RANK90_LOWER,
     RANK90_UPPER,
     SPECTRUM_COLUMNS,
@@ -508,7 +508,7 @@ def tensor_spectra(
             if callable(update):
                 tuned = update().to(device=base.rows.device, dtype=torch.float64)
             if not finite_base or (tuned is not None and not bool(torch.isfinite(tuned).all())):
-                records.append(_nan_record(spectrum, intruders))  # non-finite weights: no SVD
+                records.append(_nan_record(spectrum, intruders, base.rows.shape, options))  # no SVD
                 continue
             if spectrum or vectors:
                 u, sigma, remainder, frob_sq = _update_svd(base, update, tuned, options, vectors)
@@ -524,6 +524,7 @@ def tensor_spectra(
                     else merge_low_rank(base.rows, update, torch.float64, rows=True)
                 )
                 record["intruder_dimensions"] = _intruders(base, weight, options)
+                record.update(_intruder_setting(base.rows.shape, options))
             records.append(record)
             del tuned
         if references is not None:
@@ -631,9 +632,17 @@ def _certified_intruders(
     return int((cosines < eps).sum()) if certified(bound) else None
 
 
-def _nan_record(spectrum: bool, intruders: bool) -> dict[str, float]:
-    columns = (SPECTRUM_COLUMNS if spectrum else []) + (INTRUDER_COLUMNS if intruders else [])
-    return dict.fromkeys(columns, math.nan)
+def _intruder_setting(shape: tuple[int, ...], options: SpectrumOptions) -> dict[str, float]:
+    """The k and ε an intruder count of a ``shape`` matrix uses (k is at most its smaller side)."""
+    return {"intruder_k": min(options.intruder_k, *shape), "intruder_eps": options.intruder_eps}
+
+
+def _nan_record(
+    spectrum: bool, intruders: bool, shape: tuple[int, ...], options: SpectrumOptions
+) -> dict[str, float]:
+    columns = (SPECTRUM_COLUMNS if spectrum else []) + (["intruder_dimensions"] if intruders else [])
+    record = dict.fromkeys(columns, math.nan)
+    return record | (_intruder_setting(shape, options) if intruders else {})
 
 
 @contextmanager

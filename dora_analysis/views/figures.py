@@ -31,6 +31,7 @@ import pandas as pd
 from dora_analysis.errors import InputError
 from dora_analysis.schema import default_metric, method_label, method_order, module_is, module_mask, points
 from dora_analysis.views.style import (
+    dodge,
     figure_style,
     final_step,
     layer_colours,
@@ -300,7 +301,8 @@ def final_layers_figure(df: pd.DataFrame, module: str = "query", stack: str | No
     ``stack`` selects the stack (needed when ``module`` is in several, e.g. BART's encoder and
     decoder ``self_attn.q_proj``). A log scale is used when the methods differ by more than 30x
     (full fine-tuning with a small learning rate moves far less than the adapters), so every
-    method stays visible.
+    method stays visible; each run's points sit slightly apart around the layer's tick
+    (:func:`~dora_analysis.views.style.dodge`), so equal values never hide one another.
     """
     plt = pyplot()
     data = final_step(_select(df, module, stack))
@@ -315,13 +317,13 @@ def final_layers_figure(df: pd.DataFrame, module: str = "query", stack: str | No
             (axes[0], "delta_magnitude", r"$\Delta M$"),
             (axes[1], "delta_direction", r"$\Delta D$"),
         ):
-            for method, run in runs:
+            for index, (method, run) in enumerate(runs):
                 own = _run_rows(data, method, run)
                 rows = own.groupby("layer")[column].mean()
                 step = int(own["step"].max())
                 linestyle, marker = line_style(method)
                 ax.plot(
-                    rows.index.astype("float64"),
+                    rows.index.astype("float64") + dodge(index, len(runs)),
                     rows.to_numpy(),
                     marker=marker,
                     linestyle=linestyle,

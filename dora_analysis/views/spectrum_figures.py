@@ -21,6 +21,7 @@ import pandas as pd
 from dora_analysis.errors import InputError
 from dora_analysis.schema import method_label, method_order, module_mask, select_modules
 from dora_analysis.views.style import (
+    dodge,
     figure_style,
     final_step,
     layer_colours,
@@ -42,12 +43,12 @@ SPECTRUM_PANELS = (
 
 
 def _per_layer(ax, data: pd.DataFrame, column: str, methods: Sequence[str], palette: dict) -> None:
-    for method in methods:
+    for index, method in enumerate(methods):
         rows = data[data["method"] == method].groupby("layer")[column].mean()
         linestyle, marker = line_style(method)
         step = int(data.loc[data["method"] == method, "step"].max())
         ax.plot(
-            rows.index,
+            rows.index.astype("float64") + dodge(index, len(methods)),  # side by side: counts often tie
             rows.to_numpy(),
             marker=marker,
             linestyle=linestyle,
@@ -93,11 +94,15 @@ def spectrum_layers_figure(df: pd.DataFrame, module: str = "query"):
 
 
 def intruders_figure(df: pd.DataFrame, modules: Sequence[str] = ("query", "value")):
-    """Intruder dimensions (Shuttleworth et al. 2024) per layer at the final step, one panel per module."""
+    """Intruder dimensions (Shuttleworth et al. 2024) per layer at the final step, one panel per module.
+
+    The title states the k (top singular vectors examined) and ε (the |cos| threshold) of the counts,
+    from the series' ``intruder_k``/``intruder_eps`` columns.
+    """
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    data = _final(select_modules(df, modules), None, ["intruder_dimensions"])
+    data = _final(select_modules(df, modules), None, ["intruder_dimensions", "intruder_k", "intruder_eps"])
     modules = [m for m in modules if m in set(data["module"])]
     methods = method_order(data["method"])
     palette = method_colours(methods)
@@ -110,9 +115,20 @@ def intruders_figure(df: pd.DataFrame, modules: Sequence[str] = ("query", "value
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts
             ax.set_title(module)
         axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
-        fig.suptitle("top-k singular vectors of $W_t$ unlike every one of $W_0$", fontsize="medium")
+        fig.suptitle(
+            f"intruders: of the top k = {_setting(data['intruder_k'])} left singular vectors of $W_t$, those "
+            f"with |cos| < ε = {_setting(data['intruder_eps'])} to every one of $W_0$",
+            fontsize="medium",
+        )
         fig.tight_layout()
     return fig
+
+
+def _setting(values: pd.Series) -> str:
+    """One value (``10``), or the range where matrices differ (``4..10``: k is at most the smaller side)."""
+    values = values.dropna()
+    low, high = values.min(), values.max()
+    return f"{low:g}" if low == high else f"{low:g}..{high:g}"
 
 
 def subspace_figure(df: pd.DataFrame, module: str = "query"):

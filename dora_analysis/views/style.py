@@ -21,6 +21,7 @@ from dora_analysis.errors import InputError
 
 __all__ = [
     "DPI",
+    "dodge",
     "figure_style",
     "final_step",
     "layer_colours",
@@ -70,6 +71,15 @@ def layer_colours(layers: Sequence) -> dict:
 def line_style(method: str) -> tuple[str, str]:
     """``(linestyle, marker)`` of ``method``'s lines."""
     return _METHOD_LINES.get(str(method).lower(), ("-.", "D"))
+
+
+def dodge(index: int, count: int, spread: float = 0.3) -> float:
+    """The x offset of line ``index`` of ``count`` drawn over the same integer x (layers): the lines
+    share ``spread`` of the gap between ticks, centred on it, so lines with equal values (two methods, or
+    seeds, with the same ΔD) sit side by side instead of one hiding the other."""
+    if count <= 1:
+        return 0.0
+    return spread * (index / (count - 1) - 0.5)
 
 
 def method_colours(methods: Sequence[str]) -> dict:

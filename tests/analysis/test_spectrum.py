@@ -119,6 +119,10 @@ def test_dora_update_from_factors_equals_numpy(w0):
     _close(record, _reference_metrics(merged - w0.numpy(), w0.numpy()))
     assert record["update_rank90"] > 4  # the magnitude rescales every row of W0: not low rank
     assert record["intruder_dimensions"] == _reference_intruders(w0.numpy(), merged, 6, 0.5)
+    assert (record["intruder_k"], record["intruder_eps"]) == (6, 0.5)  # what the count used
+    # k is at most the matrix's smaller side (24 x 40): the record says so
+    (wide,) = tensor_spectra(w0, [update], {"intruders"}, SpectrumOptions(intruder_k=50, intruder_eps=0.3))
+    assert (wide["intruder_k"], wide["intruder_eps"]) == (24, 0.3)
 
 
 def test_a_planted_intruder_is_found_and_counted_as_numpy_does(w0):
@@ -478,3 +482,11 @@ def test_the_reviewers_near_degenerate_case_is_not_miscounted():
     for rank in (4, 10):
         (record,) = tensor_spectra(base, [lambda: tuned], {"intruders"}, SpectrumOptions(svd_rank=rank))
         assert record["intruder_dimensions"] == expected, rank
+
+
+def test_non_finite_weights_give_no_count_but_keep_its_setting(w0):
+    broken = w0.clone()
+    broken[3, 5] = float("nan")
+    (record,) = tensor_spectra(w0, [lambda: broken], {"spectrum", "intruders"}, SpectrumOptions(intruder_k=6))
+    assert math.isnan(record["intruder_dimensions"]) and math.isnan(record["update_rel_norm"])
+    assert (record["intruder_k"], record["intruder_eps"]) == (6, 0.5)

@@ -78,6 +78,25 @@ def test_final_layers_uses_each_runs_last_step():
     ]
     lora = df[(df.method == "lora") & (df.module == "query") & (df.step == 40)].sort_values("layer")
     assert magnitude_axis.lines[1].get_ydata() == pytest.approx(lora.delta_magnitude.to_numpy())
+    # each run's points sit within a third of a layer of the layer's tick
+    assert magnitude_axis.lines[1].get_xdata() == pytest.approx(lora.layer.to_numpy(float), abs=0.16)
+
+
+def test_final_layers_lines_with_equal_values_do_not_hide_each_other():
+    # LoRA and DoRA given the very same ΔM and ΔD: their points must still be drawn apart
+    df = synthetic_series()
+    lora = df[df.method == "lora"]
+    df = pd.concat([df[df.method != "dora"], lora.assign(method="dora")], ignore_index=True)
+    fig = final_layers_figure(df, "query")
+    for axis in fig.axes[:2]:
+        points = [set(zip(line.get_xdata(), line.get_ydata(), strict=True)) for line in axis.lines]
+        assert len(points) == 3
+        for i in range(3):
+            for j in range(i + 1, 3):
+                assert not points[i] & points[j], (axis.get_title(), i, j)
+        # in layer order, and offset symmetrically about the ticks
+        offsets = [np.mean(np.asarray(line.get_xdata()) - np.arange(6)) for line in axis.lines]
+        assert offsets == pytest.approx([-0.15, 0.0, 0.15])
 
 
 def test_training_curves_draw_metric_and_loss_per_method():
