@@ -16,7 +16,9 @@ Layout of the output folder::
     OUT/points.csv                      one row per (cell, run, convention, step, tensor): ΔM, ΔD
     OUT/study.csv                       one row per (cell, window, method, module, convention)
     OUT/row_coupling.csv                one row per (cell, run, step, tensor): r over the matrix's rows
+    OUT/row_coupling_steps.csv          one row per (cell, method, module, step): that r pooled, interval
     OUT/figures/sign_map_<module>.png   r by configuration and convention, one panel per method
+    OUT/figures/row_coupling_<cell>.png the row-by-row r over the steps, per method and module
     OUT/report.md                       the summary
 """
 
@@ -44,7 +46,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Cell", "StudyConfig", "StudyPlan", "study_plan", "run_study", "study_summary", "RESULT_FILES"]
 
-RESULT_FILES = ("report.md", "study.csv", "points.csv", "row_coupling.csv", "figures")
+RESULT_FILES = (
+    "report.md",
+    "study.csv",
+    "points.csv",
+    "row_coupling.csv",
+    "row_coupling_steps.csv",
+    "figures",
+)
 MODULES = ("query", "value")  # the paper's Figures 2 and 7
 ADAPTER_METHODS = ("lora", "dora")
 
@@ -299,6 +308,20 @@ def study_row_coupling(runs: list[tuple[Cell, str, int, Path]], device: str | No
     return pd.concat(frames, ignore_index=True)
 
 
+def study_row_steps(coupling: pd.DataFrame) -> pd.DataFrame:
+    """The row-by-row r of ``coupling`` (:func:`study_row_coupling`) pooled per (cell, method, module,
+    step) over the layers and seeds, with its delete-one-layer jackknife interval
+    (:func:`~dora_analysis.analysis.coupling.row_coupling_summary`): what the per-row figure draws."""
+    from dora_analysis.analysis.coupling import row_coupling_summary
+    from dora_analysis.schema import ROW_SUMMARY_COLUMNS
+
+    frames = [
+        row_coupling_summary(part.assign(run=part["run"].astype(str))).assign(cell=cell)
+        for cell, part in coupling.groupby("cell", sort=False)
+    ]
+    return pd.concat(frames, ignore_index=True)[["cell", *ROW_SUMMARY_COLUMNS]]
+
+
 def _module_pattern() -> str:
     return r"(^|\.)(" + "|".join(MODULES) + r")\.weight$"
 
@@ -492,7 +515,7 @@ def _write_results(
     timing: str,
     coupling: pd.DataFrame,
 ) -> None:
-    from dora_analysis.views.study import render_study_report, write_sign_maps
+    from dora_analysis.views.study import render_study_report, write_row_coupling_figures, write_sign_maps
     from dora_analysis.views.tables import atomic_write
 
     out, overwrite = config.out, config.overwrite
@@ -500,7 +523,10 @@ def _write_results(
     atomic_write(out / "points.csv", points.to_csv(index=False), overwrite=overwrite)
     atomic_write(out / "study.csv", table.to_csv(index=False), overwrite=overwrite)
     atomic_write(out / "row_coupling.csv", coupling.to_csv(index=False), overwrite=overwrite)
+    steps = study_row_steps(coupling)
+    atomic_write(out / "row_coupling_steps.csv", steps.to_csv(index=False), overwrite=overwrite)
     figures = write_sign_maps(table, out / "figures", overwrite=overwrite)
+    figures |= write_row_coupling_figures(steps, out / "figures", overwrite=overwrite)
     context = [
         f"Grid: {len(plan.cells)} configurations x FT/LoRA/DoRA x {len(plan.seeds)} seeds "
         f"({len(points.groupby(['cell', 'method', 'seed']))} runs), {plan.steps} steps each, a checkpoint "

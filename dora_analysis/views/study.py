@@ -1,7 +1,8 @@
-"""The study's views: the sign map (r by configuration and convention, per method) and report.md.
+"""The study's views: the sign map (r by configuration and convention, per method), the row-by-row r
+over the steps, and report.md.
 
-Both consume the study table (``study.csv``, see ``jobs/study.py``); nothing here
-computes a statistic.
+They consume the study's tables (``study.csv`` and ``row_coupling_steps.csv``, see ``jobs/study.py``);
+nothing here computes a statistic.
 """
 
 from __future__ import annotations
@@ -16,9 +17,17 @@ import pandas as pd
 
 from dora_analysis.schema import method_label, method_order
 from dora_analysis.views.report import PAPER_R, interval_text, markdown_table
-from dora_analysis.views.style import figure_style, pyplot, save_figure
+from dora_analysis.views.style import figure_style, line_style, method_colours, pyplot, save_figure
 
-__all__ = ["configuration_labels", "sign_map_figure", "write_sign_maps", "sign_flips", "render_study_report"]
+__all__ = [
+    "configuration_labels",
+    "sign_map_figure",
+    "write_sign_maps",
+    "row_coupling_figure",
+    "write_row_coupling_figures",
+    "sign_flips",
+    "render_study_report",
+]
 
 
 def configuration_labels(table: pd.DataFrame) -> pd.Series:
@@ -105,6 +114,81 @@ def write_sign_maps(
         fig = sign_map_figure(table, module)
         written[f"sign_map_{module}"] = save_figure(
             fig, Path(out_dir) / f"sign_map_{module}", formats, overwrite
+        )
+        pyplot().close(fig)
+    return written
+
+
+_ROW_KINDS = (("abs", "|Δm_n|"), ("signed", "signed Δm_n"))
+
+
+def row_coupling_figure(steps: pd.DataFrame, cell: str = "base"):
+    """The row-by-row r of one configuration over the training steps: rows = modules, columns = |Δm_n|
+    and signed Δm_n, one line per method with its interval as a band.
+
+    ``steps`` is ``row_coupling_steps.csv``: within each matrix and step, Pearson r over the matrix's
+    rows n of the magnitude change with 1 - cos_n, averaged over layers and seeds on Fisher's z scale;
+    the band is its 95% delete-one-layer jackknife t interval (absent where there is none).
+    """
+    plt = pyplot()
+    data = steps[steps["cell"] == cell]
+    modules = list(dict.fromkeys(data["module"]))
+    methods = method_order(data["method"])
+    palette = method_colours(methods)
+    with figure_style():
+        fig, axes = plt.subplots(
+            len(modules), 2, figsize=(10.5, 3.0 * len(modules) + 0.6), squeeze=False, sharex=True
+        )
+        for row, module in enumerate(modules):
+            for column, (kind, label) in enumerate(_ROW_KINDS):
+                ax = axes[row][column]
+                for method in methods:
+                    part = data[(data["module"] == module) & (data["method"] == method)].sort_values("step")
+                    _row_line(ax, part, kind, method, palette[method])
+                ax.axhline(0.0, color="0.3", linewidth=0.8)
+                ax.set_ylim(-1.05, 1.05)
+                ax.set_title(f"{module}: r of {label} with 1 - cos_n", fontsize="medium")
+                ax.set_ylabel("r over the matrix's rows")
+        for ax in axes[-1]:
+            ax.set_xlabel("step")
+        axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        layers = int(data["layers"].max()) if len(data) else 0
+        fig.suptitle(
+            f"{cell}: within each matrix, r over its rows; mean over layers and seeds (Fisher z); "
+            f"band: 95% layer jackknife t({layers - 1})",
+            fontsize="medium",
+        )
+        fig.tight_layout()
+    return fig
+
+
+def _row_line(ax, part: pd.DataFrame, kind: str, method: str, colour) -> None:
+    linestyle, marker = line_style(method)
+    steps = part["step"].to_numpy(np.float64)
+    ax.plot(
+        steps,
+        part[f"r_{kind}"],
+        linestyle=linestyle,
+        marker=marker,
+        color=colour,
+        label=method_label(method),
+        markerfacecolor="none" if method == "lora" else colour,
+    )
+    ax.fill_between(steps, part[f"r_{kind}_low"], part[f"r_{kind}_high"], color=colour, alpha=0.15, lw=0)
+
+
+def write_row_coupling_figures(
+    steps: pd.DataFrame,
+    out_dir: str | os.PathLike,
+    formats: Sequence[str] = ("png", "pdf"),
+    overwrite: bool = False,
+) -> dict[str, list[Path]]:
+    """``row_coupling_<cell>`` for every configuration in ``steps``; returns ``{name: [paths]}``."""
+    written = {}
+    for cell in dict.fromkeys(steps["cell"]):
+        fig = row_coupling_figure(steps, cell)
+        written[f"row_coupling_{cell}"] = save_figure(
+            fig, Path(out_dir) / f"row_coupling_{cell}", formats, overwrite
         )
         pyplot().close(fig)
     return written

@@ -100,6 +100,12 @@ def test_quick_study_reports_increments_rows_and_every_interval(quick_study):
     coupling = pd.read_csv(quick_study / "row_coupling.csv")
     assert {"cell", "seed", "run", "step", "tensor", "rows", "r_abs", "r_signed"} <= set(coupling.columns)
     assert (coupling["rows"] > 2).all() and coupling["r_abs"].between(-1, 1).all()
+    # the per-row view over the steps: every cell's checkpoints, pooled, and a figure of it per cell
+    steps = pd.read_csv(quick_study / "row_coupling_steps.csv")
+    assert set(steps["cell"]) == set(table["cell"]) and set(steps["step"]) == {2, 4, 6, 8}
+    for cell in set(table["cell"]):
+        assert (quick_study / "figures" / f"row_coupling_{cell}.png").stat().st_size > 10_000
+    assert "row_coupling_base.png" in (quick_study / "report.md").read_text()
 
 
 def test_the_full_plan_isolates_each_factor():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dora_analysis.analysis.conventions import CONVENTIONS, MERGE_SCALED
-from dora_analysis.jobs.study import _convention_weight, study_plan, study_summary
+from dora_analysis.jobs.study import _convention_weight, study_plan, study_row_steps, study_summary
 from dora_analysis.readers.base import LowRankUpdate
 
 
@@ -67,3 +67,45 @@ def test_plan_windows_are_checkpoints_the_runs_save(quick: bool):
     saved = set(range(plan.save_every, plan.steps + 1, plan.save_every))
     for steps in plan.windows.values():
         assert set(steps) <= saved
+
+
+def test_row_steps_pool_each_cells_seeds_and_layers_on_fishers_z():
+    rng = np.random.default_rng(0)
+    rows = []
+    for cell in ("base", "wd-0.1"):
+        for seed in (0, 1):
+            for step in (40, 80):
+                for layer in range(6):
+                    rows.append(
+                        {
+                            "cell": cell,
+                            "seed": seed,
+                            "run": f"{cell}/dora-seed{seed}",
+                            "method": "dora",
+                            "step": step,
+                            "stack": None,
+                            "layer": layer,
+                            "module": "query",
+                            "tensor": f"encoder.layer.{layer}.attention.self.query.weight",
+                            "rows": 32,
+                            "r_abs": rng.uniform(-0.9, 0.9),
+                            "r_signed": rng.uniform(-0.9, 0.9),
+                        }
+                    )
+    coupling = pd.DataFrame(rows)
+    steps = study_row_steps(coupling)
+    assert list(steps[["cell", "step"]].itertuples(index=False, name=None)) == [
+        ("base", 40),
+        ("base", 80),
+        ("wd-0.1", 40),
+        ("wd-0.1", 80),
+    ]
+    for row in steps.itertuples(index=False):
+        own = coupling[(coupling["cell"] == row.cell) & (coupling["step"] == row.step)]
+        assert row.matrices == 12 and row.layers == 6
+        assert row.r_abs == pytest.approx(np.tanh(np.arctanh(own["r_abs"]).mean()), rel=1e-12)
+        # the interval is the delete-one-layer jackknife's: both seeds' matrix of a layer leave together
+        replicates = [np.tanh(np.arctanh(own[own["layer"] != k]["r_signed"]).mean()) for k in range(6)]
+        assert row.r_signed_low < row.r_signed < row.r_signed_high
+        assert row.r_signed_low <= min(replicates) and row.r_signed_high >= max(replicates)
+        assert row.interval == "95% layer jackknife, t(5)"
