@@ -15,8 +15,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dora_analysis"
 
 SUBPACKAGES = {"readers", "analysis", "adapters", "training", "tracking", "views", "jobs", "commands"}
 # Foundations every layer may use: the error type, atomic writes, the frame's shared names, the device
-# check, and the factors of a LoRA/DoRA update with their merge (pure tensor math).
-FOUNDATIONS = {"errors", "atomic", "schema", "devices", "factors"}
+# check, the factors of a LoRA/DoRA update with their merge (pure tensor math), and the garbage
+# collector's pauses.
+FOUNDATIONS = {"errors", "atomic", "schema", "devices", "factors", "collector"}
 # The pure math of the analysis: tensors and frames in, numbers out; no files, no readers.
 MATH = {
     "decomposition",

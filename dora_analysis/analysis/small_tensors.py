@@ -22,7 +22,7 @@ from dora_analysis.analysis.decomposition import (
     summarize_many,
 )
 
-__all__ = ["SMALL_ELEMENTS", "BATCH_ELEMENTS", "BATCH_TENSORS", "Item", "deltas_of_many", "row_of"]
+__all__ = ["SMALL_ELEMENTS", "BATCH_ELEMENTS", "BATCH_TENSORS", "Item", "deltas_of_many", "row_of", "stacked"]
 
 # A tensor of at most this many elements is batched: stacking copies it once (microseconds), far
 # below the fixed cost it saves; larger ones go through the per-tensor path.
@@ -64,10 +64,8 @@ def _one_group(
     m = len(positions)
     base0, tuned0 = items[positions[0]]
     k, n = base0.shape
-    base = torch.stack([items[p][0] for p in positions]).reshape(m * k, n)
-    tuned = [
-        torch.stack([items[p][1][j][1] for p in positions]).reshape(m * k, n) for j in range(len(tuned0))
-    ]
+    base = stacked([items[p][0] for p in positions]).reshape(m * k, n)
+    tuned = [stacked([items[p][1][j][1] for p in positions]).reshape(m * k, n) for j in range(len(tuned0))]
     changes = row_changes(row_scalars_many(base, tuned))  # fields (T, m * k)
     del base, tuned
     # (T, m * k) -> (T * m, k): row t * m + q is tuned t against item q, one tensor's rows.
@@ -78,6 +76,21 @@ def _one_group(
             out[position][0][index] = deltas[t * m + q]
             if per_row:
                 out[position][1][index] = row_of(each, t * m + q)
+
+
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)`` ``(m, *shape)``; a view, without copying, where the tensors already lie
+    one after another in one storage (consecutive tensors of a memory-mapped file, as MoE experts and
+    other runs of equal tensors are stored): the copy would cost as much as reading them."""
+    first = tensors[0]
+    numel, start = first.numel(), first.storage_offset()
+    if numel == 0 or not all(t.is_contiguous() for t in tensors):
+        return torch.stack(tensors)
+    pointer = first.untyped_storage().data_ptr()
+    for i, t in enumerate(tensors):
+        if t.storage_offset() != start + i * numel or t.untyped_storage().data_ptr() != pointer:
+            return torch.stack(tensors)
+    return first.as_strided((len(tensors), *first.shape), (numel, *first.stride()), start)
 
 
 def row_of(changes: RowChanges, i: int) -> RowChanges:

@@ -40,6 +40,7 @@ from dora_analysis.analysis.small_tensors import (
     row_of,
 )
 from dora_analysis.analysis.spectrum import SpectrumOptions, tensor_spectra
+from dora_analysis.collector import frozen_heap
 from dora_analysis.devices import resolve_device
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
 from dora_analysis.readers.layout import TensorLayout
@@ -89,7 +90,7 @@ def compare_in_process(
             tuple(references) if references is not None else None,
         )
     checked = None if device is None else resolve_device(device)
-    with ExitStack() as stack:
+    with ExitStack() as stack, frozen_heap():  # one record per tensor: keep collections short
         base_reader = _open(base, stack)
         readers = [_open(t, stack, base=base_reader) for t in tuned]
         plan = plan_comparison(base_reader, readers, include, exclude, layout)

@@ -15,9 +15,11 @@ Time is linear in the text's length.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+from dora_analysis.collector import paused_collector
 from dora_analysis.errors import InputError, first_line
 
 __all__ = [
@@ -33,6 +35,9 @@ __all__ = [
 MAX_INT_DIGITS = 20  # every int64/uint64 fits; nothing we read needs more
 MAX_JSON_BYTES = 100 * 1024 * 1024  # safetensors' own header limit; configs are far smaller
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a model's config.json (a few KB; large label maps fit)
+
+
+_LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")  # JSON's digits are ASCII only
 
 
 def _parse_int(text: str) -> int:
@@ -51,7 +56,14 @@ def parse_json(path: Path | str, raw: bytes | str, what: str = "JSON") -> object
     ``what`` names the file's role in messages (``"safetensors header"``, ``"adapter config"``).
     """
     try:
-        return json.loads(raw, parse_int=_parse_int)
+        if isinstance(raw, bytes | bytearray):  # as json.loads decodes it (UTF-8, -16 or -32)
+            raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        with paused_collector():
+            if _LONG_DIGITS.search(raw) is None:
+                # no run of more digits than the bound anywhere, so no integer can exceed it: the C
+                # parser converts every integer itself (a hook per integer cost a large header's time)
+                return json.loads(raw)
+            return json.loads(raw, parse_int=_parse_int)
     except _TooLong as e:
         raise InputError.of(
             path, f"{what} holds an integer of {e.args[0]} digits (at most {MAX_INT_DIGITS} are read)"

@@ -5,6 +5,7 @@ Pure string logic (plus a reshape in :func:`as_rows`); no file access, no statis
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,19 +51,20 @@ _GENERIC_MODULES = {"dense", "linear", "proj", "fc"}
 
 def strip_prefixes(name: str, prefixes: tuple[str, ...]) -> str:
     """``name`` without any of ``prefixes`` at its start, however many and in whatever order."""
-    if not name.startswith(prefixes):  # the common case, in one call (it runs for every tensor name)
-        return name
-    changed = True
-    while changed:
-        changed = False
+    while name.startswith(prefixes):  # one call per prefix removed, plus one (it runs for every name)
         for prefix in prefixes:
             if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
+                name = name[len(prefix) :]
+                break
     return name
 
 
+@functools.lru_cache(maxsize=1 << 18)
 def canonical_name(name: str) -> str:
-    """``name`` without any leading wrapper prefixes (see :data:`WRAPPER_PREFIXES`)."""
+    """``name`` without any leading wrapper prefixes (see :data:`WRAPPER_PREFIXES`).
+
+    Cached: reading, planning and labelling each ask it of every tensor name.
+    """
     return strip_prefixes(name, WRAPPER_PREFIXES)
 
 

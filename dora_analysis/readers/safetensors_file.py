@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dora_analysis.collector import paused_collector
 from dora_analysis.errors import InputError, first_line
 from dora_analysis.readers._common import ReaderMixin, short_repr, stored_tensor_problem
 from dora_analysis.readers.json_file import parse_json
@@ -75,10 +76,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         raise InputError.of(path, "safetensors header is not a JSON object")
     data_bytes = size - 8 - n
     entries: dict[str, TensorEntry] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        entries[name] = _entry(path, name, info, data_bytes)
+    with paused_collector():  # one small object per tensor, no cycles
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            entries[name] = _entry(path, name, info, data_bytes)
     return entries
 
 
@@ -86,13 +88,15 @@ def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise InputError.of(path, "header record lacks dtype, shape or data_offsets", tensor=name)
     offsets, shape, dtype_code = info["data_offsets"], info["shape"], info["dtype"]
+    # ``type(...) is int``: JSON's true/false are ints to isinstance, and never a size
     ok = (
-        isinstance(offsets, list)
+        type(offsets) is list
         and len(offsets) == 2
-        and all(isinstance(o, int) and o >= 0 for o in offsets)
-        and offsets[0] <= offsets[1]
-        and isinstance(shape, list)
-        and all(isinstance(d, int) and d >= 0 for d in shape)
+        and type(offsets[0]) is int
+        and type(offsets[1]) is int
+        and 0 <= offsets[0] <= offsets[1]
+        and type(shape) is list
+        and all(type(d) is int and d >= 0 for d in shape)
     )
     if not ok:
         raise InputError.of(

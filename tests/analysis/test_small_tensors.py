@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from dora_analysis.analysis import tensor_major
 from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.analysis.decomposition import row_changes, row_scalars_many, summarize_many
-from dora_analysis.analysis.small_tensors import deltas_of_many, row_of
+from dora_analysis.analysis.small_tensors import deltas_of_many, row_of, stacked
 
 EPS64 = float(np.finfo(np.float64).eps)
 FIELDS = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
@@ -163,3 +163,23 @@ def test_twenty_thousand_tiny_tensors_match_numpy(tmp_path: Path) -> None:
         dm, dd = _numpy_delta(base[name].double().numpy(), tuned[name].double().numpy())
         np.testing.assert_allclose(frame.loc[name, "delta_magnitude"], dm, rtol=1e-9)
         assert abs(frame.loc[name, "delta_direction"] - dd) <= 8 * 6 * EPS64 + 1e-9 * dd
+
+
+def test_stacked_is_a_view_where_the_tensors_lie_one_after_another() -> None:
+    storage = torch.randn(7 * 12, dtype=torch.bfloat16)
+    run = [storage[i * 12 : (i + 1) * 12].view(3, 4) for i in range(7)]
+    view = stacked(run)
+    assert view.data_ptr() == storage.data_ptr()  # no copy
+    assert torch.equal(view, torch.stack(run))
+    # out of order, with a gap, overlapping or from two storages: copied, still equal to torch.stack
+    other = torch.randn(12, dtype=torch.bfloat16).view(3, 4)
+    for tensors in (
+        [run[1], run[0]],
+        [run[0], run[2]],
+        [run[0], run[0]],
+        [run[0], other],
+        [run[0].T, run[1].T],
+    ):
+        got = stacked(tensors)
+        assert torch.equal(got, torch.stack(tensors))
+        assert got.data_ptr() != storage.data_ptr()

@@ -47,6 +47,14 @@ def _bad_file(tmp_path: Path, case: str) -> Path:
         path.write_bytes(struct.pack("<Q", 2**60) + b"{}")
     elif case == "tiny":
         path.write_bytes(b"\x01\x02")
+    elif case == "boolean_shape":  # JSON's true is an int to isinstance; never a size
+        header = json.loads(good[8 : 8 + n])
+        header["b.weight"]["shape"] = [True, 32]
+        path.write_bytes(_with_header(header, good[8 + n :]))
+    elif case == "utf16_long_integer":  # the digit bound holds in every encoding JSON allows
+        text = '{"a.weight": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, ' + "9" * 40 + "]}}"
+        raw = text.encode("utf-16")
+        path.write_bytes(struct.pack("<Q", len(raw)) + raw + good[8 + n :])
     return path
 
 
@@ -59,6 +67,8 @@ def _bad_file(tmp_path: Path, case: str) -> Path:
         ("header_not_json", "not valid JSON"),
         ("absurd_header", "absurd size"),
         ("tiny", "truncated"),
+        ("boolean_shape", "non-negative integers"),
+        ("utf16_long_integer", "40 digits"),
     ],
 )
 def test_bad_safetensors_files(tmp_path: Path, case: str, needle: str) -> None:
