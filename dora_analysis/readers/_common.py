@@ -42,6 +42,8 @@ _QUANTIZED_NAMES = (
     (re.compile(r"\.weight_scale(_inv)?$"), "FP8 (scaled)"),
 )
 
+_ANY_QUANTIZED = re.compile("|".join(f"(?:{pattern.pattern})" for pattern, _ in _QUANTIZED_NAMES))
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 # Trainer files that hold optimizer/scheduler/RNG state or arguments, never model weights.
@@ -73,6 +75,8 @@ def stored_tensor_problem(dtype: torch.dtype, shape: tuple[int, ...]) -> str | N
 def quantized_storage_problem(names: list[str]) -> tuple[str, str] | None:
     """``(tensor name, problem)`` when the names show quantized storage (bitsandbytes, GPTQ/AWQ, scaled FP8)."""
     for name in names:
+        if _ANY_QUANTIZED.search(name) is None:  # one search per name; the kind only on a hit
+            continue
         for pattern, kind in _QUANTIZED_NAMES:
             if pattern.search(name):
                 return (
