@@ -406,6 +406,8 @@ def study_table(points: pd.DataFrame, plan: StudyPlan, coupling: pd.DataFrame | 
     ``r_seed_min``, ``r_seed_mean`` and ``r_seed_max`` are each seed's own r, so the spread across
     seeds stands beside the interval. ``r_increments`` (and its interval) is r of the step-to-step
     increments of ΔM and ΔD within the window (:func:`~dora_analysis.analysis.coupling.increments`);
+    ``r_relative`` r with ΔM divided by the tensor's mean base magnitude
+    (:func:`~dora_analysis.analysis.coupling.relative_to_base`);
     ``r_rows_abs``/``r_rows_signed`` (with intervals) the row-by-row r within each matrix at the
     window's last step, pooled over seeds and layers (paper convention only, from ``coupling``).
     ``accuracy`` is the mean held-out accuracy at the window's last step.
@@ -448,7 +450,7 @@ def _window_rows(
 ) -> list[dict]:
     """The study rows of one (cell, convention, window): one per (method, module) of ``part``."""
     from dora_analysis.analysis.correlation import correlations
-    from dora_analysis.analysis.coupling import increments
+    from dora_analysis.analysis.coupling import increments, relative_to_base
 
     # The seeds' runs pooled: centred per run, the interval from leaving out a layer of every seed.
     pooled = correlations(part, pool_runs=True)
@@ -458,6 +460,7 @@ def _window_rows(
     )
     stepped = increments(part)
     moved = correlations(stepped, pool_runs=True) if not stepped.empty else None
+    relative = correlations(relative_to_base(part), pool_runs=True)
     last = part[part["step"] == max(steps)]
     rows = []
     for stats in pooled.to_dict("records"):
@@ -469,25 +472,23 @@ def _window_rows(
             seeds=int(seeds.size), r_seed_min=seeds.min(), r_seed_mean=seeds.mean(), r_seed_max=seeds.max()
         )
         row.update({c: stats.get(c) for c in _CARRIED})
-        row.update(_increment_columns(moved, method, module))
+        row.update(_r_columns(moved, method, module, "r_increments"))
+        row.update(_r_columns(relative, method, module, "r_relative"))
         row.update(_row_columns(coupling, method, module))
         row["accuracy"] = accuracy.mean() if accuracy.size else float("nan")
         rows.append(row)
     return rows
 
 
-def _increment_columns(moved: pd.DataFrame | None, method: str, module: str) -> dict:
-    """``r_increments`` and its interval for one method and module (NaN where the window has one step)."""
+def _r_columns(found: pd.DataFrame | None, method: str, module: str, name: str) -> dict:
+    """``name`` and its interval: the r of ``found`` (a correlation table) for one method and module
+    (NaN where there is none, as for increments in a window of one step)."""
     nan = float("nan")
-    found = None if moved is None else moved[(moved["method"] == method) & (moved["module"] == module)]
-    if found is None or found.empty:
-        return {"r_increments": nan, "r_increments_low": nan, "r_increments_high": nan}
-    first = found.iloc[0]
-    return {
-        "r_increments": first["r"],
-        "r_increments_low": first["r_low"],
-        "r_increments_high": first["r_high"],
-    }
+    rows = None if found is None else found[(found["method"] == method) & (found["module"] == module)]
+    if rows is None or rows.empty:
+        return {name: nan, f"{name}_low": nan, f"{name}_high": nan}
+    first = rows.iloc[0]
+    return {name: first["r"], f"{name}_low": first["r_low"], f"{name}_high": first["r_high"]}
 
 
 def _row_columns(coupling: pd.DataFrame | None, method: str, module: str) -> dict:

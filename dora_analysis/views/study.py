@@ -236,14 +236,16 @@ def _coupling_section(paper: pd.DataFrame, module: str) -> list[str]:
         return []
     lines = [f"### {module}: apart from shared growth", ""]
     lines += [
-        "Each cell: r of the step-to-step increments of ΔM and ΔD; then the row-by-row r of abs(Δm_n) and of",
-        "the signed Δm_n with 1 - cos_n within each matrix at the window's last step, pooled over layers",
-        "and seeds. Every interval: 95% delete-one-layer jackknife t.",
+        "Each cell: r of the step-to-step increments of ΔM and ΔD; r with ΔM relative to the matrix's mean",
+        "base magnitude; then the row-by-row r of abs(Δm_n) and of the signed Δm_n with 1 - cos_n within",
+        "each matrix at the window's last step, pooled over layers and seeds. Every interval: 95%",
+        "delete-one-layer jackknife t.",
         "",
     ]
     text = paper.apply(
         lambda row: (
-            f"increments {interval_text(row, 'r_increments')}; rows abs(Δm) "
+            f"increments {interval_text(row, 'r_increments')}; relative "
+            f"{interval_text(row, 'r_relative')}; rows abs(Δm) "
             f"{interval_text(row, 'r_rows_abs')}, signed {interval_text(row, 'r_rows_signed')}"
         ),
         axis=1,

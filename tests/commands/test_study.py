@@ -90,11 +90,20 @@ def test_quick_study_reports_increments_rows_and_every_interval(quick_study):
     """Issue 22's columns: r of the step-to-step increments and the row-by-row r within each matrix, each
     with its interval; every statistic's interval and what it is; the DoRA-only arm trains DoRA alone."""
     table = pd.read_csv(quick_study / "study.csv")
-    for column in ("r_increments", "r_rows_abs", "r_rows_signed", "spearman", "slope", "r_within_step"):
+    for column in (
+        "r_increments",
+        "r_relative",
+        "r_rows_abs",
+        "r_rows_signed",
+        "spearman",
+        "slope",
+        "r_within_step",
+    ):
         assert {column, f"{column}_low", f"{column}_high"} <= set(table.columns), column
     assert table["interval"].str.contains("layer jackknife").all()
     paper = table[table["convention"] == "paper"]
     assert paper["r_rows_abs"].between(-1, 1).all() and paper["r_increments"].between(-1, 1).all()
+    assert table["r_relative"].between(-1, 1).all()
     assert table.loc[table["convention"] != "paper", "r_rows_abs"].isna().all()  # rows: paper convention only
     assert set(table[table["cell"] == "wd-0.1-not-m"]["method"]) == {"dora"}
     coupling = pd.read_csv(quick_study / "row_coupling.csv")
