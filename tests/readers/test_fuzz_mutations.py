@@ -112,6 +112,8 @@ def st_cases() -> dict[str, Callable[[Path], Path]]:
             [0, 47],
             [1, 49],
             [True, 48],
+            [False, 48],  # JSON's false is 0 to isinstance: never a size
+            [0, 4.8e1],
         ]
     ):
         cases[f"offsets_{i}"] = _field("a.weight", "data_offsets", offsets)
@@ -119,6 +121,7 @@ def st_cases() -> dict[str, Callable[[Path], Path]]:
         cases[f"dtype_{i}"] = _field("a.weight", "dtype", dtype)
     for i, shape in enumerate(
         [[-3, 4], [3.0, 4], [12], [4, 3], [2**62, 2**62], [0, 2**40], [3, 4, 1], [], "3,4", None, [3, "4"]]
+        + [[True, 12], [3, 4, True]]
     ):
         cases[f"shape_{i}"] = _field("a.weight", "shape", shape)
     overlap = _valid_header()
@@ -143,6 +146,19 @@ def st_cases() -> dict[str, Callable[[Path], Path]]:
     cases["trailing_bytes"] = lambda p: _st_file(p, _valid_header(), _data() + b"extra")
     cases["data_cut"] = lambda p: _st_file(p, _valid_header(), _data()[:50])
     text = json.dumps(_valid_header()).encode()
+    # the header's text itself: other encodings, and runs of digits that are or are not integers
+    cases["utf16_header"] = lambda p: _st_file(p, None, text=text.decode().encode("utf-16"))
+    cases["utf8_bom_header"] = lambda p: _st_file(p, None, text=b"\xef\xbb\xbf" + text)
+    digits = "1" * 40
+    named = {f"a{digits}" if k == "a.weight" else k: v for k, v in _valid_header().items()}
+    cases["digits_in_a_name"] = lambda p, h=named: _st_file(p, h)  # valid: a name, not an integer
+    cases["digits_in_metadata"] = lambda p: _st_file(p, {**_valid_header(), "__metadata__": {"n": digits}})
+    cases["long_int_metadata"] = lambda p: _st_file(
+        p, None, text=text[:-1] + b', "__metadata__": {"n": ' + digits.encode() + b"}}"
+    )
+    cases["long_int_offset"] = lambda p: _st_file(
+        p, None, text=text.replace(b"[0, 48]", b"[0, " + digits.encode() + b"]")
+    )
     rng = random.Random(23)
     for i in range(60):  # random byte flips inside the header text
         flipped = bytearray(text)
