@@ -45,8 +45,9 @@ def sign_map_figure(table: pd.DataFrame, module: str = "query"):
     Each cell shows the r pooled over seeds and, below it, ``seeds a..b``: the range of the seeds' own
     r. Red is positive (LoRA's sign in the paper), blue negative (FT's and DoRA's); each panel's title
     gives the paper's r for that method. A configuration that does not apply to a method (targets and
-    rank for FT, the DoRA-only arms for FT and LoRA) is hatched grey and marked ``n/a``, never drawn as
-    r = 0.
+    rank for FT, the DoRA-only arms for FT and LoRA) is hatched grey and marked ``n/a``, and one where r
+    is not defined (a ΔD or ΔM that does not vary, as magnitude-only DoRA's ΔD = 0) ``r undefined``:
+    neither is drawn as r = 0.
     """
     plt = pyplot()
     data = table[table["module"] == module].assign(configuration=lambda t: configuration_labels(t))
@@ -81,6 +82,10 @@ def _sign_panel(ax, part: pd.DataFrame, rows: list[str], conventions: list[str])
                 ax.text(j, i, "n/a", ha="center", va="center", fontsize=8, color="0.35")
                 continue
             stats = part.loc[(row, convention)]
+            if not np.isfinite(stats["r"]):  # no r at all (e.g. magnitude-only DoRA: ΔD = 0 exactly)
+                ax.add_patch(_not_applicable(j, i))
+                ax.text(j, i, "r undefined", ha="center", va="center", fontsize=7, color="0.35")
+                continue
             grid[i, j] = stats["r"]
             label = f"{stats['r']:+.2f}"
             if stats["seeds"] > 1 and np.isfinite(stats["r_seed_min"]):
@@ -205,6 +210,8 @@ def sign_flips(table: pd.DataFrame, module: str = "query", convention: str = "pa
     rows = []
     for row in data.itertuples(index=False):
         if row.method not in base.index or (row.cell == "base" and row.window == "paper"):
+            continue
+        if not np.isfinite(row.r):  # no r: no sign to compare
             continue
         if np.sign(row.r) != np.sign(base[row.method]):
             rows.append(

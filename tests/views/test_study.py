@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 
 from dora_analysis.errors import InputError
-from dora_analysis.views.study import row_coupling_figure, write_row_coupling_figures
+from dora_analysis.views.study import (
+    row_coupling_figure,
+    sign_flips,
+    sign_map_figure,
+    write_row_coupling_figures,
+)
 
 
 def row_steps() -> pd.DataFrame:
@@ -64,3 +69,55 @@ def test_write_row_coupling_figures_one_per_cell_and_no_overwrite(tmp_path):
     assert all(path.stat().st_size > 10_000 for paths in written.values() for path in paths)
     with pytest.raises(InputError, match="exists"):
         write_row_coupling_figures(row_steps(), tmp_path, formats=("png",))
+
+
+def study_table() -> pd.DataFrame:
+    """A study.csv: base (all methods), a weight-decay cell, and a DoRA-only arm whose r is undefined."""
+    rows = []
+    cells = [
+        ("base", "base", "AdamW", {"ft": 0.9, "lora": 1.0, "dora": 0.3}),
+        ("wd-0.1", "weight decay", "0.1", {"ft": 0.8, "lora": 1.0, "dora": -0.2}),
+        ("magnitude-only", "trained", "magnitude only", {"dora": float("nan")}),
+    ]
+    for cell, factor, value, rs in cells:
+        for method, r in rs.items():
+            for convention in ("paper", "signed_magnitude"):
+                rows.append(
+                    {
+                        "cell": cell,
+                        "factor": factor,
+                        "value": value,
+                        "window": "paper",
+                        "method": method,
+                        "module": "query",
+                        "convention": convention,
+                        "seeds": 3,
+                        "r": r,
+                        "r_low": r - 0.5,
+                        "r_high": min(r + 0.5, 1.0),
+                        "r_seed_min": r - 0.1,
+                        "r_seed_max": r + 0.1,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_sign_map_marks_absent_and_undefined_cells_never_as_zero():
+    fig = sign_map_figure(study_table(), "query")
+    panels = {ax.get_title().split(" (")[0]: ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"FT", "LoRA", "DoRA"}
+    assert "paper: r = -0.31" in next(ax.get_title() for ax in fig.axes if ax.get_title().startswith("DoRA"))
+    ft_texts = [t.get_text() for t in panels["FT"].texts]
+    assert ft_texts.count("n/a") == 2  # FT has no magnitude-only arm: both conventions
+    dora_texts = [t.get_text() for t in panels["DoRA"].texts]
+    assert dora_texts.count("r undefined") == 2 and "+nan" not in " ".join(dora_texts)
+    assert "-0.20\nseeds -0.30..-0.10" in dora_texts  # the second line: the seeds' own r
+    image = panels["DoRA"].images[0].get_array()
+    assert np.ma.is_masked(image[2, 0]) or not np.isfinite(image[2, 0])  # not painted as r = 0
+
+
+def test_sign_flips_list_the_other_sign_and_skip_undefined_r():
+    flips = sign_flips(study_table(), "query")
+    assert list(flips["method"]) == ["dora"]
+    assert flips.iloc[0]["configuration"] == "weight decay: 0.1"
+    assert flips.iloc[0]["interval"] == "[-0.70, +0.30]" and not flips.iloc[0]["decided"]
