@@ -188,9 +188,11 @@ def write_row_coupling_figures(
     formats: Sequence[str] = ("png", "pdf"),
     overwrite: bool = False,
 ) -> dict[str, list[Path]]:
-    """``row_coupling_<cell>`` for every configuration in ``steps``; returns ``{name: [paths]}``."""
+    """``row_coupling_<cell>`` for every configuration in ``steps`` with a defined r (none where ΔD
+    does not vary within a matrix, as magnitude-only DoRA's); returns ``{name: [paths]}``."""
     written = {}
-    for cell in dict.fromkeys(steps["cell"]):
+    defined = steps[steps[["r_abs", "r_signed"]].notna().any(axis=1)]
+    for cell in dict.fromkeys(defined["cell"]):
         fig = row_coupling_figure(steps, cell)
         written[f"row_coupling_{cell}"] = save_figure(
             fig, Path(out_dir) / f"row_coupling_{cell}", formats, overwrite

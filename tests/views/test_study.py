@@ -64,8 +64,12 @@ def test_row_coupling_figure_draws_each_methods_r_over_steps_with_its_band():
 
 
 def test_write_row_coupling_figures_one_per_cell_and_no_overwrite(tmp_path):
-    written = write_row_coupling_figures(row_steps(), tmp_path, formats=("png",))
-    assert list(written) == ["row_coupling_base", "row_coupling_wd-0.1"]
+    undefined = (
+        row_steps().query("cell == 'base'").assign(cell="magnitude-only", r_abs=np.nan, r_signed=np.nan)
+    )
+    steps = pd.concat([row_steps(), undefined], ignore_index=True)
+    written = write_row_coupling_figures(steps, tmp_path, formats=("png",))
+    assert list(written) == ["row_coupling_base", "row_coupling_wd-0.1"]  # no blank figure
     assert all(path.stat().st_size > 10_000 for paths in written.values() for path in paths)
     with pytest.raises(InputError, match="exists"):
         write_row_coupling_figures(row_steps(), tmp_path, formats=("png",))
