@@ -34,14 +34,19 @@ MERGE_SCALED = {name: name != "no_scale" for name in CONVENTIONS}
 def _mean_one_minus_cos(base: torch.Tensor, tuned: torch.Tensor, dim: int) -> float:
     """Mean of ``1 - cos`` between matching slices along ``dim`` of two float64 matrices.
 
-    Slices that are zero in either matrix have no direction and are left out.
+    Slices that are zero in either matrix have no direction and are left out. ``1 - dot / norms`` in
+    float64 is exact only to about ``(n + 2)`` units of rounding (``n`` the slice's length: the dot
+    product's and the norms' sums), so a value within that of 0 is 0: a direction that did not move
+    (magnitude-only DoRA, B = 0) gives ΔD = 0 exactly, never rounding noise a correlation would read.
     """
     dot = (base * tuned).sum(dim)
     norms = torch.linalg.vector_norm(base, dim=dim) * torch.linalg.vector_norm(tuned, dim=dim)
     valid = norms > 0
     if not bool(valid.any()):
         return float("nan")
-    return float((1 - dot[valid] / norms[valid]).mean())
+    one_minus_cos = 1 - dot[valid] / norms[valid]
+    resolution = (base.shape[dim] + 2) * torch.finfo(torch.float64).eps
+    return float(torch.where(one_minus_cos.abs() <= resolution, 0.0, one_minus_cos).mean())
 
 
 def convention_deltas(base: torch.Tensor, tuned: torch.Tensor, convention: str) -> tuple[float, float]:

@@ -47,3 +47,23 @@ def test_bad_input_is_refused():
         convention_deltas(torch.ones(2, 2), torch.ones(2, 2), "rows")
     with pytest.raises(ValueError, match="equal 2-D"):
         convention_deltas(torch.ones(2, 2), torch.ones(2, 3), "paper")
+
+
+@pytest.mark.parametrize("convention", ["paper", "signed_magnitude", "no_scale"])
+def test_rows_only_rescaled_have_no_direction_change_not_rounding_noise(convention):
+    # magnitude-only DoRA: every row a positive multiple of W0's, so 1 - cos is 0 up to rounding; a
+    # correlation must see 0, not ±1e-17 of noise
+    generator = torch.Generator().manual_seed(3)
+    w0 = torch.randn(64, 384, generator=generator)
+    scale = 1 + 0.1 * torch.rand(64, 1, generator=generator)
+    delta_magnitude, delta_direction = convention_deltas(w0, w0 * scale, convention)
+    assert delta_direction == 0.0
+    assert delta_magnitude != 0.0
+    # a real turn far above the resolution is kept: one row rotated by 1e-4 rad
+    turned = w0.double().clone()
+    turned[0] += (
+        1e-4
+        * torch.linalg.vector_norm(turned[0])
+        * torch.nn.functional.normalize(torch.randn(384, generator=generator, dtype=torch.float64), dim=0)
+    )
+    assert convention_deltas(w0.double(), turned, convention)[1] > 1e-12
