@@ -114,12 +114,19 @@ def write_sign_maps(
     overwrite: bool = False,
 ) -> dict[str, list[Path]]:
     """``sign_map_<module>`` for every module in ``table``; returns ``{name: [paths]}``."""
+    drawings = {
+        f"sign_map_{m}": lambda m=m: sign_map_figure(table, m) for m in dict.fromkeys(table["module"])
+    }
+    return _save_each(drawings, out_dir, formats, overwrite)
+
+
+def _save_each(drawings: dict, out_dir: str | os.PathLike, formats: Sequence[str], overwrite: bool) -> dict:
+    """Draw, save (``out_dir/<name>.<format>``) and close each figure of ``{name: draw}`` in turn, so one
+    figure at a time is open; returns ``{name: [paths]}``."""
     written = {}
-    for module in dict.fromkeys(table["module"]):
-        fig = sign_map_figure(table, module)
-        written[f"sign_map_{module}"] = save_figure(
-            fig, Path(out_dir) / f"sign_map_{module}", formats, overwrite
-        )
+    for name, draw in drawings.items():
+        fig = draw()
+        written[name] = save_figure(fig, Path(out_dir) / name, formats, overwrite)
         pyplot().close(fig)
     return written
 
@@ -190,15 +197,11 @@ def write_row_coupling_figures(
 ) -> dict[str, list[Path]]:
     """``row_coupling_<cell>`` for every configuration in ``steps`` with a defined r (none where ΔD
     does not vary within a matrix, as magnitude-only DoRA's); returns ``{name: [paths]}``."""
-    written = {}
     defined = steps[steps[["r_abs", "r_signed"]].notna().any(axis=1)]
-    for cell in dict.fromkeys(defined["cell"]):
-        fig = row_coupling_figure(steps, cell)
-        written[f"row_coupling_{cell}"] = save_figure(
-            fig, Path(out_dir) / f"row_coupling_{cell}", formats, overwrite
-        )
-        pyplot().close(fig)
-    return written
+    drawings = {
+        f"row_coupling_{c}": lambda c=c: row_coupling_figure(steps, c) for c in dict.fromkeys(defined["cell"])
+    }
+    return _save_each(drawings, out_dir, formats, overwrite)
 
 
 def sign_flips(table: pd.DataFrame, module: str = "query", convention: str = "paper") -> pd.DataFrame:
