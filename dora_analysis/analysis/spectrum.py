@@ -82,6 +82,7 @@ import torch
 from dora_analysis.analysis import fused_rows
 from dora_analysis.factors import Factors, merge_low_rank
 from dora_analysis.schema import (
+    INTRUDER_COLUMNS,
     RANK90_LOWER,
     RANK90_UPPER,
     SPECTRUM_COLUMNS,
@@ -640,9 +641,9 @@ def _intruder_setting(shape: tuple[int, ...], options: SpectrumOptions) -> dict[
 def _nan_record(
     spectrum: bool, intruders: bool, shape: tuple[int, ...], options: SpectrumOptions
 ) -> dict[str, float]:
-    columns = (SPECTRUM_COLUMNS if spectrum else []) + (["intruder_dimensions"] if intruders else [])
-    record = dict.fromkeys(columns, math.nan)
-    return record | (_intruder_setting(shape, options) if intruders else {})
+    """NaN for every column the groups add, but the intruder setting, which is known without an SVD."""
+    columns = (SPECTRUM_COLUMNS if spectrum else []) + (INTRUDER_COLUMNS if intruders else [])
+    return dict.fromkeys(columns, math.nan) | (_intruder_setting(shape, options) if intruders else {})
 
 
 @contextmanager
