@@ -8,6 +8,10 @@ bits; fp16: the CPU's conversion instruction), forms ``d = w - a`` in float32 (e
 float64 reference path does) and accumulates the three sums in float64, where products of float32
 values are exact: the results equal the float64 path's up to summation order.
 
+The kernel locates each row by address, so several tensors of one shape (an MoE's experts, the
+projections of a layer) are compared as if stacked, ``(m * k, features)``, in one call and without the
+copy a stack would make (:func:`row_sums_stacked`): a tensor's fixed cost is paid once per batch.
+
 Rows are split into blocks drawn dynamically by one thread per core (the compiled kernels release
 the GIL). Without Numba, :func:`supports` is False and callers keep their torch path.
 """
@@ -21,13 +25,22 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dora_analysis.analysis.row_blocks import row_blocks
+from dora_analysis.analysis.row_blocks import row_ranges
 
-__all__ = ["available", "supports", "row_sums", "run_blocks", "single_threaded_torch", "worker_count"]
+__all__ = [
+    "available",
+    "supports",
+    "row_sums",
+    "row_sums_stacked",
+    "run_blocks",
+    "single_threaded_torch",
+    "worker_count",
+]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Threads draw work in blocks of about this many elements: few enough calls to keep Python's share
@@ -66,35 +79,65 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
         ``(len(tuned), 3, k)`` float64: for tuned ``i``, ``[i, 0]`` is ``|a|^2``, ``[i, 1]`` is
         ``a.d`` and ``[i, 2]`` is ``|d|^2``.
     """
+    out = row_sums_stacked([base], [[t] for t in tuned])
+    assert out is not None  # one tensor is always read, copied block by block where it must
+    return out
+
+
+def row_sums_stacked(
+    bases: Sequence[torch.Tensor], tuned: Sequence[Sequence[torch.Tensor]]
+) -> torch.Tensor | None:
+    """:func:`row_sums` of ``m`` tensors of one shape as if stacked into ``(m * k, features)`` rows,
+    reading each where it lies (no stacked copy).
+
+    Args:
+        bases: ``m`` tensors ``(k, features)``, bf16/fp16/fp32 on the CPU.
+        tuned: ``T`` series of ``m`` tensors each, ``tuned[t][q]`` compared with ``bases[q]``.
+    Returns:
+        ``(T, 3, m * k)`` float64: row ``q * k + j`` is row ``j`` of tensor ``q``. None where
+        ``m > 1`` and some tensor cannot be read in place (another shape, strided, on another device,
+        fp16 where the CPU cannot widen it): a single tensor is then copied block by block instead.
+    """
+    m = len(bases)
+    if any(len(series) != m for series in tuned):
+        raise ValueError(f"row_sums_stacked: every tuned series needs {m} tensors")
+    if not supports(bases[0], [series[0] for series in tuned]):
+        return None
+    k, features = bases[0].shape
+    base_rows = _rows_at(bases, bases[0].shape)
+    series_rows = [_rows_at(series, bases[0].shape) for series in tuned]
+    if m > 1 and (base_rows is None or None in series_rows):
+        return None
     kernel = _kernel()
-    k, features = base.shape
     sub = max(1, SUB_ELEMENTS // max(features, 1))
-    out = torch.empty(len(tuned), 3, k, dtype=torch.float64)
-    # Whole-tensor views where the kernel can read the storage directly (per block, Python passes
-    # only row ranges), grouped by dtype so that one call per block serves a whole series; the rest
-    # (strided rows, fp16 where the CPU cannot widen it) is copied to float32 block by block.
-    base_view = _direct_view(base)
-    views = [_direct_view(t) for t in tuned]
+    out = torch.empty(len(tuned), 3, m * k, dtype=torch.float64)
+    # Per tensor, the address of its first row: the kernel reads the storage directly and Python
+    # passes only row ranges per block. Series are grouped by stored format, so that one call per
+    # block serves a whole series; the rest (strided rows, fp16 where the CPU cannot widen it; only
+    # ever one tensor) is copied to float32 block by block.
     groups: dict[np.dtype, list[int]] = {}
-    for i, view in enumerate(views):
-        if view is not None:
-            groups.setdefault(view.dtype, []).append(i)
-    direct = [(idx, _series([views[i] for i in idx]), np.empty((len(idx), 3, k))) for idx in groups.values()]
-    converted = [(i, np.empty((1, 3, k))) for i, view in enumerate(views) if view is None]
+    converted = []
+    for i, rows in enumerate(series_rows):
+        if rows is None:
+            converted.append((i, np.empty((1, 3, m * k))))
+        else:
+            groups.setdefault(rows.like.dtype, []).append(i)
+    direct = [
+        (idx, _RowsAt.of([series_rows[i] for i in idx]), np.empty((len(idx), 3, m * k)))
+        for idx in groups.values()
+    ]
 
     def work(todo: Iterator[tuple[int, int]]) -> None:
         buffers: list[torch.Tensor | None] = [None, None]
         for start, stop in todo:
-            if base_view is not None:
-                a, a0 = base_view, start
-            else:
-                a, a0 = _converted(base, start, stop, buffers, 0), 0
+            a = base_rows or _converted(bases[0], start, stop, buffers, 0)
             for _, ws, sums in direct:
-                kernel(a, a0, ws, start, start, stop, sub, sums)
+                kernel(*a.args(), *ws.args(), k, features, start, stop, sub, sums)
             for i, sums in converted:
-                kernel(a, a0, (_converted(tuned[i], start, stop, buffers, 1),), 0, start, stop, sub, sums)
+                w = _converted(tuned[i][0], start, stop, buffers, 1)
+                kernel(*a.args(), *w.args(), k, features, start, stop, sub, sums)
 
-    run_blocks(base, work, row_blocks(base, BLOCK_ELEMENTS))
+    run_blocks(bases[0], work, row_ranges(m * k, features, BLOCK_ELEMENTS))
     for idx, _, sums in direct:
         out[idx] = torch.from_numpy(sums)
     for i, sums in converted:
@@ -102,31 +145,57 @@ def row_sums(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _series(arrays: list[np.ndarray]):
-    """The kernel's ``ws``: one array as a 1-tuple (typed in about a microsecond, the common pair),
-    several as a Numba typed list (one compiled kernel for any length, ~10 us per array to build)."""
-    if len(arrays) == 1:
-        return (arrays[0],)
-    from numba.typed import List
+@dataclass(frozen=True)
+class _RowsAt:
+    """Where the kernel finds rows: row ``j`` of tensor ``q`` of series ``s`` starts at byte address
+    ``addresses[s, q] + (j - origin) * row_bytes``; ``like`` is an empty array of the stored element
+    type (bf16 bits as uint16, fp16 bits as int16, float32)."""
 
-    return List(arrays)
+    addresses: np.ndarray  # (S, m) int64
+    like: np.ndarray
+    row_bytes: int
+    origin: int = 0
+
+    @classmethod
+    def of(cls, series: Sequence[_RowsAt]) -> _RowsAt:
+        """Several series of one element type and row length as one ``(S, m)`` table."""
+        return cls(np.concatenate([s.addresses for s in series]), series[0].like, series[0].row_bytes)
+
+    def args(self) -> tuple:
+        return self.addresses, self.like, self.row_bytes, self.origin
 
 
-def _direct_view(rows: torch.Tensor) -> np.ndarray | None:
-    """A C-contiguous NumPy view of ``rows`` the kernel reads as is, or None.
+def _element(dtype: torch.dtype) -> np.ndarray | None:
+    """The empty array whose element type the kernel reads ``dtype`` as, or None where it cannot.
 
-    The kernel tells the 16-bit formats apart by the view's dtype: bf16 bits as uint16, fp16 bits
-    as int16 (only where :func:`_widens_fp16` holds), float32 as float32.
+    The kernel tells the 16-bit formats apart by this type: bf16 bits as uint16, fp16 bits as int16
+    (only where :func:`_widens_fp16` holds), float32 as float32.
     """
-    if not rows.is_contiguous():
-        return None
-    if rows.dtype == torch.bfloat16:
-        return rows.view(torch.int16).numpy().view(np.uint16)
-    if rows.dtype == torch.float16 and _widens_fp16():
-        return rows.view(torch.int16).numpy()
-    if rows.dtype == torch.float32:
-        return rows.numpy()
+    if dtype == torch.bfloat16:
+        return _LIKE[np.uint16]
+    if dtype == torch.float16 and _widens_fp16():
+        return _LIKE[np.int16]
+    if dtype == torch.float32:
+        return _LIKE[np.float32]
     return None
+
+
+_LIKE = {t: np.empty(0, dtype=t) for t in (np.uint16, np.int16, np.float32)}
+
+
+def _rows_at(tensors: Sequence[torch.Tensor], shape: torch.Size) -> _RowsAt | None:
+    """Where the rows of one series lie: contiguous CPU tensors of ``shape`` and one stored format the
+    kernel reads; None if any is not."""
+    dtype = tensors[0].dtype
+    like = _element(dtype)
+    if like is None:
+        return None
+    addresses = []
+    for t in tensors:  # every check: the kernel trusts these addresses
+        if t.dtype != dtype or t.shape != shape or not t.is_cpu or not t.is_contiguous():
+            return None
+        addresses.append(t.data_ptr())
+    return _RowsAt(np.array([addresses], dtype=np.int64), like, shape[1] * like.itemsize)
 
 
 @functools.cache
@@ -150,14 +219,17 @@ def _widens_fp16() -> bool:
 
 def _converted(
     rows: torch.Tensor, start: int, stop: int, buffers: list[torch.Tensor | None], slot: int
-) -> np.ndarray:
+) -> _RowsAt:
     """Rows ``start:stop`` copied to a reused float32 buffer (fp16 widens exactly; strided rows gathered)."""
     buffer = buffers[slot]
     if buffer is None or buffer.shape[0] < stop - start:
         buffer = buffers[slot] = torch.empty(stop - start, rows.shape[1], dtype=torch.float32)
     view = buffer[: stop - start]
     view.copy_(rows[start:stop])
-    return view.numpy()
+    # the buffer's row 0 is row ``start``
+    return _RowsAt(
+        np.array([[view.data_ptr()]], dtype=np.int64), _LIKE[np.float32], view.stride(0) * 4, start
+    )
 
 
 class _SharedBlocks:
@@ -249,45 +321,51 @@ def run_blocks(
                 future.result()
 
 
-# The kernel, as plain Python compiled by Numba on first use. ``_widen`` turns one stored element
-# into float32 in registers, so the loop reads each byte once with no scratch copy: bf16 bits (as
-# uint16) shifted into the high half of a float32, fp16 bits (as int16) through the CPU's conversion,
-# float32 as is.
+# The kernel, as plain Python compiled by Numba on first use. ``_row`` makes a row's address into an
+# array, with no copy; ``_widen`` turns one stored element into float32 in registers, so the loop
+# reads each byte once with no scratch copy: bf16 bits (as uint16) shifted into the high half of a
+# float32, fp16 bits (as int16) through the CPU's conversion, float32 as is.
 
 
 def _widen(x):  # pragma: no cover - replaced by the Numba overload below
     raise NotImplementedError
 
 
-def _rows(a, a0, ws, w0, start, stop, sub, sums):  # pragma: no cover - runs compiled
-    """Rows ``start:stop`` of ``sums`` (``(T, 3, k)``): ``sums[t]`` from row ``a0 + j - start`` of ``a``
-    and row ``w0 + j - start`` of ``ws[t]``.
+def _row(address, like, n):  # pragma: no cover - replaced by the Numba overload below
+    raise NotImplementedError
+
+
+def _rows(
+    a_at, a_like, a_bytes, a_origin, w_at, w_like, w_bytes, w_origin, k, n, start, stop, sub, sums
+):  # pragma: no cover - runs compiled
+    """Rows ``start:stop`` of ``sums`` (``(T, 3, m * k)``): ``sums[t]`` from the base rows (tensor
+    ``q = j // k``, row ``j % k``, located as :class:`_RowsAt` says) and series ``t``'s same rows.
 
     A series goes ``sub`` rows at a time: those base rows stay in cache while each tuned tensor's
     ``sub`` rows stream past them, one long sequential read per tensor.
     """
-    n = a.shape[1]
     for s in range(start, stop, sub):
-        for t in range(len(ws)):
-            w = ws[t]
+        for t in range(w_at.shape[0]):
             for j in range(s, min(s + sub, stop)):
-                ja, jw = a0 + j - start, w0 + j - start
+                ja, jw = j - a_origin, j - w_origin
+                a = _row(a_at[0, ja // k] + (ja % k) * a_bytes, a_like, n)
+                w = _row(w_at[t, jw // k] + (jw % k) * w_bytes, w_like, n)
                 b = 0.0
                 x = 0.0
                 r = 0.0
                 if t == 0:  # |a|^2 alongside the first tuned tensor's sums
                     for i in range(n):
-                        ai = _widen(a[ja, i])
+                        ai = _widen(a[i])
                         af = np.float64(ai)
-                        df = np.float64(_widen(w[jw, i]) - ai)  # d formed in float32, as the reference does
+                        df = np.float64(_widen(w[i]) - ai)  # d formed in float32, as the reference does
                         b += af * af
                         x += af * df
                         r += df * df
                 else:
                     b = sums[0, 0, j]
                     for i in range(n):
-                        ai = _widen(a[ja, i])
-                        df = np.float64(_widen(w[jw, i]) - ai)
+                        ai = _widen(a[i])
+                        df = np.float64(_widen(w[i]) - ai)
                         x += np.float64(ai) * df
                         r += df * df
                 sums[t, 0, j] = b
@@ -317,6 +395,15 @@ def _kernel():
 
         return types.float32(types.int16), codegen
 
+    @intrinsic
+    def pointer_to(typingctx, address, like):  # pragma: no cover - runs compiled
+        pointer = types.CPointer(like.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+        return pointer(types.int64, like), codegen
+
     @overload(_widen)
     def _widen_impl(x):  # pragma: no cover - runs compiled
         if x == types.uint16:
@@ -324,6 +411,10 @@ def _kernel():
         if x == types.int16:
             return lambda x: fp16_bits_to_float32(x)
         return lambda x: np.float32(x)
+
+    @overload(_row)
+    def _row_impl(address, like, n):  # pragma: no cover - runs compiled
+        return lambda address, like, n: numba.carray(pointer_to(address, like), n)
 
     # reassoc lets LLVM vectorise the float64 sums (several partial sums); contract allows FMA,
     # harmless since the products are exact in float64.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CPU_BLOCK_ELEMENTS", "DEVICE_BLOCK_ELEMENTS", "row_blocks"]
+__all__ = ["CPU_BLOCK_ELEMENTS", "DEVICE_BLOCK_ELEMENTS", "row_blocks", "row_ranges"]
 
 CPU_BLOCK_ELEMENTS = 1 << 18  # about 1 MB of float32: stays in L2 with its temporaries
 DEVICE_BLOCK_ELEMENTS = 1 << 24  # on an accelerator each block is a kernel launch: few, large ones
@@ -27,5 +27,11 @@ def row_blocks(rows: torch.Tensor, elements: int | None = None) -> list[tuple[in
     if elements is None:
         elements = CPU_BLOCK_ELEMENTS if rows.device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
     k, features = rows.shape
+    return row_ranges(k, features, elements)
+
+
+def row_ranges(rows: int, features: int, elements: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` ranges over ``rows`` rows of ``features`` elements, about ``elements`` each
+    (at least one row), as :func:`row_blocks` cuts a tensor's."""
     step = max(1, elements // max(features, 1))
-    return [(start, min(start + step, k)) for start in range(0, k, step)]
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]

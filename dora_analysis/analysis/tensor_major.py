@@ -32,14 +32,8 @@ from dora_analysis.analysis.fused_rows import single_threaded_torch
 from dora_analysis.analysis.low_rank import fits as low_rank_fits
 from dora_analysis.analysis.low_rank import low_rank_row_changes
 from dora_analysis.analysis.planning import Plan, Selection, finished_frames, label_frame, plan_comparison
-from dora_analysis.analysis.small_tensors import (
-    BATCH_ELEMENTS,
-    BATCH_TENSORS,
-    SMALL_ELEMENTS,
-    deltas_of_many,
-    row_of,
-)
 from dora_analysis.analysis.spectrum import SpectrumOptions, tensor_spectra
+from dora_analysis.analysis.tensor_batches import BATCH_ELEMENTS, BATCH_TENSORS, deltas_of_many, row_of
 from dora_analysis.collector import frozen_heap
 from dora_analysis.devices import resolve_device
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
@@ -141,9 +135,9 @@ def tensor_records(
     if callable(read_order):
         order = read_order(order)
     with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
-        for small, run in _batches(base, tuned, plan.selections, order, spectral is None):
-            if small:
-                yield from _small_tensors(base, plan.selections, run, device, per_row)
+        for batched, run in _batches(base, tuned, plan.selections, order, spectral is None):
+            if batched:
+                yield from _batch(base, plan.selections, run, device, per_row)
             else:
                 name, wanted = run[0]
                 yield from _one_tensor(base, plan.selections, name, wanted, device, per_row, spectral)
@@ -171,9 +165,10 @@ def _batches(
     order: Sequence[str],
     batching: bool,
 ) -> Iterator[tuple[bool, list[tuple[str, list[tuple[int, CheckpointReader, str]]]]]]:
-    """``order`` cut into runs of ``(base name, its wanted tuned tensors)``: ``(True, run)``, small
-    dense tensors compared in one batch (see :mod:`~dora_analysis.analysis.small_tensors`), and
-    ``(False, [one])``, a tensor compared alone."""
+    """``order`` cut into runs of ``(base name, its wanted tuned tensors)``: ``(True, run)``, dense
+    tensors compared in one batch (see :mod:`~dora_analysis.analysis.tensor_batches`), and
+    ``(False, [one])``, a tensor compared alone (too large for a batch, factored adapters, spectral
+    metrics)."""
     run: list = []
     elements = 0
     for name in order:
@@ -181,7 +176,7 @@ def _batches(
         wanted = _wanted(tuned, selections, name)
         if not (
             batching
-            and 0 < numel <= SMALL_ELEMENTS
+            and 0 < numel * (1 + len(wanted)) <= BATCH_ELEMENTS
             and all(reader.low_rank(tuned_name) is None for _, reader, tuned_name in wanted)
         ):
             if run:
@@ -215,16 +210,16 @@ def _one_tensor(
     yield from _records(base, base_name, found, deltas, changes, extra)
 
 
-def _small_tensors(
+def _batch(
     base: CheckpointReader,
     selections: Sequence[Selection],
     run: list[tuple[str, list[tuple[int, CheckpointReader, str]]]],
     device: torch.device | None,
     per_row: bool,
 ) -> Iterator[tuple[int, dict]]:
-    """The records of several small base tensors (``(name, wanted)``; dense tuned tensors only, no
-    spectral metrics), compared in a few stacked passes
-    (:func:`~dora_analysis.analysis.small_tensors.deltas_of_many`)."""
+    """The records of several base tensors (``(name, wanted)``; dense tuned tensors only, no
+    spectral metrics), compared in a few passes, one per row shape
+    (:func:`~dora_analysis.analysis.tensor_batches.deltas_of_many`)."""
     layouts = [_layout_of(selections, name) for name, _ in run]
     items = []
     for (name, wanted), found in zip(run, layouts, strict=True):

@@ -15,7 +15,6 @@ Time is linear in the text's length.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,11 @@ MAX_JSON_BYTES = 100 * 1024 * 1024  # safetensors' own header limit; configs are
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a model's config.json (a few KB; large label maps fit)
 
 
-_LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")  # JSON's digits are ASCII only
+# A run of more digits than the bound, found as a run of zeros once every digit reads 0 (JSON's
+# digits are ASCII only): a translate and a substring search, ten times faster than a regex on a
+# header of megabytes.
+_DIGITS_AS_ZERO = str.maketrans("123456789", "000000000")
+_LONG_RUN = "0" * (MAX_INT_DIGITS + 1)
 
 
 def _parse_int(text: str) -> int:
@@ -59,7 +62,7 @@ def parse_json(path: Path | str, raw: bytes | str, what: str = "JSON") -> object
         if isinstance(raw, bytes | bytearray):  # as json.loads decodes it (UTF-8, -16 or -32)
             raw = raw.decode(json.detect_encoding(raw), "surrogatepass")
         with paused_collector():
-            if _LONG_DIGITS.search(raw) is None:
+            if _LONG_RUN not in raw.translate(_DIGITS_AS_ZERO):
                 # no run of more digits than the bound anywhere, so no integer can exceed it: the C
                 # parser converts every integer itself (a hook per integer cost a large header's time)
                 return json.loads(raw)

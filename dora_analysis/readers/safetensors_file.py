@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,9 +38,8 @@ _DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """One tensor's header record."""
+class TensorEntry(NamedTuple):
+    """One tensor's header record (a tuple: a header holds thousands of them, made in microseconds)."""
 
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -80,8 +80,34 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            entries[name] = _entry(path, name, info, data_bytes)
+            entries[name] = _plain_entry(info, data_bytes) or _entry(path, name, info, data_bytes)
     return entries
+
+
+# Stored formats whose common record :func:`_plain_entry` accepts (float8 codes are refused by _entry).
+_PLAIN_DTYPES = {code: dtype for code, dtype in _DTYPES.items() if stored_tensor_problem(dtype, (1,)) is None}
+
+
+def _plain_entry(info: object, data_bytes: int) -> TensorEntry | None:
+    """The entry of a well-formed record of a non-empty tensor, checked in a few operations; None
+    for anything else, which :func:`_entry` then checks in full (and explains)."""
+    if type(info) is not dict or len(info) != 3:
+        return None
+    offsets, shape, code = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+    if type(offsets) is not list or len(offsets) != 2 or type(shape) is not list or type(code) is not str:
+        return None
+    begin, end = offsets
+    dtype = _PLAIN_DTYPES.get(code)
+    if dtype is None or type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= data_bytes:
+        return None
+    numel = 1
+    for d in shape:
+        if type(d) is not int or d <= 0:  # an empty tensor takes the full checks
+            return None
+        numel *= d
+    if numel * dtype.itemsize != end - begin:
+        return None
+    return TensorEntry(dtype, tuple(shape), begin)
 
 
 def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
@@ -141,6 +167,16 @@ def _mapped_bytes(path: Path) -> torch.Tensor | None:
     return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
+@functools.lru_cache(maxsize=1024)
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of ``shape`` (cached: a checkpoint has few distinct shapes)."""
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= d
+    return tuple(reversed(strides))
+
+
 class SafetensorsReader(ReaderMixin):
     """A ``.safetensors`` file; ``get`` reads one tensor through the memory map."""
 
@@ -185,11 +221,7 @@ class SafetensorsReader(ReaderMixin):
         # A view of the validated header's byte range in the file's one memory map: the same bytes
         # safe_open's get_tensor returns, without its fixed cost per call (~20 us, most of the time
         # thousands of tiny tensors took).
-        strides, step = [], 1
-        for d in reversed(entry.shape):
-            strides.append(step)
-            step *= d
-        return typed.as_strided(entry.shape, strides[::-1], start // itemsize)
+        return typed.as_strided(entry.shape, _contiguous_strides(entry.shape), start // itemsize)
 
     def _typed(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The mapped file viewed as ``dtype`` elements from byte 0 (its tail cut to whole elements)."""

@@ -125,3 +125,54 @@ def test_unaligned_offsets_and_writes_never_reach_the_file(tmp_path: Path) -> No
     assert torch.equal(reader.get("w"), torch.arange(4.0).reshape(2, 2))
     reader.get("h").fill_(7.0)  # a private mapping: the caller's write stays in memory
     assert path.read_bytes() == before
+
+
+def _record_variants() -> list[object]:
+    """Well-formed records and every way one field can be off (the fast check must defer them all)."""
+    good = {"dtype": "BF16", "shape": [3, 4], "data_offsets": [8, 32]}
+    variants: list[object] = [good, {**good, "shape": []}, None, [1, 2], {}, {**good, "extra": 1}]
+    for key, values in {
+        "dtype": ["F8_E4M3", "F8_E5M2", "bf16", "Q4", 5, None, ["BF16"]],
+        "shape": [[3, 0], [0, 4], [3, -4], [3, 4.0], [3, True], [12], [4, 3], [3, 5], "3x4", None, [[3], 4]],
+        "data_offsets": [
+            [8, 31],
+            [8],
+            [8, 32, 40],
+            [32, 8],
+            [-8, 16],
+            [8, 10**6],
+            [8.0, 32],
+            [False, 24],
+            {"a": 8, "b": 32},
+            (8, 32),
+            None,
+        ],
+    }.items():
+        variants += [{**good, key: value} for value in values]
+        variants.append({k: v for k, v in good.items() if k != key})
+    variants += [
+        {"dtype": code, "shape": [2, 2], "data_offsets": [0, 4 * size]}
+        for code, size in (("F32", 4), ("F16", 2), ("BOOL", 1), ("I64", 8), ("F64", 8), ("U8", 1))
+    ]
+    return variants
+
+
+@pytest.mark.parametrize("info", _record_variants(), ids=repr)
+def test_the_fast_record_check_accepts_only_what_the_full_check_accepts(info: object) -> None:
+    from dora_analysis.readers.safetensors_file import _entry, _plain_entry
+
+    fast = _plain_entry(info, data_bytes=1000)
+    try:
+        full = _entry(Path("m.safetensors"), "t", info, data_bytes=1000)
+    except InputError:
+        assert fast is None
+    else:
+        assert fast is None or fast == full
+
+
+def test_the_fast_record_check_takes_the_common_records() -> None:
+    from dora_analysis.readers.safetensors_file import TensorEntry, _plain_entry
+
+    info = {"dtype": "BF16", "shape": [3, 4], "data_offsets": [8, 32]}
+    assert _plain_entry(info, data_bytes=32) == TensorEntry(torch.bfloat16, (3, 4), 8)
+    assert _plain_entry(info, data_bytes=31) is None  # past the end: the full check explains

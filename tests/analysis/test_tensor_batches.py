@@ -1,4 +1,4 @@
-"""Small tensors compared in stacked batches give what each tensor gives alone, and NumPy float64's."""
+"""Tensors compared in batches give what each tensor gives alone, and NumPy float64's."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dora_analysis.analysis import tensor_major
+from dora_analysis.analysis import fused_rows, tensor_major
 from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.analysis.decomposition import row_changes, row_scalars_many, summarize_many
-from dora_analysis.analysis.small_tensors import deltas_of_many, row_of, stacked
+from dora_analysis.analysis.tensor_batches import deltas_of_many, row_of, stacked_scalars
 
 EPS64 = float(np.finfo(np.float64).eps)
 FIELDS = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
@@ -139,7 +139,7 @@ def test_compare_batched_equals_compare_per_tensor(tmp_path: Path, monkeypatch: 
     base, tuned, _, _ = _write_pair(tmp_path, 90)
     batched = compare_many(base, [tuned, base])
     per_row = compare(base, tuned, per_row=True)
-    monkeypatch.setattr(tensor_major, "SMALL_ELEMENTS", 0)  # every tensor alone
+    monkeypatch.setattr(tensor_major, "BATCH_ELEMENTS", 0)  # every tensor alone
     alone = compare_many(base, [tuned, base])
     alone_rows = compare(base, tuned, per_row=True)
     for got, want in zip(batched, alone, strict=True):
@@ -165,21 +165,49 @@ def test_twenty_thousand_tiny_tensors_match_numpy(tmp_path: Path) -> None:
         assert abs(frame.loc[name, "delta_direction"] - dd) <= 8 * 6 * EPS64 + 1e-9 * dd
 
 
-def test_stacked_is_a_view_where_the_tensors_lie_one_after_another() -> None:
-    storage = torch.randn(7 * 12, dtype=torch.bfloat16)
-    run = [storage[i * 12 : (i + 1) * 12].view(3, 4) for i in range(7)]
-    view = stacked(run)
-    assert view.data_ptr() == storage.data_ptr()  # no copy
-    assert torch.equal(view, torch.stack(run))
-    # out of order, with a gap, overlapping or from two storages: copied, still equal to torch.stack
-    other = torch.randn(12, dtype=torch.bfloat16).view(3, 4)
-    for tensors in (
-        [run[1], run[0]],
-        [run[0], run[2]],
-        [run[0], run[0]],
-        [run[0], other],
-        [run[0].T, run[1].T],
-    ):
-        got = stacked(tensors)
-        assert torch.equal(got, torch.stack(tensors))
-        assert got.data_ptr() != storage.data_ptr()
+def _equal_shape_items(dtype: torch.dtype, count: int, shape=(12, 40), strided: bool = False, seed: int = 5):
+    """``count`` base tensors of one shape from separate storages, each with a bf16 and a float32
+    tuned tensor (two series of two stored formats)."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for _ in range(count):
+        base = torch.randn(shape, generator=g, dtype=torch.float64)
+        tuned = base * 1.01 + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64)
+        base_rows = base.T.contiguous().to(dtype).T if strided else base.to(dtype)
+        items.append((base_rows, [(0, tuned.to(dtype)), (1, (tuned - 0.01).float())]))
+    items[1][0][3] = 0.0  # an excluded row
+    return items
+
+
+@pytest.mark.parametrize(
+    ("dtype", "strided", "small"),
+    [
+        (torch.bfloat16, False, True),  # read in place by the kernel
+        (torch.float32, False, True),
+        (torch.bfloat16, True, True),  # strided: stacked (a copy)
+        (torch.bfloat16, True, False),  # strided and not small: one by one
+        (torch.float64, False, False),  # float64: the torch path, one by one
+    ],
+)
+def test_stacked_scalars_equal_each_tensor_alone(
+    dtype: torch.dtype, strided: bool, small: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dora_analysis.analysis import tensor_batches
+
+    if not small:
+        monkeypatch.setattr(tensor_batches, "SMALL_ELEMENTS", 10)
+    items = _equal_shape_items(dtype, 6, strided=strided)
+    bases = [b for b, _ in items]
+    series = [[t[j][1] for _, t in items] for j in range(2)]
+    in_place = not strided and dtype != torch.float64
+    assert (fused_rows.row_sums_stacked(bases, series) is not None) == in_place
+    got = stacked_scalars(bases, series)
+    assert got.dot.shape == (2, 6 * 12)
+    for q, (base, tuned) in enumerate(items):
+        alone = row_scalars_many(base, [t for _, t in tuned])
+        for field in ("base_sq", "dot", "update_sq"):
+            part = getattr(got, field)[:, q * 12 : (q + 1) * 12]
+            if in_place:  # the same kernel on the same bytes
+                assert torch.equal(part, getattr(alone, field)), field
+            else:  # a float32 copy or the torch path: the same exact terms, summed in another order
+                np.testing.assert_allclose(part, getattr(alone, field), rtol=_tolerance(40), atol=0)
