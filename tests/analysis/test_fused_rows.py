@@ -129,6 +129,43 @@ def test_series_equals_pairs_and_thread_count_does_not_matter() -> None:
         assert ((s.dot - p.dot).abs() <= dot_bound).all(), (s.dot - p.dot).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_stacked_rows_are_each_tensors_own_rows(dtype: torch.dtype) -> None:
+    """m tensors from separate storages (and views out of order in one storage), read in place as one
+    batch: every row's sums are bit for bit those of its tensor compared alone (the same kernel on
+    the same bytes), the hard rows (zero, NaN, Inf, huge, tiny) included."""
+    pairs = [_hard_pair(dtype, seed=seed) for seed in range(4)]
+    storage = torch.cat([pairs[0][0].reshape(-1), pairs[1][0].reshape(-1)])
+    bases = [storage[48 * 300 :].view(48, 300), *(b for b, _ in pairs[2:]), storage[: 48 * 300].view(48, 300)]
+    tuned = [pairs[1][1], pairs[2][1], pairs[3][1], pairs[0][1]]
+    other = [t.float() for t in tuned]  # a second series, another stored format: its own kernel call
+    got = fused_rows.row_sums_stacked(bases, [tuned, other])
+    assert got is not None and got.shape == (2, 3, 4 * 48)
+    want = torch.cat([fused_rows.row_sums(b, [t, o]) for b, t, o in zip(bases, tuned, other, strict=True)], 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
+def test_stacked_rows_refuse_what_cannot_be_read_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = [torch.randn(8, 16).bfloat16() for _ in range(3)]
+    tuned = [t.clone() for t in base]
+    assert fused_rows.row_sums_stacked(base, [tuned]) is not None
+    for bad in (
+        torch.randn(16, 8).bfloat16().T,  # strided rows
+        torch.randn(8, 17).bfloat16()[:, :16],  # padded rows
+        torch.randn(9, 16).bfloat16(),  # another shape
+        torch.randn(8, 16).double(),  # a format the kernel does not read
+        torch.randn(8, 16).half().bfloat16().to(torch.float16),  # another format than the series'
+    ):
+        assert fused_rows.row_sums_stacked(base, [[*tuned[:2], bad]]) is None
+        assert fused_rows.row_sums_stacked([*base[:2], bad], [tuned]) is None
+    with pytest.raises(ValueError, match="needs 3 tensors"):
+        fused_rows.row_sums_stacked(base, [tuned[:2]])
+    monkeypatch.setattr(fused_rows, "_widens_fp16", lambda: False)  # fp16 is then copied, one tensor only
+    half = [t.half() for t in base]
+    assert fused_rows.row_sums_stacked(half, [half]) is None
+    assert fused_rows.row_sums_stacked(half[:1], [half[:1]]) is not None
+
+
 def test_run_blocks_gives_every_block_to_exactly_one_thread() -> None:
     rows = torch.zeros(1000, 64)
     todo = row_blocks(rows, elements=640)  # 100 blocks of 10 rows
