@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from dora_analysis.analysis.planning import Plan, finished_frames, plan_comparison
+from dora_analysis.analysis.planning import Plan, RecordColumns, finished_frames, plan_comparison
 from dora_analysis.analysis.spectrum import SpectrumOptions
 from dora_analysis.analysis.tensor_major import compare_in_process
 from dora_analysis.devices import parse_device
@@ -110,9 +110,9 @@ class GroupJob:
 
 @dataclass(frozen=True)
 class GroupResult:
-    """A task's rows per tuned checkpoint (``(index, records)``, records as ``compare_many`` builds them)."""
+    """A task's rows per tuned checkpoint (``(index, columns)``, its frame's columns as lists)."""
 
-    rows: list[tuple[int, list[dict]]]
+    rows: list[tuple[int, dict[str, list]]]
     report: TaskReport
 
 
@@ -303,9 +303,7 @@ def analyse_group(job: GroupJob) -> GroupResult:
             spectrum=job.spectrum,
             references=job.references,
         )
-        rows = [
-            (index, frame.to_dict("records")) for (index, _), frame in zip(job.tuned, frames, strict=True)
-        ]
+        rows = [(index, frame.to_dict("list")) for (index, _), frame in zip(job.tuned, frames, strict=True)]
         reads, base_bytes, tuned_bytes = dict(base.reads), base.bytes, sum(t.bytes for t in tuned)
         del frames
     report = TaskReport(
@@ -375,12 +373,12 @@ def compare_on_cluster(
     ]
     with _connected(ray, config):
         results = _run(ray, jobs, config, progress, device_name)
-    records: list[list[dict]] = [[] for _ in tuned_paths]
+    tables = [RecordColumns() for _ in tuned_paths]
     for result in results:  # in group order, which is the in-process tensor order
-        for index, rows in result.rows:
-            records[index].extend(rows)
+        for index, columns in result.rows:
+            tables[index].extend(columns)
     # Sorted by stack, layer, module and tensor, as in-process: the task order does not matter.
-    return finished_frames(records, plan, COLUMNS + metric_columns(metrics, reference=references is not None))
+    return finished_frames(tables, plan, COLUMNS + metric_columns(metrics, reference=references is not None))
 
 
 def _job(

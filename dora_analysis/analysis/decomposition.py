@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from dora_analysis.analysis.row_blocks import row_blocks
@@ -39,6 +40,8 @@ __all__ = [
     "stack_changes",
     "summarize",
     "summarize_many",
+    "DeltaColumns",
+    "summary_columns",
     "tensor_delta",
 ]
 
@@ -227,10 +230,31 @@ def summarize(changes: RowChanges) -> TensorDelta:
 
 
 def summarize_many(changes: RowChanges) -> list[TensorDelta]:
-    """:func:`summarize` of each row of a series' ``(T, k)`` changes, in a few batched ops.
+    """:func:`summarize` of each row of a series' ``(T, k)`` changes (see :func:`summary_columns`)."""
+    columns = summary_columns(changes)
+    return [TensorDelta(*values) for values in zip(*(c.tolist() for c in columns), strict=True)]
 
-    Per-tensor work is a handful of small vector ops; batching them over a series keeps Python's
-    share of a large comparison small.
+
+class DeltaColumns(NamedTuple):
+    """:class:`TensorDelta`'s fields for ``T`` tensors, each a ``(T,)`` NumPy array (``rows`` and
+    ``rows_excluded`` int64, ``status`` of str objects, the rest float64)."""
+
+    rows: np.ndarray
+    rows_excluded: np.ndarray
+    delta_magnitude: np.ndarray
+    delta_direction: np.ndarray
+    base_magnitude_mean: np.ndarray
+    tuned_magnitude_mean: np.ndarray
+    status: np.ndarray
+
+
+def summary_columns(changes: RowChanges) -> DeltaColumns:
+    """:func:`summarize` of each row of ``(T, k)`` changes, as columns, in a few batched ops: no
+    Python work per tensor, so that thousands of small tensors cost what one large one does.
+
+    Rows with a NaN/Inf magnitude make the whole tensor ``"nonfinite base"``/``"nonfinite tuned"``
+    (every mean NaN, never averaged in); a tensor without a valid row is ``"no valid rows"`` (ΔM, ΔD
+    NaN; the magnitude means kept).
     """
     valid = changes.valid
     n_valid = valid.sum(-1)
@@ -245,41 +269,27 @@ def summarize_many(changes: RowChanges) -> list[TensorDelta]:
         changes.base_magnitude.mean(-1),
         changes.tuned_magnitude.mean(-1),
     ]
-    # One transfer for the whole series: (T, 7) float64 (flags and counts are exact in float64).
-    per_tensor = torch.stack([c.to(torch.float64) for c in columns], dim=1).tolist()
+    # One transfer for the whole series: (7, T) float64 (flags and counts are exact in float64).
+    values = torch.stack([c.to(torch.float64) for c in columns]).cpu().numpy()
+    base_finite, tuned_finite, n_valid_, magnitude, direction, base_mean, tuned_mean = values
     rows = int(valid.shape[-1])
-    return [_tensor_delta(rows, *values) for values in per_tensor]
-
-
-def _tensor_delta(
-    rows: int,
-    base_finite: float,
-    tuned_finite: float,
-    n_valid: float,
-    delta_magnitude: float,
-    delta_direction: float,
-    base_mean: float,
-    tuned_mean: float,
-) -> TensorDelta:
-    if not base_finite:
-        return _nonfinite(rows, "nonfinite base")
-    if not tuned_finite:
-        return _nonfinite(rows, "nonfinite tuned")
-    if n_valid == 0:
-        return TensorDelta(rows, rows, math.nan, math.nan, base_mean, tuned_mean, "no valid rows")
-    return TensorDelta(
-        rows=rows,
-        rows_excluded=rows - int(n_valid),
-        delta_magnitude=delta_magnitude,
-        delta_direction=delta_direction,
-        base_magnitude_mean=base_mean,
-        tuned_magnitude_mean=tuned_mean,
-        status="ok",
+    finite = (base_finite != 0) & (tuned_finite != 0)
+    ok = finite & (n_valid_ > 0)
+    status = np.where(
+        base_finite == 0,
+        "nonfinite base",
+        np.where(tuned_finite == 0, "nonfinite tuned", np.where(ok, "ok", "no valid rows")),
+    ).astype(object)
+    nan = np.float64(math.nan)
+    return DeltaColumns(
+        rows=np.full(len(ok), rows, dtype=np.int64),
+        rows_excluded=np.where(ok, rows - n_valid_, rows).astype(np.int64),
+        delta_magnitude=np.where(ok, magnitude, nan),
+        delta_direction=np.where(ok, direction, nan),
+        base_magnitude_mean=np.where(finite, base_mean, nan),
+        tuned_magnitude_mean=np.where(finite, tuned_mean, nan),
+        status=status,
     )
-
-
-def _nonfinite(rows: int, status: str) -> TensorDelta:
-    return TensorDelta(rows, rows, math.nan, math.nan, math.nan, math.nan, status)
 
 
 def tensor_delta(base: torch.Tensor, tuned: torch.Tensor) -> TensorDelta:

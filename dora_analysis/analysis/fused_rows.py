@@ -37,6 +37,8 @@ __all__ = [
     "supports",
     "row_sums",
     "row_sums_stacked",
+    "reads_in_place",
+    "row_sums_at",
     "run_blocks",
     "single_threaded_torch",
     "worker_count",
@@ -103,14 +105,69 @@ def row_sums_stacked(
         raise ValueError(f"row_sums_stacked: every tuned series needs {m} tensors")
     if not supports(bases[0], [series[0] for series in tuned]):
         return None
-    k, features = bases[0].shape
     base_rows = _rows_at(bases, bases[0].shape)
     series_rows = [_rows_at(series, bases[0].shape) for series in tuned]
     if m > 1 and (base_rows is None or None in series_rows):
         return None
+    return _sums(base_rows, series_rows, m, *bases[0].shape, bases[0], [series[0] for series in tuned])
+
+
+def reads_in_place(dtype: torch.dtype) -> bool:
+    """Whether :func:`row_sums_at` reads rows stored as ``dtype`` (bf16, fp32, fp16 where the CPU
+    widens it; Numba importable)."""
+    return _element(dtype) is not None and available()
+
+
+def row_sums_at(
+    bases: Sequence[int],
+    base_dtype: torch.dtype,
+    tuned: Sequence[tuple[Sequence[int], torch.dtype]],
+    rows: int,
+    features: int,
+) -> torch.Tensor:
+    """:func:`row_sums_stacked` of ``m`` tensors given by address: each a row-major, contiguous
+    ``(rows, features)`` array at that address of this process's memory.
+
+    The caller guarantees every address (its bytes stay mapped and unchanged during the call): the
+    kernel reads there unchecked.
+
+    Args:
+        bases: ``m`` addresses of base tensors stored as ``base_dtype``.
+        tuned: ``T`` series ``(m addresses, stored dtype)``, series ``t``'s ``q``-th compared with
+            ``bases[q]``.
+    Returns:
+        ``(T, 3, m * rows)`` float64, as :func:`row_sums_stacked`.
+    Raises:
+        ValueError: a dtype :func:`reads_in_place` refuses, or a series of another length.
+    """
+    m = len(bases)
+
+    def table(addresses: Sequence[int], dtype: torch.dtype) -> _RowsAt:
+        like = _element(dtype)
+        if like is None or not available():
+            raise ValueError(f"row_sums_at: rows stored as {dtype} cannot be read in place")
+        if len(addresses) != m:
+            raise ValueError(f"row_sums_at: every tuned series needs {m} addresses")
+        return _RowsAt(np.array([addresses], dtype=np.int64), like, features * like.itemsize)
+
+    base_rows = table(bases, base_dtype)
+    return _sums(base_rows, [table(a, dtype) for a, dtype in tuned], m, rows, features)
+
+
+def _sums(
+    base_rows: _RowsAt | None,
+    series_rows: list[_RowsAt | None],
+    m: int,
+    k: int,
+    features: int,
+    base: torch.Tensor | None = None,
+    tuned: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The kernel over ``m * k`` rows: ``(T, 3, m * k)`` float64. Rows that cannot be read in place
+    (a table None; only ever with ``m == 1``) are copied from ``base``/``tuned[i]`` block by block."""
     kernel = _kernel()
     sub = max(1, SUB_ELEMENTS // max(features, 1))
-    out = torch.empty(len(tuned), 3, m * k, dtype=torch.float64)
+    out = torch.empty(len(series_rows), 3, m * k, dtype=torch.float64)
     # Per tensor, the address of its first row: the kernel reads the storage directly and Python
     # passes only row ranges per block. Series are grouped by stored format, so that one call per
     # block serves a whole series; the rest (strided rows, fp16 where the CPU cannot widen it; only
@@ -130,14 +187,14 @@ def row_sums_stacked(
     def work(todo: Iterator[tuple[int, int]]) -> None:
         buffers: list[torch.Tensor | None] = [None, None]
         for start, stop in todo:
-            a = base_rows or _converted(bases[0], start, stop, buffers, 0)
+            a = base_rows or _converted(base, start, stop, buffers, 0)
             for _, ws, sums in direct:
                 kernel(*a.args(), *ws.args(), k, features, start, stop, sub, sums)
             for i, sums in converted:
-                w = _converted(tuned[i][0], start, stop, buffers, 1)
+                w = _converted(tuned[i], start, stop, buffers, 1)
                 kernel(*a.args(), *w.args(), k, features, start, stop, sub, sums)
 
-    run_blocks(bases[0], work, row_ranges(m * k, features, BLOCK_ELEMENTS))
+    run_blocks(base, work, row_ranges(m * k, features, BLOCK_ELEMENTS))
     for idx, _, sums in direct:
         out[idx] = torch.from_numpy(sums)
     for i, sums in converted:
@@ -295,11 +352,12 @@ def single_threaded_torch() -> Iterator[None]:
 
 
 def run_blocks(
-    rows: torch.Tensor,
+    rows: torch.Tensor | None,
     work: Callable[[Iterator[tuple[int, int]]], None],
     todo: list[tuple[int, int]],
 ) -> None:
-    """Run ``work(blocks)`` on one thread per core, the threads sharing the blocks ``todo``.
+    """Run ``work(blocks)`` on one thread per core, the threads sharing the blocks ``todo`` (one
+    thread where ``rows``, the tensor worked on, is not on the CPU; None: rows in CPU memory).
 
     Each thread draws whole blocks and runs its torch ops single-threaded: intra-op threads meet at
     a barrier after every op, which stalls for a whole scheduler slice whenever another process holds
@@ -307,7 +365,7 @@ def run_blocks(
     The thread count is ``torch.get_num_threads()`` (as it was outside :func:`single_threaded_torch`).
     """
     workers = worker_count()
-    threads = min(workers, len(todo)) if rows.device.type == "cpu" else 1
+    threads = min(workers, len(todo)) if rows is None or rows.device.type == "cpu" else 1
     if threads <= 1:
         work(iter(todo))
         return

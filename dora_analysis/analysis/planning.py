@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,7 @@ __all__ = [
     "LayoutWarning",
     "Selection",
     "Plan",
+    "RecordColumns",
     "select_tensors",
     "layout_sources",
     "warn_ambiguous",
@@ -175,13 +176,47 @@ def plan_comparison(
     return Plan(selections, order, layouts.rule, ambiguous)
 
 
-def finished_frames(records: Sequence[list[dict]], plan: Plan, columns: Sequence[str]) -> list[pd.DataFrame]:
+class RecordColumns:
+    """One tuned checkpoint's records, column by column: ``columns`` maps a column name to its
+    values, all ``length`` long (a column missing from some blocks holds None there).
+
+    Kept as columns because thousands of tensors are compared in batches whose results are already
+    columns: a dict per tensor, and a frame built from dicts, cost more than the arithmetic.
+    """
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {}
+        self.length = 0
+
+    def extend(self, block: Mapping[str, Sequence]) -> int:
+        """Append ``block`` (equal-length columns); return how many records it held."""
+        n = len(next(iter(block.values()))) if block else 0
+        for name, values in block.items():  # all checked before any is appended
+            if len(values) != n:
+                raise ValueError(f"record block column {name!r} holds {len(values)} values, not {n}")
+        for name, values in block.items():
+            column = self.columns.get(name)
+            if column is None:
+                column = self.columns[name] = [None] * self.length
+            column.extend(values)
+        self.length += n
+        for column in self.columns.values():
+            if len(column) < self.length:
+                column.extend([None] * (self.length - len(column)))
+        return n
+
+
+def finished_frames(
+    tables: Sequence[RecordColumns], plan: Plan, columns: Sequence[str]
+) -> list[pd.DataFrame]:
     """One frame per tuned checkpoint from its records, in the schema's row order, with ``attrs``
     ``base_only``, ``tuned_only``, ``layout_rule`` and ``layout_ambiguous``."""
-    return [
-        label_frame(sort_rows(pd.DataFrame(rows, columns=list(columns))), selection, plan)
-        for rows, selection in zip(records, plan.selections, strict=True)
-    ]
+    frames = []
+    for table, selection in zip(tables, plan.selections, strict=True):
+        missing = [None] * table.length
+        frame = pd.DataFrame({c: table.columns.get(c, missing) for c in columns}, columns=list(columns))
+        frames.append(label_frame(sort_rows(frame), selection, plan))
+    return frames
 
 
 def label_frame(frame: pd.DataFrame, selection: Selection, plan: Plan) -> pd.DataFrame:

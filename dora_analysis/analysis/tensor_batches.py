@@ -13,24 +13,31 @@ it cannot, small tensors are stacked (a copy of microseconds) and larger ones co
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from dora_analysis.analysis import fused_rows
 from dora_analysis.analysis.decomposition import (
+    DeltaColumns,
     RowChanges,
     RowScalars,
     TensorDelta,
     row_changes,
     row_scalars_many,
-    summarize_many,
+    summary_columns,
 )
+from dora_analysis.readers.base import StoredTensor
 
 __all__ = [
     "SMALL_ELEMENTS",
     "BATCH_ELEMENTS",
     "BATCH_TENSORS",
     "Item",
+    "Located",
+    "GroupSummary",
+    "group_summaries",
+    "located_summaries",
     "deltas_of_many",
     "row_of",
     "stacked_scalars",
@@ -46,48 +53,103 @@ BATCH_TENSORS = 4096
 
 # One base tensor's rows ``(k, features)`` and, per tuned checkpoint that has it, (tuned index, rows).
 Item = tuple[torch.Tensor, list[tuple[int, torch.Tensor]]]
+# The same, the rows found in memory (``shape`` the rows' ``(k, features)``).
+Located = tuple[StoredTensor, list[tuple[int, StoredTensor]]]
 _FIELDS = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
+
+
+class GroupSummary(NamedTuple):
+    """The items of one row shape and set of tuned checkpoints, compared as one block.
+
+    ``positions``: the ``m`` items (indices into the batch); ``tuned``: the ``T`` tuned indices;
+    ``summary``: ``(T * m,)`` columns, entry ``t * m + q`` is ``tuned[t]`` against item
+    ``positions[q]``; ``changes``: with ``per_row``, :class:`RowChanges` ``(T * m, k)`` on the CPU
+    in the same order, else None.
+    """
+
+    positions: list[int]
+    tuned: list[int]
+    summary: DeltaColumns
+    changes: RowChanges | None
+
+
+def group_summaries(items: Sequence[Item], per_row: bool = False) -> list[GroupSummary]:
+    """ΔM/ΔD of every item against each of its tuned tensors, one group per row shape, dtypes and
+    set of tuned checkpoints; the same as comparing each item alone with :func:`row_scalars_many`,
+    :func:`row_changes` and :func:`summarize_many`, with no Python work per tensor after grouping."""
+    groups: dict[tuple, list[int]] = {}
+    for position, (base, tuned) in enumerate(items):
+        key = (base.shape, base.dtype, base.device, *[(index, r.dtype, r.shape) for index, r in tuned])
+        groups.setdefault(key, []).append(position)
+    return [_one_group(items, positions, per_row) for positions in groups.values()]
 
 
 def deltas_of_many(
     items: Sequence[Item], per_row: bool = False
 ) -> list[tuple[dict[int, TensorDelta], dict[int, RowChanges]]]:
-    """Per item, ΔM/ΔD against each of its tuned tensors (by tuned index), and with ``per_row``
-    each one's :class:`RowChanges` (``(k,)`` fields, on the CPU); the same as comparing each item
-    alone with :func:`row_scalars_many`, :func:`row_changes` and :func:`summarize_many`."""
-    groups: dict[tuple, list[int]] = {}
-    for position, (base, tuned) in enumerate(items):
-        key = (base.shape, base.dtype, base.device, *((index, r.dtype, r.shape) for index, r in tuned))
-        groups.setdefault(key, []).append(position)
+    """:func:`group_summaries` per item: its :class:`TensorDelta` against each of its tuned tensors
+    (by tuned index), and with ``per_row`` each one's :class:`RowChanges` (``(k,)`` fields)."""
     out: list[tuple[dict[int, TensorDelta], dict[int, RowChanges]]] = [({}, {}) for _ in items]
-    for positions in groups.values():
-        _one_group(items, positions, per_row, out)
+    for group in group_summaries(items, per_row):
+        m = len(group.positions)
+        columns = [c.tolist() for c in group.summary]
+        for t, index in enumerate(group.tuned):
+            for q, position in enumerate(group.positions):
+                out[position][0][index] = TensorDelta(*(c[t * m + q] for c in columns))
+                if per_row:
+                    out[position][1][index] = row_of(group.changes, t * m + q)
     return out
 
 
-def _one_group(
-    items: Sequence[Item],
-    positions: list[int],
-    per_row: bool,
-    out: list[tuple[dict[int, TensorDelta], dict[int, RowChanges]]],
-) -> None:
+def _one_group(items: Sequence[Item], positions: list[int], per_row: bool) -> GroupSummary:
     """Compare the ``m`` items at ``positions`` (one row shape ``(k, n)``, one set of tuned indices)
-    as one ``(m * k, n)`` block; write their results into ``out``."""
-    m = len(positions)
+    as one ``(m * k, n)`` block."""
     base0, tuned0 = items[positions[0]]
-    k, n = base0.shape
     bases = [items[p][0] for p in positions]
     tuned = [[items[p][1][j][1] for p in positions] for j in range(len(tuned0))]
-    changes = row_changes(stacked_scalars(bases, tuned))  # fields (T, m * k)
+    scalars = stacked_scalars(bases, tuned)  # fields (T, m * k)
     del bases, tuned
+    return _summarized(positions, [index for index, _ in tuned0], scalars, base0.shape[0], per_row)
+
+
+def located_summaries(items: Sequence[Located], per_row: bool = False) -> list[GroupSummary]:
+    """:func:`group_summaries` of rows found by address in memory (each :class:`StoredTensor` a
+    row-major ``(k, features)`` array there, bf16/fp16/fp32 as
+    :func:`~dora_analysis.analysis.fused_rows.reads_in_place` allows): the kernel reads them where
+    they lie, with no tensor made per item. The caller keeps every record alive during the call."""
+    groups: dict[tuple, list[int]] = {}
+    for position, (base, tuned) in enumerate(items):
+        key = (base.shape, base.dtype, *[(index, r.dtype, r.shape) for index, r in tuned])
+        groups.setdefault(key, []).append(position)
+    out = []
+    for positions in groups.values():
+        base0, tuned0 = items[positions[0]]
+        if any(r.shape != base0.shape for _, r in tuned0):
+            raise ValueError(
+                f"located_summaries: tuned rows {[r.shape for _, r in tuned0]} != base {base0.shape}"
+            )
+        k, features = base0.shape
+        series = [
+            ([items[p][1][j][1].address for p in positions], stored.dtype)
+            for j, (_, stored) in enumerate(tuned0)
+        ]
+        sums = fused_rows.row_sums_at(
+            [items[p][0].address for p in positions], base0.dtype, series, k, features
+        )
+        scalars = RowScalars(sums[:, 0], sums[:, 1], sums[:, 2])
+        out.append(_summarized(positions, [index for index, _ in tuned0], scalars, k, per_row))
+    return out
+
+
+def _summarized(
+    positions: list[int], tuned: list[int], scalars: RowScalars, k: int, per_row: bool
+) -> GroupSummary:
+    """The group's summary from its row scalars (fields ``(T, m * k)``)."""
+    changes = row_changes(scalars)
     # (T, m * k) -> (T * m, k): row t * m + q is tuned t against item q, one tensor's rows.
-    each = RowChanges(*(getattr(changes, f).reshape(len(tuned0) * m, k) for f in _FIELDS))
-    deltas = summarize_many(each)
-    for t, (index, _) in enumerate(tuned0):
-        for q, position in enumerate(positions):
-            out[position][0][index] = deltas[t * m + q]
-            if per_row:
-                out[position][1][index] = row_of(each, t * m + q)
+    each = RowChanges(*(getattr(changes, f).reshape(len(tuned) * len(positions), k) for f in _FIELDS))
+    kept = RowChanges(*(getattr(each, f).cpu() for f in _FIELDS)) if per_row else None
+    return GroupSummary(positions, tuned, summary_columns(each), kept)
 
 
 def stacked_scalars(bases: Sequence[torch.Tensor], tuned: Sequence[Sequence[torch.Tensor]]) -> RowScalars:

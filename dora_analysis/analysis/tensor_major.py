@@ -9,6 +9,7 @@ so a series of T checkpoints costs about T + 1 reads, not 2T. What is compared w
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -20,7 +21,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from dora_analysis.analysis import fused_rows
 from dora_analysis.analysis.decomposition import (
+    DeltaColumns,
     RowChanges,
     TensorDelta,
     row_changes,
@@ -31,17 +34,31 @@ from dora_analysis.analysis.decomposition import (
 from dora_analysis.analysis.fused_rows import single_threaded_torch
 from dora_analysis.analysis.low_rank import fits as low_rank_fits
 from dora_analysis.analysis.low_rank import low_rank_row_changes
-from dora_analysis.analysis.planning import Plan, Selection, finished_frames, label_frame, plan_comparison
+from dora_analysis.analysis.planning import (
+    Plan,
+    RecordColumns,
+    Selection,
+    finished_frames,
+    label_frame,
+    plan_comparison,
+)
 from dora_analysis.analysis.spectrum import SpectrumOptions, tensor_spectra
-from dora_analysis.analysis.tensor_batches import BATCH_ELEMENTS, BATCH_TENSORS, deltas_of_many, row_of
+from dora_analysis.analysis.tensor_batches import (
+    BATCH_ELEMENTS,
+    BATCH_TENSORS,
+    Located,
+    group_summaries,
+    located_summaries,
+    row_of,
+)
 from dora_analysis.collector import frozen_heap
 from dora_analysis.devices import resolve_device
-from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.base import CheckpointReader, LowRankUpdate, StoredTensor
 from dora_analysis.readers.layout import TensorLayout
 from dora_analysis.readers.names import as_rows, split_name
 from dora_analysis.schema import COLUMNS, PER_ROW_COLUMNS, metric_columns, sort_rows
 
-__all__ = ["PathOrReader", "DENSE_GROUP_BYTES", "Spectral", "compare_in_process", "tensor_records"]
+__all__ = ["PathOrReader", "DENSE_GROUP_BYTES", "Spectral", "compare_in_process", "record_blocks"]
 
 PathOrReader = str | os.PathLike | CheckpointReader
 
@@ -88,17 +105,14 @@ def compare_in_process(
         base_reader = _open(base, stack)
         readers = [_open(t, stack, base=base_reader) for t in tuned]
         plan = plan_comparison(base_reader, readers, include, exclude, layout)
-        records: list[list[dict]] = [[] for _ in readers]
+        tables = [RecordColumns() for _ in readers]
         bar = _progress_bar(sum(len(s.pairs) for s in plan.selections), progress)
-        for index, record in tensor_records(base_reader, readers, plan, checked, per_row, spectral):
-            records[index].append(record)
-            bar.update(1)
+        for index, block in record_blocks(base_reader, readers, plan, checked, per_row, spectral):
+            bar.update(tables[index].extend(block))
         bar.close()
     if per_row:
-        return [
-            label_frame(_per_row_frame(r), s, plan) for r, s in zip(records, plan.selections, strict=True)
-        ]
-    return finished_frames(records, plan, COLUMNS + metric_columns(metrics, reference=references is not None))
+        return [label_frame(_per_row_frame(t), s, plan) for t, s in zip(tables, plan.selections, strict=True)]
+    return finished_frames(tables, plan, COLUMNS + metric_columns(metrics, reference=references is not None))
 
 
 def _open(source: PathOrReader, stack: ExitStack, base: CheckpointReader | None = None) -> CheckpointReader:
@@ -109,38 +123,44 @@ def _open(source: PathOrReader, stack: ExitStack, base: CheckpointReader | None 
     return stack.enter_context(open_checkpoint(Path(source), base=base))
 
 
-def tensor_records(
+def record_blocks(
     base: CheckpointReader,
     tuned: Sequence[CheckpointReader],
     plan: Plan,
     device: torch.device | None = None,
     per_row: bool = False,
     spectral: Spectral | None = None,
-) -> Iterator[tuple[int, dict]]:
-    """Yield ``(index into tuned, record)``; each base tensor is read once for all of ``tuned``.
+) -> Iterator[tuple[int, dict[str, list]]]:
+    """Yield ``(index into tuned, block)``, a block being the records of one or more tensors as
+    columns (equal-length lists, see :class:`~dora_analysis.analysis.planning.RecordColumns`); each
+    base tensor is read once for all of ``tuned``.
 
     Tensors go in the base file's own order where the reader has one (``read_order``: a sharded
     checkpoint shard by shard), not the alphabetical order of a shard index. With ``per_row`` each
-    record also holds ``"changes"``, that tensor's :class:`RowChanges` (``(k,)`` fields, on the CPU).
+    block also holds ``"changes"``, each tensor's :class:`RowChanges` (``(k,)`` fields, on the CPU).
 
     Adapters whose reader exposes the unmerged factors (``low_rank``) are analysed from the factors,
     all of them in one pass over the base tensor (:mod:`dora_analysis.analysis.low_rank`); the other
     tuned tensors are compared in fused passes, several tuned tensors per pass over the base block
-    (:func:`~dora_analysis.analysis.decomposition.row_scalars_many`). The block loops use every core;
-    torch's own ops run single-threaded meanwhile (see
-    :func:`~dora_analysis.analysis.fused_rows.single_threaded_torch`).
+    (:func:`~dora_analysis.analysis.decomposition.row_scalars_many`), small dense tensors many at a
+    time (:mod:`~dora_analysis.analysis.tensor_batches`). The block loops use every core; torch's own
+    ops run single-threaded meanwhile (see :func:`~dora_analysis.analysis.fused_rows.single_threaded_torch`).
     """
     order = plan.order
     read_order = getattr(base, "read_order", None)
     if callable(read_order):
         order = read_order(order)
+    layouts: dict[str, TensorLayout] = {}
+    for selection in plan.selections:
+        for name, found in selection.layouts.items():
+            layouts.setdefault(name, found)
     with single_threaded_torch():  # entered once: toggling torch's thread count wakes spinning threads
         for batched, run in _batches(base, tuned, plan.selections, order, spectral is None):
             if batched:
-                yield from _batch(base, plan.selections, run, device, per_row)
+                yield from _batch(base, layouts, run, device, per_row)
             else:
                 name, wanted = run[0]
-                yield from _one_tensor(base, plan.selections, name, wanted, device, per_row, spectral)
+                yield from _one_tensor(base, layouts[name], name, wanted, device, per_row, spectral)
 
 
 def _wanted(
@@ -152,10 +172,6 @@ def _wanted(
         for index, (reader, selection) in enumerate(zip(tuned, selections, strict=True))
         if base_name in selection.pairs
     ]
-
-
-def _layout_of(selections: Sequence[Selection], base_name: str) -> TensorLayout:
-    return next(s.layouts[base_name] for s in selections if base_name in s.layouts)
 
 
 def _batches(
@@ -195,77 +211,126 @@ def _batches(
 
 def _one_tensor(
     base: CheckpointReader,
-    selections: Sequence[Selection],
+    found: TensorLayout,
     base_name: str,
     wanted: list[tuple[int, CheckpointReader, str]],
     device: torch.device | None,
     per_row: bool,
     spectral: Spectral | None,
-) -> Iterator[tuple[int, dict]]:
+) -> Iterator[tuple[int, dict[str, list]]]:
     """The records of one base tensor, for every tuned checkpoint that has it (``wanted``)."""
-    found = _layout_of(selections, base_name)
     base_rows = _to(as_rows(base.get(base_name), found.layout), device)
     deltas, changes = _tensor_deltas(base_rows, wanted, found.layout, device, per_row)
     extra = _spectral_records(spectral, base_rows, wanted, found.layout, device) if spectral else {}
-    yield from _records(base, base_name, found, deltas, changes, extra)
+    facts = _name_facts(base, [base_name], {base_name: found})
+    for index, delta in deltas.items():
+        block = {**facts, **{field: [value] for field, value in zip(TensorDelta._fields, delta, strict=True)}}
+        block.update((column, [value]) for column, value in extra.get(index, {}).items())
+        if index in changes:
+            block["changes"] = [changes[index]]
+        yield index, block
 
 
 def _batch(
     base: CheckpointReader,
-    selections: Sequence[Selection],
+    layouts: dict[str, TensorLayout],
     run: list[tuple[str, list[tuple[int, CheckpointReader, str]]]],
     device: torch.device | None,
     per_row: bool,
-) -> Iterator[tuple[int, dict]]:
+) -> Iterator[tuple[int, dict[str, list]]]:
     """The records of several base tensors (``(name, wanted)``; dense tuned tensors only, no
     spectral metrics), compared in a few passes, one per row shape
-    (:func:`~dora_analysis.analysis.tensor_batches.deltas_of_many`)."""
-    layouts = [_layout_of(selections, name) for name, _ in run]
-    items = []
-    for (name, wanted), found in zip(run, layouts, strict=True):
-        rows = [(index, _to(as_rows(reader.get(t), found.layout), device)) for index, reader, t in wanted]
-        items.append((_to(as_rows(base.get(name), found.layout), device), rows))
-    results = deltas_of_many(items, per_row)
-    del items
-    for (name, _), found, (deltas, changes) in zip(run, layouts, results, strict=True):
-        yield from _records(base, name, found, deltas, changes, {})
+    (:func:`~dora_analysis.analysis.tensor_batches.group_summaries`); one block per group and
+    tuned checkpoint. On the CPU, tensors every reader holds in memory are compared where they lie
+    (:func:`~dora_analysis.analysis.tensor_batches.located_summaries`), with no tensor made each."""
+    on_cpu = device is None or device.type == "cpu"
+    located = _located_items(base, layouts, run) if on_cpu else None
+    if located is not None:
+        groups = located_summaries(located, per_row)  # the records keep the memory they point at
+    else:
+        items = []
+        for name, wanted in run:
+            layout = layouts[name].layout
+            rows = [(index, _to(as_rows(reader.get(t), layout), device)) for index, reader, t in wanted]
+            items.append((_to(as_rows(base.get(name), layout), device), rows))
+        groups = group_summaries(items, per_row)
+        del items  # readers that copy (pickles, merged adapters) hold a batch's worth here
+    del located
+    for group in groups:
+        facts = _name_facts(base, [run[p][0] for p in group.positions], layouts)
+        m = len(group.positions)
+        columns = [
+            (field, values.tolist())
+            for field, values in zip(DeltaColumns._fields, group.summary, strict=True)
+        ]
+        for t, index in enumerate(group.tuned):
+            block = dict(facts)
+            for field, values in columns:
+                block[field] = values[t * m : (t + 1) * m]
+            if per_row:
+                block["changes"] = [row_of(group.changes, t * m + q) for q in range(m)]
+            yield index, block
 
 
-def _records(
+def _located_items(
     base: CheckpointReader,
-    base_name: str,
-    found: TensorLayout,
-    deltas: dict[int, TensorDelta],
-    changes: dict[int, RowChanges],
-    extra: dict[int, dict],
-) -> Iterator[tuple[int, dict]]:
-    """One record per tuned index in ``deltas`` (with ``"changes"`` where ``changes`` has them)."""
-    # What the name says is the same for every tuned checkpoint: work it out once.
-    parts = split_name(base_name)
-    about = {
-        "tensor": base_name,
-        "stack": parts.stack,
-        "layer": parts.layer,
-        "module": parts.module,
-        "shape": "x".join(map(str, base.shape(base_name))),
-        "layout": found.layout,
-        "layout_source": found.source,
+    layouts: dict[str, TensorLayout],
+    run: list[tuple[str, list[tuple[int, CheckpointReader, str]]]],
+) -> list[Located] | None:
+    """Every tensor of ``run`` as rows found in memory (``stored_at``), or None where any is not:
+    a reader without them, rows that are not the stored tensor's own (transposed, embedding), a
+    format the kernel does not read in place. Then the run is read through ``get``."""
+    readable: dict[torch.dtype, bool] = {}
+
+    def rows_at(reader: CheckpointReader, name: str, layout: str | None) -> StoredTensor | None:
+        stored_at = getattr(reader, "stored_at", None)
+        found = stored_at(name) if layout in ("linear", "conv") and stored_at is not None else None
+        if found is None:
+            return None
+        if found.dtype not in readable:
+            readable[found.dtype] = fused_rows.reads_in_place(found.dtype)
+        if not readable[found.dtype]:
+            return None
+        shape = found.shape
+        return found if len(shape) == 2 else found._replace(shape=(shape[0], math.prod(shape[1:])))
+
+    items: list[Located] = []
+    for name, wanted in run:
+        layout = layouts[name].layout
+        base_rows = rows_at(base, name, layout)
+        if base_rows is None:
+            return None
+        tuned_rows = []
+        for index, reader, tuned_name in wanted:
+            found = rows_at(reader, tuned_name, layout)
+            if found is None:
+                return None
+            tuned_rows.append((index, found))
+        items.append((base_rows, tuned_rows))
+    return items
+
+
+def _name_facts(
+    base: CheckpointReader, names: list[str], layouts: dict[str, TensorLayout]
+) -> dict[str, list]:
+    """The columns that the names, shapes and layouts give, the same for every tuned checkpoint."""
+    stacks, layer_numbers, modules = zip(*map(split_name, names), strict=True)
+    found = [layouts[name] for name in names]
+    return {
+        "tensor": names,
+        "stack": list(stacks),
+        "layer": list(layer_numbers),
+        "module": list(modules),
+        "shape": [_shape_text(base.shape(name)) for name in names],
+        "layout": [f.layout for f in found],
+        "layout_source": [f.source for f in found],
     }
-    for index, delta in deltas.items():
-        record = {
-            **about,
-            "rows": delta.rows,
-            "delta_magnitude": delta.delta_magnitude,
-            "delta_direction": delta.delta_direction,
-            "base_magnitude_mean": delta.base_magnitude_mean,
-            "tuned_magnitude_mean": delta.tuned_magnitude_mean,
-            "rows_excluded": delta.rows_excluded,
-            "status": delta.status,
-            **extra.get(index, {}),
-        }
-        if index in changes:
-            record["changes"] = changes[index]
-        yield index, record
+
+
+@functools.lru_cache(maxsize=1024)
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """``64x128`` (cached: a checkpoint has few distinct shapes)."""
+    return "x".join(map(str, shape))
 
 
 def _tensor_deltas(
@@ -345,13 +410,15 @@ def _factored_fits(layout: str | None, base_rows: torch.Tensor, update: LowRankU
     return layout in expected and low_rank_fits(base_rows, update)
 
 
-def _per_row_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per output unit of every record's tensor, columns :data:`PER_ROW_COLUMNS`."""
-    parts = [_rows_of_record(record) for record in records]
-    if not parts:
+def _per_row_frame(table: RecordColumns) -> pd.DataFrame:
+    """One row per output unit of every tensor in ``table`` (its ``"changes"``), columns
+    :data:`PER_ROW_COLUMNS`."""
+    if not table.length:
         return pd.DataFrame(
             {c: pd.Series(dtype="Int64" if c == "layer" else object) for c in PER_ROW_COLUMNS}
         )
+    keys = ("tensor", "stack", "layer", "module", "changes")
+    parts = [_rows_of_tensor(*values) for values in zip(*(table.columns[k] for k in keys), strict=True)]
     frame = pd.concat(parts, ignore_index=True)
     keys = sort_rows(frame[["tensor", "stack", "layer", "module"]].drop_duplicates("tensor"))["tensor"]
     rank = {t: i for i, t in enumerate(keys)}
@@ -359,16 +426,17 @@ def _per_row_frame(records: list[dict]) -> pd.DataFrame:
     return frame[PER_ROW_COLUMNS]
 
 
-def _rows_of_record(record: dict) -> pd.DataFrame:
-    """The per-row frame of one tensor's record (its ``"changes"``)."""
-    changes: RowChanges = record["changes"]
+def _rows_of_tensor(
+    tensor: str, stack: str, layer: int | None, module: str, changes: RowChanges
+) -> pd.DataFrame:
+    """The per-row frame of one tensor from its :class:`RowChanges`."""
     k = int(changes.valid.shape[0])
     return pd.DataFrame(
         {
-            "tensor": record["tensor"],
-            "stack": record["stack"],
-            "layer": pd.array([record["layer"]] * k, dtype="Int64"),
-            "module": record["module"],
+            "tensor": tensor,
+            "stack": stack,
+            "layer": pd.array([layer] * k, dtype="Int64"),
+            "module": module,
             "row": range(k),
             "base_magnitude": changes.base_magnitude.double().numpy(),
             "tuned_magnitude": changes.tuned_magnitude.double().numpy(),

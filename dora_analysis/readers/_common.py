@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dora_analysis.readers.base import CheckpointReader, LowRankUpdate
+from dora_analysis.readers.base import CheckpointReader, LowRankUpdate, StoredTensor
 
 __all__ = [
     "MAX_EMPTY_EXTENT",
@@ -93,9 +93,13 @@ def short_repr(value: object, limit: int = 80) -> str:
 
 
 class ReaderMixin:
-    """Context-manager methods and the default ``low_rank`` of a plain (non-adapter) reader."""
+    """Context-manager methods and the defaults of a plain reader: no ``low_rank`` factors (not an
+    adapter), no ``stored_at`` (tensors only through ``get``)."""
 
     def low_rank(self, name: str) -> LowRankUpdate | None:
+        return None
+
+    def stored_at(self, name: str) -> StoredTensor | None:
         return None
 
     def close(self) -> None:  # pragma: no cover - overridden where something is open

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["CheckpointReader", "EntryReader", "LowRankUpdate", "ReaderWrapper"]
+__all__ = ["CheckpointReader", "EntryReader", "LowRankUpdate", "ReaderWrapper", "StoredTensor"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,17 @@ class LowRankUpdate:
     fan_in_fan_out: bool = False
 
 
+class StoredTensor(NamedTuple):
+    """Where a tensor's bytes lie in this process's memory, as ``get`` would read them: ``shape``
+    elements of ``dtype``, row-major and contiguous, from byte ``address``; ``keep`` holds the
+    memory (a memory map) alive as long as this record is, even after its reader closes."""
+
+    address: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    keep: object
+
+
 @runtime_checkable
 class CheckpointReader(Protocol):
     """Read-only access to one checkpoint's tensors, one at a time.
@@ -45,6 +56,10 @@ class CheckpointReader(Protocol):
     ``source`` is the file or folder, for error messages. ``get`` returns a CPU tensor (possibly a
     view over a memory map: never modify it). Readers are context managers; ``close`` releases
     open files.
+
+    Optional, outside the protocol (so that a reader without it still is one): ``stored_at(name)``,
+    a :class:`StoredTensor` where ``name``'s bytes already lie in memory (a memory-mapped file),
+    else None; the analysis then reads them in place instead of through ``get``.
     """
 
     source: Path
@@ -97,6 +112,10 @@ class ReaderWrapper:
 
     def low_rank(self, name: str) -> LowRankUpdate | None:
         return self._reader.low_rank(name)
+
+    def stored_at(self, name: str) -> StoredTensor | None:
+        """None: wrappers see every read through ``get`` (to count or reuse it), so none is bypassed."""
+        return None
 
     def read_order(self, names: list[str]) -> list[str]:
         """The wrapped reader's own reading order of ``names`` (see ``ShardedReader.read_order``)."""

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers.json_file import MAX_CONFIG_BYTES, parse_json, read_json
@@ -57,10 +58,9 @@ CONV1D_MODULES: dict[str, frozenset[str]] = {
 }
 
 
-@dataclass(frozen=True)
-class TensorLayout:
+class TensorLayout(NamedTuple):
     """One tensor's row layout (None: 0-D/1-D, nothing to decompose), where it came from, and whether
-    it was a guess (``source`` ``name-ambiguous``)."""
+    it was a guess (``source`` ``name-ambiguous``). A named tuple: one is built per tensor."""
 
     layout: RowLayout | None
     source: str

@@ -9,7 +9,7 @@ import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -37,16 +37,28 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.", "model.")
 RowLayout = Literal["linear", "conv", "embedding", "transposed"]
 
 _EMBEDDING = re.compile(r"(^|\.)(embed\w*|\w*embeddings?|wte|wpe|shared|relative_attention_bias)(\.|$)")
-# What every _EMBEDDING match contains: a quick search that spares most names its slow \w* scan.
-_MAYBE_EMBEDDING = re.compile("embed|wte|wpe|shared|relative_attention_bias")
+
+
+# What every _EMBEDDING match contains: substring tests that spare most names its slow \w* scan.
+def _maybe_embedding(name: str) -> bool:
+    return (
+        "embed" in name
+        or "wte" in name
+        or "wpe" in name
+        or "shared" in name
+        or "relative_attention_bias" in name
+    )
+
+
 # Names that are nn.Embedding in every family we know; other embed* names (GPT-NeoX's ``embed_out``
 # is a Linear) are a guess without the model's config.
 _SURE_EMBEDDING = re.compile(
     r"(^|\.)(\w*_embeddings?|embed_tokens|embed_positions|wte|wpe|shared|relative_attention_bias)\.weight$"
 )
 # transformers' Conv1D (GPT-2 family) stores (in, out); GPTBigCode and Qwen-1 use nn.Linear under the
-# same names, so without a config these are always a guess.
-_TRANSPOSED = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+# same names, so without a config these are always a guess. A ``<one of these>.weight`` name is read
+# as Conv1D (a string test, not a regex: it runs for every tensor).
+_CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.")
 _GENERIC_MODULES = {"dense", "linear", "proj", "fc"}
 
@@ -97,11 +109,11 @@ SINGLE_STACK = "model"
 _SUBLAYER = re.compile(r"^layer\.\d+\.")  # T5: block.<i>.layer.<j>.SelfAttention...: j is the sublayer
 
 
-@dataclass(frozen=True)
-class NameParts:
+class NameParts(NamedTuple):
     """Where a tensor sits: ``stack`` (``encoder``, ``decoder``, ``vision``, ``text.encoder``, ...),
     ``layer`` (the block index, None outside the blocks) and ``module`` (the path inside the block:
-    ``self_attn.q_proj``, ``encoder_attn.q_proj``, ``attention.self.query``)."""
+    ``self_attn.q_proj``, ``encoder_attn.q_proj``, ``attention.self.query``). A named tuple: one is
+    built per tensor."""
 
     stack: str
     layer: int | None
@@ -121,7 +133,9 @@ def split_name(name: str) -> NameParts:
     if path.endswith((".weight", ".bias")):
         path = path.rsplit(".", 1)[0]
     parts = path.split(".")
-    index = next((i for i, p in enumerate(parts) if p.isdigit() and 0 < i < len(parts) - 1), None)
+    # the block index: the first all-decimal part that is neither first nor last (it runs per
+    # tensor, so a plain loop; isdecimal, not isdigit: int() refuses superscripts)
+    index = next((i for i in range(1, len(parts) - 1) if parts[i].isdecimal()), None)
     if index is None:
         before, layer, module = [], None, parts
         while len(module) > 1 and (module[0] in _BODY_PREFIXES or module[0] in _STACK_WORDS):
@@ -130,7 +144,9 @@ def split_name(name: str) -> NameParts:
         module_path = ".".join(module)
     else:
         before, layer = parts[: index - 1], int(parts[index])
-        module_path = _SUBLAYER.sub("", ".".join(parts[index + 1 :]))
+        module_path = ".".join(parts[index + 1 :])
+        if module_path.startswith("layer."):
+            module_path = _SUBLAYER.sub("", module_path)
     words = [_STACK_WORDS.get(p, p) for p in before if p not in _BODY_PREFIXES]
     return NameParts(".".join(words) or SINGLE_STACK, layer, module_path)
 
@@ -157,9 +173,9 @@ def row_layout(name: str, shape: tuple[int, ...]) -> RowLayout | None:
         return None
     if len(shape) > 2:
         return "conv"
-    if _MAYBE_EMBEDDING.search(name) and _EMBEDDING.search(name):
+    if _maybe_embedding(name) and _EMBEDDING.search(name):
         return "embedding"
-    if _TRANSPOSED.search(name):
+    if name.endswith(".weight") and name[:-7].rsplit(".", 1)[-1] in _CONV1D_NAMES:
         return "transposed"
     return "linear"
 

@@ -12,6 +12,7 @@ import torch
 from dora_analysis.collector import paused_collector
 from dora_analysis.errors import InputError, first_line
 from dora_analysis.readers._common import ReaderMixin, short_repr, stored_tensor_problem
+from dora_analysis.readers.base import StoredTensor
 from dora_analysis.readers.json_file import parse_json
 
 __all__ = ["MAX_HEADER_BYTES", "TensorEntry", "read_safetensors_header", "SafetensorsReader"]
@@ -194,6 +195,7 @@ class SafetensorsReader(ReaderMixin):
         except Exception as e:  # the library's own checks, after ours
             raise InputError.of(self.source, f"not a readable safetensors file ({first_line(e)})") from None
         self._bytes = _mapped_bytes(self.source)
+        self._address = self._bytes.data_ptr() if self._bytes is not None and self._bytes.numel() else None
         self._views: dict[torch.dtype, torch.Tensor | None] = {}
 
     def names(self) -> list[str]:
@@ -223,6 +225,15 @@ class SafetensorsReader(ReaderMixin):
         # thousands of tiny tensors took).
         return typed.as_strided(entry.shape, _contiguous_strides(entry.shape), start // itemsize)
 
+    def stored_at(self, name: str) -> StoredTensor | None:
+        """The validated header's byte range of ``name`` in the file's one memory map (the bytes
+        ``get`` views), or None where ``get`` would not view the map (no map, misaligned data)."""
+        entry = self._entry(name)
+        start = self._data_start + entry.offset
+        if self._address is None or start % entry.dtype.itemsize:
+            return None
+        return StoredTensor(self._address + start, entry.dtype, entry.shape, self._bytes)
+
     def _typed(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The mapped file viewed as ``dtype`` elements from byte 0 (its tail cut to whole elements)."""
         if dtype not in self._views:
@@ -233,4 +244,5 @@ class SafetensorsReader(ReaderMixin):
     def close(self) -> None:
         self._file = None  # safe_open handles close when released
         self._bytes = None
+        self._address = None
         self._views = {}

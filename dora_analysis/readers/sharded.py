@@ -13,6 +13,7 @@ import torch
 
 from dora_analysis.errors import InputError
 from dora_analysis.readers._common import ReaderMixin
+from dora_analysis.readers.base import StoredTensor
 from dora_analysis.readers.files import open_weight_file
 from dora_analysis.readers.json_file import read_json
 from dora_analysis.readers.safetensors_file import SafetensorsReader, read_safetensors_header
@@ -124,6 +125,10 @@ class ShardedReader(ReaderMixin):
 
     def get(self, name: str) -> torch.Tensor:
         return self._shard(name).get(name)
+
+    def stored_at(self, name: str) -> StoredTensor | None:
+        """The shard's own answer (its map stays alive with the record when the next shard opens)."""
+        return self._shard(name).stored_at(name)
 
     def close(self) -> None:
         if self._open is not None:

@@ -7,7 +7,13 @@ import pytest
 import torch
 from reader_checks import MemoryReader
 
-from dora_analysis.analysis.planning import LayoutWarning, finished_frames, plan_comparison, select_tensors
+from dora_analysis.analysis.planning import (
+    LayoutWarning,
+    RecordColumns,
+    finished_frames,
+    plan_comparison,
+    select_tensors,
+)
 from dora_analysis.errors import InputError
 from dora_analysis.schema import COLUMNS
 
@@ -54,11 +60,24 @@ def test_layouts_guessed_from_names_are_warned_once_and_labelled_on_the_frames()
     with pytest.warns(LayoutWarning, match="2 tensors' layout guessed from the name") as caught:
         plan = plan_comparison(base, [tuned])
     assert len(caught) == 1 and plan.ambiguous == list(names)
-    rows = [
-        {"tensor": n, "stack": "model", "layer": i, "module": "attn.c_attn"}
-        for i, n in reversed(list(enumerate(names)))
-    ]
-    (frame,) = finished_frames([rows], plan, COLUMNS)
+    table = RecordColumns()
+    for i, n in reversed(list(enumerate(names))):
+        table.extend({"tensor": [n], "stack": ["model"], "layer": [i], "module": ["attn.c_attn"]})
+    (frame,) = finished_frames([table], plan, COLUMNS)
     assert list(frame.columns) == COLUMNS and frame["tensor"].tolist() == list(names)  # the schema's order
     assert frame.attrs["layout_ambiguous"] == list(names) and frame.attrs["layout_rule"] == plan.layout_rule
     assert isinstance(frame, pd.DataFrame) and frame["layer"].dtype == "Int64"
+
+
+def test_record_columns_pad_what_a_block_lacks_and_refuse_ragged_blocks():
+    table = RecordColumns()
+    assert table.extend({"tensor": ["a", "b"], "delta_magnitude": [0.5, 0.25]}) == 2
+    assert table.extend({"tensor": ["c"], "spectrum_rank": [3]}) == 1
+    assert table.columns == {
+        "tensor": ["a", "b", "c"],
+        "delta_magnitude": [0.5, 0.25, None],
+        "spectrum_rank": [None, None, 3],
+    }
+    with pytest.raises(ValueError, match="holds 1 values, not 2"):
+        table.extend({"tensor": ["d", "e"], "status": ["ok"]})
+    assert table.length == 3 and all(len(c) == 3 for c in table.columns.values())  # nothing half-added
