@@ -1,11 +1,11 @@
-"""The collector's pauses: restored as they were, and cycles made inside still collected."""
+"""The collector's pauses: restored as they were, and young cycles made inside still collected."""
 
 from __future__ import annotations
 
 import gc
 import weakref
 
-from dora_analysis.collector import frozen_heap, paused_collector
+from dora_analysis.collector import paused_collector, young_collections_only
 
 
 class Node:
@@ -26,29 +26,45 @@ def test_paused_collector_restores_the_collector_as_it_was():
         gc.enable()
 
 
-def test_frozen_heap_sets_aside_what_lives_and_still_collects_new_cycles():
-    assert gc.get_freeze_count() == 0
-    with frozen_heap():
-        assert gc.get_freeze_count() > 1000  # the imported modules' objects, at least
-        node = Node()
-        node.self = node  # a cycle made inside the block
-        ref = weakref.ref(node)
-        del node
-        gc.collect()
-        assert ref() is None
-    assert gc.get_freeze_count() == 0
+def test_young_collections_only_collects_young_cycles_and_never_the_older_generations():
+    thresholds = gc.get_threshold()
+    collected: list[int] = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "stop":
+            collected.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        with young_collections_only():
+            node = Node()
+            node.self = node  # a cycle made inside the block
+            ref = weakref.ref(node)
+            del node
+            kept = [
+                [] for _ in range(20 * thresholds[0] * thresholds[1])
+            ]  # survivors, many young collections
+            assert ref() is None  # the young collections ran and freed the cycle
+            del kept
+    finally:
+        gc.callbacks.remove(watch)
+    assert collected and set(collected) == {0}
+    assert gc.get_threshold() == thresholds
+    collected.clear()
+    gc.callbacks.append(watch)
+    try:  # the same work outside the block collects the older generations too
+        kept = [[] for _ in range(20 * thresholds[0] * thresholds[1])]
+        del kept
+    finally:
+        gc.callbacks.remove(watch)
+    assert 1 in collected
 
 
-def test_frozen_heap_leaves_a_programs_own_freeze_alone(monkeypatch):
-    # frozen objects may still be freed meanwhile, so the count is no witness: watch the calls
-    calls = []
-    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
-    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
-    monkeypatch.setattr(gc, "get_freeze_count", lambda: 1000)  # the program froze its objects
-    with frozen_heap():
-        pass
-    assert calls == []
-    monkeypatch.setattr(gc, "get_freeze_count", lambda: 0)
-    with frozen_heap():
-        assert calls == ["freeze"]
-    assert calls == ["freeze", "unfreeze"]
+def test_young_collections_only_leaves_a_disabled_collector_alone():
+    thresholds = gc.get_threshold()
+    gc.disable()
+    try:
+        with young_collections_only():
+            assert gc.get_threshold() == thresholds and not gc.isenabled()
+    finally:
+        gc.enable()

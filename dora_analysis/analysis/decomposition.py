@@ -42,6 +42,8 @@ __all__ = [
     "summarize_many",
     "DeltaColumns",
     "summary_columns",
+    "summarize_scalars",
+    "deltas_of",
     "tensor_delta",
 ]
 
@@ -231,7 +233,11 @@ def summarize(changes: RowChanges) -> TensorDelta:
 
 def summarize_many(changes: RowChanges) -> list[TensorDelta]:
     """:func:`summarize` of each row of a series' ``(T, k)`` changes (see :func:`summary_columns`)."""
-    columns = summary_columns(changes)
+    return deltas_of(summary_columns(changes))
+
+
+def deltas_of(columns: DeltaColumns) -> list[TensorDelta]:
+    """One :class:`TensorDelta` per entry of ``columns``."""
     return [TensorDelta(*values) for values in zip(*(c.tolist() for c in columns), strict=True)]
 
 
@@ -271,8 +277,29 @@ def summary_columns(changes: RowChanges) -> DeltaColumns:
     ]
     # One transfer for the whole series: (7, T) float64 (flags and counts are exact in float64).
     values = torch.stack([c.to(torch.float64) for c in columns]).cpu().numpy()
+    return _delta_columns(values, int(valid.shape[-1]))
+
+
+def summarize_scalars(scalars: RowScalars) -> DeltaColumns:
+    """``summary_columns(row_changes(scalars))`` for scalars with fields ``(N, k)``: ``N`` tensors
+    of ``k`` rows each. On the CPU one compiled pass (:mod:`~dora_analysis.analysis.fused_summary`:
+    every row's values the same bits as :func:`row_changes`', the sums over rows in its own order,
+    the same for a tensor alone or in a batch); elsewhere, or without Numba, those two functions."""
+    from dora_analysis.analysis import fused_summary
+
+    if scalars.base_sq.device.type != "cpu" or not fused_summary.available():
+        return summary_columns(row_changes(scalars))
+    arrays = [
+        np.ascontiguousarray(getattr(scalars, f).to(torch.float64).numpy())
+        for f in ("base_sq", "dot", "update_sq")
+    ]
+    return _delta_columns(fused_summary.tensor_sums(*arrays), int(scalars.base_sq.shape[-1]))
+
+
+def _delta_columns(values: np.ndarray, rows: int) -> DeltaColumns:
+    """:class:`DeltaColumns` from ``(7, T)`` values: base and tuned finite (1/0), valid rows, mean
+    ``|m - m0|`` and ``1 - cos`` over them, mean base and tuned norms."""
     base_finite, tuned_finite, n_valid_, magnitude, direction, base_mean, tuned_mean = values
-    rows = int(valid.shape[-1])
     finite = (base_finite != 0) & (tuned_finite != 0)
     ok = finite & (n_valid_ > 0)
     status = np.where(

@@ -25,7 +25,7 @@ from dora_analysis.analysis.decomposition import (
     TensorDelta,
     row_changes,
     row_scalars_many,
-    summary_columns,
+    summarize_scalars,
 )
 from dora_analysis.readers.base import StoredTensor
 
@@ -145,11 +145,14 @@ def _summarized(
     positions: list[int], tuned: list[int], scalars: RowScalars, k: int, per_row: bool
 ) -> GroupSummary:
     """The group's summary from its row scalars (fields ``(T, m * k)``)."""
-    changes = row_changes(scalars)
     # (T, m * k) -> (T * m, k): row t * m + q is tuned t against item q, one tensor's rows.
-    each = RowChanges(*(getattr(changes, f).reshape(len(tuned) * len(positions), k) for f in _FIELDS))
-    kept = RowChanges(*(getattr(each, f).cpu() for f in _FIELDS)) if per_row else None
-    return GroupSummary(positions, tuned, summary_columns(each), kept)
+    n = len(tuned) * len(positions)
+    each = RowScalars(*(getattr(scalars, f).reshape(n, k) for f in ("base_sq", "dot", "update_sq")))
+    kept = None
+    if per_row:
+        changes = row_changes(each)
+        kept = RowChanges(*(getattr(changes, f).cpu() for f in _FIELDS))
+    return GroupSummary(positions, tuned, summarize_scalars(each), kept)
 
 
 def stacked_scalars(bases: Sequence[torch.Tensor], tuned: Sequence[Sequence[torch.Tensor]]) -> RowScalars:

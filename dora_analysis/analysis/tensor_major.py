@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +26,12 @@ from dora_analysis.analysis.decomposition import (
     DeltaColumns,
     RowChanges,
     TensorDelta,
+    deltas_of,
     row_changes,
     row_scalars_many,
     stack_changes,
     summarize_many,
+    summarize_scalars,
 )
 from dora_analysis.analysis.fused_rows import single_threaded_torch
 from dora_analysis.analysis.low_rank import fits as low_rank_fits
@@ -51,7 +53,7 @@ from dora_analysis.analysis.tensor_batches import (
     located_summaries,
     row_of,
 )
-from dora_analysis.collector import frozen_heap
+from dora_analysis.collector import young_collections_only
 from dora_analysis.devices import resolve_device
 from dora_analysis.readers.base import CheckpointReader, LowRankUpdate, StoredTensor
 from dora_analysis.readers.layout import TensorLayout
@@ -101,18 +103,24 @@ def compare_in_process(
             tuple(references) if references is not None else None,
         )
     checked = None if device is None else resolve_device(device)
-    with ExitStack() as stack, frozen_heap():  # one record per tensor: keep collections short
-        base_reader = _open(base, stack)
-        readers = [_open(t, stack, base=base_reader) for t in tuned]
-        plan = plan_comparison(base_reader, readers, include, exclude, layout)
-        tables = [RecordColumns() for _ in readers]
-        bar = _progress_bar(sum(len(s.pairs) for s in plan.selections), progress)
-        for index, block in record_blocks(base_reader, readers, plan, checked, per_row, spectral):
-            bar.update(tables[index].extend(block))
-        bar.close()
-    if per_row:
-        return [label_frame(_per_row_frame(t), s, plan) for t, s in zip(tables, plan.selections, strict=True)]
-    return finished_frames(tables, plan, COLUMNS + metric_columns(metrics, reference=references is not None))
+    # headers and batches keep small objects per tensor alive: no full collection for each comparison
+    with young_collections_only():
+        with ExitStack() as stack:
+            base_reader = _open(base, stack)
+            readers = [_open(t, stack, base=base_reader) for t in tuned]
+            plan = plan_comparison(base_reader, readers, include, exclude, layout)
+            tables = [RecordColumns() for _ in readers]
+            bar = _progress_bar(sum(len(s.pairs) for s in plan.selections), progress)
+            for index, block in record_blocks(base_reader, readers, plan, checked, per_row, spectral):
+                bar.update(tables[index].extend(block))
+            bar.close()
+        if per_row:
+            return [
+                label_frame(_per_row_frame(t), s, plan) for t, s in zip(tables, plan.selections, strict=True)
+            ]
+        return finished_frames(
+            tables, plan, COLUMNS + metric_columns(metrics, reference=references is not None)
+        )
 
 
 def _open(source: PathOrReader, stack: ExitStack, base: CheckpointReader | None = None) -> CheckpointReader:
@@ -164,14 +172,11 @@ def record_blocks(
 
 
 def _wanted(
-    tuned: Sequence[CheckpointReader], selections: Sequence[Selection], base_name: str
+    sides: Sequence[tuple[int, CheckpointReader, dict[str, str]]], base_name: str
 ) -> list[tuple[int, CheckpointReader, str]]:
-    """``(tuned index, reader, tuned name)`` of every tuned checkpoint that has ``base_name``."""
-    return [
-        (index, reader, selection.pairs[base_name])
-        for index, (reader, selection) in enumerate(zip(tuned, selections, strict=True))
-        if base_name in selection.pairs
-    ]
+    """``(tuned index, reader, tuned name)`` of every tuned checkpoint that has ``base_name``
+    (``sides``: per tuned checkpoint its index, reader and selected pairs)."""
+    return [(index, reader, pairs[base_name]) for index, reader, pairs in sides if base_name in pairs]
 
 
 def _batches(
@@ -187,9 +192,12 @@ def _batches(
     metrics)."""
     run: list = []
     elements = 0
+    sides = [
+        (index, reader, s.pairs) for index, (reader, s) in enumerate(zip(tuned, selections, strict=True))
+    ]
     for name in order:
         numel = math.prod(base.shape(name))
-        wanted = _wanted(tuned, selections, name)
+        wanted = _wanted(sides, name)
         if not (
             batching
             and 0 < numel * (1 + len(wanted)) <= BATCH_ELEMENTS
@@ -272,6 +280,11 @@ def _batch(
             yield index, block
 
 
+# Layouts whose rows are the stored tensor's own memory, in order (a conv's flattened per channel).
+_IN_PLACE_LAYOUTS = frozenset({"linear", "conv"})
+_UNSET = object()
+
+
 def _located_items(
     base: CheckpointReader,
     layouts: dict[str, TensorLayout],
@@ -281,28 +294,33 @@ def _located_items(
     a reader without them, rows that are not the stored tensor's own (transposed, embedding), a
     format the kernel does not read in place. Then the run is read through ``get``."""
     readable: dict[torch.dtype, bool] = {}
+    finders: dict[int, Callable[[str], StoredTensor | None] | None] = {}
 
-    def rows_at(reader: CheckpointReader, name: str, layout: str | None) -> StoredTensor | None:
-        stored_at = getattr(reader, "stored_at", None)
-        found = stored_at(name) if layout in ("linear", "conv") and stored_at is not None else None
+    def rows_at(reader: CheckpointReader, name: str) -> StoredTensor | None:
+        finder = finders.get(id(reader), _UNSET)
+        if finder is _UNSET:
+            finder = finders[id(reader)] = getattr(reader, "stored_at", None)
+        found = finder(name) if finder is not None else None
         if found is None:
             return None
-        if found.dtype not in readable:
-            readable[found.dtype] = fused_rows.reads_in_place(found.dtype)
-        if not readable[found.dtype]:
+        ok = readable.get(found.dtype)
+        if ok is None:
+            ok = readable[found.dtype] = fused_rows.reads_in_place(found.dtype)
+        if not ok:
             return None
         shape = found.shape
         return found if len(shape) == 2 else found._replace(shape=(shape[0], math.prod(shape[1:])))
 
     items: list[Located] = []
     for name, wanted in run:
-        layout = layouts[name].layout
-        base_rows = rows_at(base, name, layout)
+        if layouts[name].layout not in _IN_PLACE_LAYOUTS:
+            return None
+        base_rows = rows_at(base, name)
         if base_rows is None:
             return None
         tuned_rows = []
         for index, reader, tuned_name in wanted:
-            found = rows_at(reader, tuned_name, layout)
+            found = rows_at(reader, tuned_name)
             if found is None:
                 return None
             tuned_rows.append((index, found))
@@ -353,22 +371,24 @@ def _tensor_deltas(
     deltas: dict[int, TensorDelta] = {}
     per_row_changes: dict[int, RowChanges] = {}
 
-    def keep(indices: list[int], changes: RowChanges) -> None:
-        for i, (index, delta) in enumerate(zip(indices, summarize_many(changes), strict=True)):
+    def keep(indices: list[int], summaries: Sequence[TensorDelta], changes: RowChanges | None) -> None:
+        for i, (index, delta) in enumerate(zip(indices, summaries, strict=True)):
             deltas[index] = delta
             if per_row:
                 per_row_changes[index] = row_of(changes, i)
 
     if factored:
-        keep(
-            [i for i, _ in factored], stack_changes(low_rank_row_changes(base_rows, [u for _, u in factored]))
-        )
+        changes = stack_changes(low_rank_row_changes(base_rows, [u for _, u in factored]))
+        keep([i for i, _ in factored], summarize_many(changes), changes)
     per_group = max(1, DENSE_GROUP_BYTES // max(4 * base_rows.numel(), 1))
     for start in range(0, len(dense), per_group):
         group = dense[start : start + per_group]
         tuned_rows = [_to(as_rows(reader.get(name), layout), device) for _, reader, name in group]
-        keep([i for i, _, _ in group], row_changes(row_scalars_many(base_rows, tuned_rows)))
+        scalars = row_scalars_many(base_rows, tuned_rows)
         del tuned_rows
+        # the summary as a batch's (summarize_scalars), so a tensor's numbers never depend on batching
+        summaries = deltas_of(summarize_scalars(scalars))
+        keep([i for i, _, _ in group], summaries, row_changes(scalars) if per_row else None)
     return deltas, per_row_changes
 
 

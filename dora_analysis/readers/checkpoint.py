@@ -115,7 +115,10 @@ def _open_file(
 ) -> CheckpointReader:
     reader = open_weight_file(path)
     names = reader.names()
-    has_lora = any(".lora_A." in n or n.endswith(".lora_magnitude_vector") for n in names)
+    joined = "\n".join(names) + "\n"  # a C-speed scan first: a name's hit is one here too
+    has_lora = (".lora_A." in joined or ".lora_magnitude_vector\n" in joined) and any(
+        ".lora_A." in n or n.endswith(".lora_magnitude_vector") for n in names
+    )
     if as_base and (has_lora or has_nvlabs_keys(names)):
         reader.close()  # an NVlabs file with its own W0 would do, but a base is meant to be plain weights
         raise _adapter_as_base(path)

@@ -43,9 +43,11 @@ def _check_names(path: Path, names: list[str]) -> None:
     quantized = quantized_storage_problem(names)
     if quantized:
         raise InputError.of(path, quantized[1], tensor=quantized[0])
+    keys = list(map(canonical_name, names))
+    if len(set(keys)) == len(keys):  # the usual case, without a Python step per name
+        return
     seen: dict[str, str] = {}
-    for name in names:
-        key = canonical_name(name)
+    for name, key in zip(names, keys, strict=True):
         if key in seen:
             raise InputError.of(
                 path,

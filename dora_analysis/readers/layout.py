@@ -70,6 +70,10 @@ class TensorLayout(NamedTuple):
         return self.source == "name-ambiguous"
 
 
+# One shared instance per (layout, source): a checkpoint asks for thousands, of a handful of kinds.
+_layout = lru_cache(maxsize=None)(TensorLayout)
+
+
 @dataclass
 class ModelLayout:
     """The layout rule of one comparison: an override, a model's module types, a table, or names.
@@ -107,12 +111,12 @@ class ModelLayout:
     def of(self, name: str, shape: tuple[int, ...]) -> TensorLayout:
         """The layout of stored tensor ``name`` with ``shape``."""
         if len(shape) < 2:
-            return TensorLayout(None, "shape")
+            return _layout(None, "shape")
         if self.override is not None and len(shape) == 2:
             guess, ambiguous = name_layout(name, shape)
             if guess != "embedding" or ambiguous:  # a name only embeddings have stays an embedding
-                return TensorLayout(self.override, "override")
-            return TensorLayout(guess, "name")
+                return _layout(self.override, "override")
+            return _layout(guess, "name")
         module = canonical_name(name).rsplit(".", 1)[0] if name.endswith(".weight") else None
         if module is not None and self.modules is not None:
             found = self._lookup(module)
@@ -120,20 +124,20 @@ class ModelLayout:
                 renamed = self.rename(canonical_name(name))
                 found = self._lookup(renamed.rsplit(".", 1)[0]) if renamed.endswith(".weight") else None
             if found is not None:
-                return TensorLayout(found, "config")
+                return _layout(found, "config")
         if len(shape) > 2:
-            return TensorLayout("conv", "shape")
+            return _layout("conv", "shape")
         if module is not None and self.modules is None and self.model_type is not None:
             leaf = module.rsplit(".", 1)[-1]
             conv1d = CONV1D_MODULES.get(self.model_type, frozenset())
             if leaf in conv1d and (self.model_type != "clvp" or ".mlp." in f".{module}."):
-                return TensorLayout("transposed", "config-table")
+                return _layout("transposed", "config-table")
             guess, ambiguous = name_layout(name, shape)
             if guess == "transposed":  # this model type has no Conv1D
-                return TensorLayout("linear", "config-table")
-            return TensorLayout(guess, "name-ambiguous" if ambiguous else "config-table")
+                return _layout("linear", "config-table")
+            return _layout(guess, "name-ambiguous" if ambiguous else "config-table")
         guess, ambiguous = name_layout(name, shape)
-        return TensorLayout(guess, "name-ambiguous" if ambiguous else "name")
+        return _layout(guess, "name-ambiguous" if ambiguous else "name")
 
     def _lookup(self, module: str) -> RowLayout | None:
         parts = module.split(".")

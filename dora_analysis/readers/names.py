@@ -120,6 +120,9 @@ class NameParts(NamedTuple):
     module: str
 
 
+_new_tuple = tuple.__new__
+
+
 def split_name(name: str) -> NameParts:
     """``stack``/``layer``/``module`` of a tensor name, so that different matrices never share a label.
 
@@ -148,7 +151,7 @@ def split_name(name: str) -> NameParts:
         if module_path.startswith("layer."):
             module_path = _SUBLAYER.sub("", module_path)
     words = [_STACK_WORDS.get(p, p) for p in before if p not in _BODY_PREFIXES]
-    return NameParts(".".join(words) or SINGLE_STACK, layer, module_path)
+    return _new_tuple(NameParts, (".".join(words) or SINGLE_STACK, layer, module_path))  # no Python __new__
 
 
 def layer_index(name: str) -> int | None:

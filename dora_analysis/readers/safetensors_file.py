@@ -72,21 +72,27 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
                 f"truncated safetensors file: header length {n} runs past the end of the file ({size} bytes)",
             )
         raw = f.read(n)
-    header = parse_json(path, raw, "safetensors header")
-    if not isinstance(header, dict):
-        raise InputError.of(path, "safetensors header is not a JSON object")
-    data_bytes = size - 8 - n
     entries: dict[str, TensorEntry] = {}
-    with paused_collector():  # one small object per tensor, no cycles
+    # The collector stays off from parsing to the last entry, and the parsed JSON is dropped before
+    # it runs again: otherwise it would scan a million short-lived objects on the way (no cycles).
+    with paused_collector():
+        header = parse_json(path, raw, "safetensors header")
+        if not isinstance(header, dict):
+            raise InputError.of(path, "safetensors header is not a JSON object")
+        data_bytes = size - 8 - n
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             entries[name] = _plain_entry(info, data_bytes) or _entry(path, name, info, data_bytes)
+        del header
     return entries
 
 
 # Stored formats whose common record :func:`_plain_entry` accepts (float8 codes are refused by _entry).
 _PLAIN_DTYPES = {code: dtype for code, dtype in _DTYPES.items() if stored_tensor_problem(dtype, (1,)) is None}
+
+
+_new_entry = tuple.__new__  # a named tuple made without its Python-level __new__ (one per tensor)
 
 
 def _plain_entry(info: object, data_bytes: int) -> TensorEntry | None:
@@ -108,7 +114,9 @@ def _plain_entry(info: object, data_bytes: int) -> TensorEntry | None:
         numel *= d
     if numel * dtype.itemsize != end - begin:
         return None
-    return TensorEntry(dtype, tuple(shape), begin)
+    return _new_entry(
+        TensorEntry, (dtype, tuple(shape), begin)
+    )  # the named tuple's __new__ without its Python frame
 
 
 def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
@@ -232,7 +240,7 @@ class SafetensorsReader(ReaderMixin):
         start = self._data_start + entry.offset
         if self._address is None or start % entry.dtype.itemsize:
             return None
-        return StoredTensor(self._address + start, entry.dtype, entry.shape, self._bytes)
+        return _new_entry(StoredTensor, (self._address + start, entry.dtype, entry.shape, self._bytes))
 
     def _typed(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The mapped file viewed as ``dtype`` elements from byte 0 (its tail cut to whole elements)."""
