@@ -48,6 +48,7 @@ from dora_analysis.analysis.spectrum import SpectrumOptions, tensor_spectra
 from dora_analysis.analysis.tensor_batches import (
     BATCH_ELEMENTS,
     BATCH_TENSORS,
+    GroupSummary,
     Located,
     group_summaries,
     located_summaries,
@@ -252,18 +253,18 @@ def _batch(
     tuned checkpoint. On the CPU, tensors every reader holds in memory are compared where they lie
     (:func:`~dora_analysis.analysis.tensor_batches.located_summaries`), with no tensor made each."""
     on_cpu = device is None or device.type == "cpu"
-    located = _located_items(base, layouts, run) if on_cpu else None
-    if located is not None:
-        groups = located_summaries(located, per_row)  # the records keep the memory they point at
-    else:
+    located, others = _located_items(base, layouts, run) if on_cpu else ([], list(range(len(run))))
+    # the records keep the memory they point at alive until the summaries are made
+    groups = _positions_in(located_summaries([item for _, item in located], per_row), [p for p, _ in located])
+    del located
+    if others:
         items = []
-        for name, wanted in run:
+        for name, wanted in (run[p] for p in others):
             layout = layouts[name].layout
             rows = [(index, _to(as_rows(reader.get(t), layout), device)) for index, reader, t in wanted]
             items.append((_to(as_rows(base.get(name), layout), device), rows))
-        groups = group_summaries(items, per_row)
+        groups += _positions_in(group_summaries(items, per_row), others)
         del items  # readers that copy (pickles, merged adapters) hold a batch's worth here
-    del located
     for group in groups:
         facts = _name_facts(base, [run[p][0] for p in group.positions], layouts)
         m = len(group.positions)
@@ -289,10 +290,11 @@ def _located_items(
     base: CheckpointReader,
     layouts: dict[str, TensorLayout],
     run: list[tuple[str, list[tuple[int, CheckpointReader, str]]]],
-) -> list[Located] | None:
-    """Every tensor of ``run`` as rows found in memory (``stored_at``), or None where any is not:
-    a reader without them, rows that are not the stored tensor's own (transposed, embedding), a
-    format the kernel does not read in place. Then the run is read through ``get``."""
+) -> tuple[list[tuple[int, Located]], list[int]]:
+    """The tensors of ``run`` whose rows every reader holds in memory (``stored_at``), with their
+    positions in ``run``, and the positions of the others: a reader without them, rows that are not
+    the stored tensor's own (transposed, embedding), a format the kernel does not read in place.
+    Those are read through ``get``."""
     readable: dict[torch.dtype, bool] = {}
     finders: dict[int, Callable[[str], StoredTensor | None] | None] = {}
 
@@ -311,21 +313,26 @@ def _located_items(
         shape = found.shape
         return found if len(shape) == 2 else found._replace(shape=(shape[0], math.prod(shape[1:])))
 
-    items: list[Located] = []
-    for name, wanted in run:
-        if layouts[name].layout not in _IN_PLACE_LAYOUTS:
-            return None
-        base_rows = rows_at(base, name)
-        if base_rows is None:
-            return None
+    located: list[tuple[int, Located]] = []
+    others: list[int] = []
+    for position, (name, wanted) in enumerate(run):
+        base_rows = rows_at(base, name) if layouts[name].layout in _IN_PLACE_LAYOUTS else None
         tuned_rows = []
-        for index, reader, tuned_name in wanted:
+        for index, reader, tuned_name in wanted if base_rows is not None else ():
             found = rows_at(reader, tuned_name)
             if found is None:
-                return None
+                break
             tuned_rows.append((index, found))
-        items.append((base_rows, tuned_rows))
-    return items
+        if base_rows is None or len(tuned_rows) < len(wanted):
+            others.append(position)
+        else:
+            located.append((position, (base_rows, tuned_rows)))
+    return located, others
+
+
+def _positions_in(groups: list[GroupSummary], positions: list[int]) -> list[GroupSummary]:
+    """``groups`` of a sub-list of a run, their positions made the run's (``positions[i]``)."""
+    return [group._replace(positions=[positions[p] for p in group.positions]) for group in groups]
 
 
 def _name_facts(

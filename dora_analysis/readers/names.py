@@ -178,7 +178,8 @@ def row_layout(name: str, shape: tuple[int, ...]) -> RowLayout | None:
         return "conv"
     if _maybe_embedding(name) and _EMBEDDING.search(name):
         return "embedding"
-    if name.endswith(".weight") and name[:-7].rsplit(".", 1)[-1] in _CONV1D_NAMES:
+    stem = name[:-1] if name.endswith("\n") else name  # as a regex's ``$`` would read it
+    if stem.endswith(".weight") and stem[:-7].rsplit(".", 1)[-1] in _CONV1D_NAMES:
         return "transposed"
     return "linear"
 

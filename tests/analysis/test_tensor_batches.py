@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -13,7 +15,10 @@ from safetensors.torch import save_file
 from dora_analysis.analysis import fused_rows, tensor_major
 from dora_analysis.analysis.comparison import compare, compare_many
 from dora_analysis.analysis.decomposition import row_changes, row_scalars_many, summarize_many
-from dora_analysis.analysis.tensor_batches import deltas_of_many, row_of, stacked_scalars
+from dora_analysis.analysis.planning import LayoutWarning
+from dora_analysis.analysis.tensor_batches import deltas_of_many, located_summaries, row_of, stacked_scalars
+from dora_analysis.readers import open_checkpoint
+from dora_analysis.readers.base import ReaderWrapper, StoredTensor
 
 EPS64 = float(np.finfo(np.float64).eps)
 FIELDS = ("base_magnitude", "tuned_magnitude", "magnitude_change", "direction_change", "valid")
@@ -136,6 +141,8 @@ def _write_pair(folder: Path, count: int, seed: int = 0) -> tuple[Path, Path, di
 
 
 def test_compare_batched_equals_compare_per_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batching never changes a tensor's numbers: the same kernel on the same bytes, the same
+    summary pass, so a batch's frame equals the one-by-one frame bit for bit."""
     base, tuned, _, _ = _write_pair(tmp_path, 90)
     batched = compare_many(base, [tuned, base])
     per_row = compare(base, tuned, per_row=True)
@@ -143,15 +150,115 @@ def test_compare_batched_equals_compare_per_tensor(tmp_path: Path, monkeypatch: 
     alone = compare_many(base, [tuned, base])
     alone_rows = compare(base, tuned, per_row=True)
     for got, want in zip(batched, alone, strict=True):
-        assert list(got["tensor"]) == list(want["tensor"]) and len(got) == 91
-        for column in ("delta_magnitude", "delta_direction", "base_magnitude_mean", "tuned_magnitude_mean"):
-            np.testing.assert_allclose(got[column], want[column], rtol=_tolerance(300), atol=0)
-        assert list(got["status"]) == list(want["status"])
+        assert len(got) == 91
+        pd.testing.assert_frame_equal(got, want, check_exact=True)
     assert (batched[1]["delta_magnitude"] == 0).all()  # the base against itself
-    assert list(per_row["row"]) == list(alone_rows["row"])
-    np.testing.assert_allclose(
-        per_row["delta_direction"], alone_rows["delta_direction"], rtol=_tolerance(300)
-    )
+    pd.testing.assert_frame_equal(per_row, alone_rows, check_exact=True)
+
+
+def _reading_through_get(source: Path) -> ReaderWrapper:
+    """The checkpoint read only through ``get`` (a wrapper answers no ``stored_at``)."""
+    return ReaderWrapper(open_checkpoint(source))
+
+
+def _count_located(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many tensors each batch compared in place (spying on ``located_summaries``)."""
+    counts: list[int] = []
+
+    def spy(items, per_row=False):
+        counts.append(len(items))
+        return located_summaries(items, per_row)
+
+    monkeypatch.setattr(tensor_major, "located_summaries", spy)
+    return counts
+
+
+def test_rows_read_in_place_equal_rows_read_through_get(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors found in the memory map (stored_at) give the frame that tensors read through get
+    give, bit for bit: bf16, fp16 and fp32 linear weights, a conv weight read as its flattened rows,
+    and a Conv1D-shaped name whose rows are transposed (never read in place)."""
+    g = torch.Generator().manual_seed(11)
+    base, tuned = {}, {}
+    for j, dtype in enumerate([torch.bfloat16, torch.float16, torch.float32] * 4):
+        name = f"model.layers.{j}.mlp.{('gate', 'up', 'down')[j % 3]}_proj.weight"
+        weight = 0.02 * torch.randn(8 + j % 3, 24, generator=g)
+        base[name], tuned[name] = (
+            weight.to(dtype),
+            (weight + 0.001 * torch.randn(weight.shape, generator=g)).to(dtype),
+        )
+    conv = 0.1 * torch.randn(6, 3, 3, 3, generator=g)
+    base["model.stem.conv.weight"], tuned["model.stem.conv.weight"] = conv, conv * 1.01 + 0.01
+    gpt = 0.02 * torch.randn(16, 48, generator=g)
+    base["transformer.h.0.attn.c_attn.weight"], tuned["transformer.h.0.attn.c_attn.weight"] = gpt, gpt + 0.001
+    save_file(base, tmp_path / "base.safetensors")
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    with open_checkpoint(tmp_path / "base.safetensors") as reader:
+        assert reader.stored_at("model.stem.conv.weight").shape == (6, 3, 3, 3)
+    options = {"include": r"\.weight$"}
+    counts = _count_located(monkeypatch)
+    with pytest.warns(LayoutWarning):
+        in_place = compare(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", **options)
+    assert sum(counts) == 13  # all but the transposed one
+    counts.clear()
+    with (
+        _reading_through_get(tmp_path / "base.safetensors") as b,
+        _reading_through_get(tmp_path / "tuned.safetensors") as t,
+        pytest.warns(LayoutWarning),
+    ):
+        through_get = compare(b, t, **options)
+    assert sum(counts) == 0
+    assert len(in_place) == 14 and (in_place["status"] == "ok").all()
+    assert set(in_place["layout"]) == {"linear", "conv", "transposed"}
+    pd.testing.assert_frame_equal(in_place, through_get, check_exact=True)
+
+
+def test_a_sharded_checkpoint_is_read_in_place_across_its_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiny_models import save_tiny_bert
+
+    counts = _count_located(monkeypatch)
+    save_tiny_bert(tmp_path / "base", max_shard_size="20KB")
+    save_tiny_bert(tmp_path / "tuned", seed=1, max_shard_size="20KB")
+    assert len(list((tmp_path / "base").glob("model-*.safetensors"))) > 1
+    in_place = compare(tmp_path / "base", tmp_path / "tuned")
+    assert sum(counts) == len(in_place)
+    with _reading_through_get(tmp_path / "base") as b, _reading_through_get(tmp_path / "tuned") as t:
+        through_get = compare(b, t)
+    assert len(in_place) > 10
+    pd.testing.assert_frame_equal(in_place, through_get, check_exact=True)
+
+
+def test_a_stored_tensor_outlives_its_shard(tmp_path: Path) -> None:
+    """The record keeps its memory map: after the sharded reader moved on to another shard (closing
+    the first), the bytes at its address are still the tensor's."""
+    from tiny_models import save_tiny_bert
+
+    state = save_tiny_bert(tmp_path, max_shard_size="20KB")
+    with open_checkpoint(tmp_path) as reader:
+        order = reader.read_order([n for n in reader.names() if n.endswith(".weight")])
+        first, last = order[0], order[-1]
+        stored = reader.stored_at(first)
+        assert reader._shard_of[first] != reader._shard_of[last]
+        assert reader.stored_at(last) is not None  # opens the last shard, closing the first
+    want = state[first].contiguous()
+    assert stored.shape == tuple(want.shape) and stored.dtype == want.dtype
+    got = ctypes.string_at(stored.address, want.numel() * want.element_size())
+    assert got == want.numpy().tobytes()
+
+
+def test_located_rows_refuse_what_the_kernel_cannot_read() -> None:
+    with pytest.raises(ValueError, match="cannot be read in place"):
+        fused_rows.row_sums_at([0], torch.float64, [([0], torch.float64)], 2, 2)
+    with pytest.raises(ValueError, match="needs 2 addresses"):
+        fused_rows.row_sums_at([0, 0], torch.float32, [([0], torch.float32)], 2, 2)
+    keep = torch.zeros(4, 4)
+    stored = StoredTensor(keep.data_ptr(), torch.float32, (4, 4), keep)
+    other = StoredTensor(keep.data_ptr(), torch.float32, (2, 8), keep)
+    with pytest.raises(ValueError, match="tuned rows"):
+        located_summaries([(stored, [(0, other)])])
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -110,3 +112,53 @@ def test_match_names_when_the_base_has_the_longer_names() -> None:
     match = match_names(["model.layers.0.q.weight", "lm_head.weight"], ["layers.0.q.weight"])
     assert match.pairs == [("model.layers.0.q.weight", "layers.0.q.weight")]
     assert match.base_only == ["lm_head.weight"] and match.tuned_only == []
+
+
+# The name rules as regular expressions, as they were written before they became string tests: the
+# reference the faster tests must agree with on every name.
+_EMBEDDING_REFERENCE = re.compile(
+    r"(^|\.)(embed\w*|\w*embeddings?|wte|wpe|shared|relative_attention_bias)(\.|$)"
+)
+_TRANSPOSED_REFERENCE = re.compile(r"(^|\.)(c_attn|q_attn|c_proj|c_fc)\.weight$")
+
+
+def _reference_layout(name: str) -> str:
+    if _EMBEDDING_REFERENCE.search(name):
+        return "embedding"
+    return "transposed" if _TRANSPOSED_REFERENCE.search(name) else "linear"
+
+
+def test_layout_string_tests_agree_with_the_regular_expressions() -> None:
+    leaves = [
+        "c_attn",
+        "q_attn",
+        "c_proj",
+        "c_fc",
+        "xc_attn",
+        "c_attnx",
+        "c_fc2",
+        "embed_tokens",
+        "wte",
+        "shared",
+        "word_embeddings",
+        "relative_attention_bias",
+        "q_proj",
+        "dense",
+        "sharedx",
+        "lm_head",
+    ]
+    ends = ["weight", "bias", "weight.extra", "weights", ""]
+    names = []
+    for leaf in leaves:
+        for end in ends:
+            for prefix in ("", "transformer.h.0.attn.", "model.", "x"):
+                names.append(f"{prefix}{leaf}.{end}".rstrip("."))
+    names += ["c_attn.weight", ".c_attn.weight", "a..c_fc.weight", "c_proj.weight\n", "embed", "wte\n.weight"]
+    for name in names:
+        assert row_layout(name, (4, 4)) == _reference_layout(name), name
+
+
+def test_a_superscript_digit_is_not_a_block_index() -> None:
+    # str.isdigit() holds for "²" but int() refuses it: such a part is part of the module path
+    assert split_name("model.layers.².mlp.weight") == NameParts("model", None, "layers.².mlp")
+    assert split_name("model.layers.٣.mlp.weight") == NameParts("model", 3, "mlp")  # an Arabic-Indic 3
