@@ -40,7 +40,9 @@ def young_collections_only() -> Iterator[None]:
     survivor promoted to the oldest generation counts towards the next full collection: a comparison
     of 9,216 small tensors triggered one each time, a walk over the whole heap (all of torch, pandas
     and Numba: measured, 0.17 s of its 0.46 s), even inside :func:`gc.freeze` (the heap unfrozen after
-    is scanned at the next one). Left alone where the collector is off.
+    is scanned at the next one). Left alone where the collector is off. (Where the collector is
+    incremental, the second threshold sets how slowly the old generation is scanned: a huge one,
+    as here, likewise keeps it out of the way.) The thresholds are the process's: set for the block.
     """
     thresholds = gc.get_threshold()
     if not gc.isenabled() or thresholds[0] == 0:

@@ -5,9 +5,12 @@ dispatch, row changes, the means) of a fixed cost, a few hundred microseconds: t
 (an MoE's experts, a header of tiny tensors) would spend more time there than reading. Tensors of one
 row shape, dtypes and set of tuned checkpoints go through the same functions as one tensor of their
 stacked rows ``(m * k, features)``: per row the arithmetic is exactly that of the tensor alone (rows
-never mix), only the means are taken per ``(k,)`` segment afterwards. On the CPU the fused kernel
-reads the rows where they lie (:func:`~dora_analysis.analysis.fused_rows.row_sums_stacked`); where
-it cannot, small tensors are stacked (a copy of microseconds) and larger ones compared one by one.
+never mix), and each tensor's summary is one pass over its own ``k`` rows
+(:func:`~dora_analysis.analysis.decomposition.summarize_scalars`), so its numbers are the same bits
+alone or in a batch. On the CPU the fused kernel reads the rows where they lie: found by address in a
+memory map (:func:`located_summaries`, no tensor made per item) or given as tensors
+(:func:`~dora_analysis.analysis.fused_rows.row_sums_stacked`); where it cannot, small tensors are
+stacked (a copy of microseconds) and larger ones compared one by one.
 """
 
 from __future__ import annotations
@@ -77,11 +80,21 @@ def group_summaries(items: Sequence[Item], per_row: bool = False) -> list[GroupS
     """ΔM/ΔD of every item against each of its tuned tensors, one group per row shape, dtypes and
     set of tuned checkpoints; the same as comparing each item alone with :func:`row_scalars_many`,
     :func:`row_changes` and :func:`summarize_many`, with no Python work per tensor after grouping."""
+    return [_one_group(items, positions, per_row) for positions in _groups(items)]
+
+
+def _groups(items: Sequence[Item] | Sequence[Located]) -> list[list[int]]:
+    """Positions of the items sharing a row shape, stored formats (and device) and tuned indices."""
     groups: dict[tuple, list[int]] = {}
     for position, (base, tuned) in enumerate(items):
-        key = (base.shape, base.dtype, base.device, *[(index, r.dtype, r.shape) for index, r in tuned])
+        key = (
+            base.shape,
+            base.dtype,
+            getattr(base, "device", None),
+            *[(i, r.dtype, r.shape) for i, r in tuned],
+        )
         groups.setdefault(key, []).append(position)
-    return [_one_group(items, positions, per_row) for positions in groups.values()]
+    return list(groups.values())
 
 
 def deltas_of_many(
@@ -117,12 +130,8 @@ def located_summaries(items: Sequence[Located], per_row: bool = False) -> list[G
     row-major ``(k, features)`` array there, bf16/fp16/fp32 as
     :func:`~dora_analysis.analysis.fused_rows.reads_in_place` allows): the kernel reads them where
     they lie, with no tensor made per item. The caller keeps every record alive during the call."""
-    groups: dict[tuple, list[int]] = {}
-    for position, (base, tuned) in enumerate(items):
-        key = (base.shape, base.dtype, *[(index, r.dtype, r.shape) for index, r in tuned])
-        groups.setdefault(key, []).append(position)
     out = []
-    for positions in groups.values():
+    for positions in _groups(items):
         base0, tuned0 = items[positions[0]]
         if any(r.shape != base0.shape for _, r in tuned0):
             raise ValueError(
