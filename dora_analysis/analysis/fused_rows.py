@@ -143,9 +143,9 @@ def row_sums_at(
     m = len(bases)
 
     def table(addresses: Sequence[int], dtype: torch.dtype) -> _RowsAt:
-        like = _element(dtype)
-        if like is None or not available():
+        if not reads_in_place(dtype):
             raise ValueError(f"row_sums_at: rows stored as {dtype} cannot be read in place")
+        like = _element(dtype)
         if len(addresses) != m:
             raise ValueError(f"row_sums_at: every tuned series needs {m} addresses")
         return _RowsAt(np.array([addresses], dtype=np.int64), like, features * like.itemsize)

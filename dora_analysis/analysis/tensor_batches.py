@@ -26,6 +26,7 @@ from dora_analysis.analysis.decomposition import (
     RowChanges,
     RowScalars,
     TensorDelta,
+    deltas_of,
     row_changes,
     row_scalars_many,
     summarize_scalars,
@@ -105,10 +106,10 @@ def deltas_of_many(
     out: list[tuple[dict[int, TensorDelta], dict[int, RowChanges]]] = [({}, {}) for _ in items]
     for group in group_summaries(items, per_row):
         m = len(group.positions)
-        columns = [c.tolist() for c in group.summary]
+        deltas = deltas_of(group.summary)
         for t, index in enumerate(group.tuned):
             for q, position in enumerate(group.positions):
-                out[position][0][index] = TensorDelta(*(c[t * m + q] for c in columns))
+                out[position][0][index] = deltas[t * m + q]
                 if per_row:
                     out[position][1][index] = row_of(group.changes, t * m + q)
     return out

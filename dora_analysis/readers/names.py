@@ -120,9 +120,6 @@ class NameParts(NamedTuple):
     module: str
 
 
-_new_tuple = tuple.__new__
-
-
 def split_name(name: str) -> NameParts:
     """``stack``/``layer``/``module`` of a tensor name, so that different matrices never share a label.
 
@@ -151,7 +148,8 @@ def split_name(name: str) -> NameParts:
         if module_path.startswith("layer."):
             module_path = _SUBLAYER.sub("", module_path)
     words = [_STACK_WORDS.get(p, p) for p in before if p not in _BODY_PREFIXES]
-    return _new_tuple(NameParts, (".".join(words) or SINGLE_STACK, layer, module_path))  # no Python __new__
+    # tuple.__new__: the named tuple without its Python-level __new__ (one per tensor)
+    return tuple.__new__(NameParts, (".".join(words) or SINGLE_STACK, layer, module_path))
 
 
 def layer_index(name: str) -> int | None:

@@ -92,9 +92,6 @@ def read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
 _PLAIN_DTYPES = {code: dtype for code, dtype in _DTYPES.items() if stored_tensor_problem(dtype, (1,)) is None}
 
 
-_new_entry = tuple.__new__  # a named tuple made without its Python-level __new__ (one per tensor)
-
-
 def _plain_entry(info: object, data_bytes: int) -> TensorEntry | None:
     """The entry of a well-formed record of a non-empty tensor, checked in a few operations; None
     for anything else, which :func:`_entry` then checks in full (and explains)."""
@@ -114,9 +111,8 @@ def _plain_entry(info: object, data_bytes: int) -> TensorEntry | None:
         numel *= d
     if numel * dtype.itemsize != end - begin:
         return None
-    return _new_entry(
-        TensorEntry, (dtype, tuple(shape), begin)
-    )  # the named tuple's __new__ without its Python frame
+    # tuple.__new__: the named tuple without its Python-level __new__ (one per tensor)
+    return tuple.__new__(TensorEntry, (dtype, tuple(shape), begin))
 
 
 def _entry(path: Path, name: str, info: object, data_bytes: int) -> TensorEntry:
@@ -240,7 +236,8 @@ class SafetensorsReader(ReaderMixin):
         start = self._data_start + entry.offset
         if self._address is None or start % entry.dtype.itemsize:
             return None
-        return _new_entry(StoredTensor, (self._address + start, entry.dtype, entry.shape, self._bytes))
+        address = self._address + start  # tuple.__new__: as in _plain_entry
+        return tuple.__new__(StoredTensor, (address, entry.dtype, entry.shape, self._bytes))
 
     def _typed(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The mapped file viewed as ``dtype`` elements from byte 0 (its tail cut to whole elements)."""
