@@ -219,25 +219,30 @@ class SafetensorsReader(ReaderMixin):
 
     def get(self, name: str) -> torch.Tensor:
         entry = self._entry(name)
-        start = self._data_start + entry.offset
-        itemsize = entry.dtype.itemsize
-        typed = self._typed(entry.dtype) if self._bytes is not None and start % itemsize == 0 else None
+        start = self._start_in_map(entry)
+        typed = self._typed(entry.dtype) if start is not None else None
         if typed is None:
             return self._file.get_tensor(name)
         # A view of the validated header's byte range in the file's one memory map: the same bytes
         # safe_open's get_tensor returns, without its fixed cost per call (~20 us, most of the time
         # thousands of tiny tensors took).
-        return typed.as_strided(entry.shape, _contiguous_strides(entry.shape), start // itemsize)
+        return typed.as_strided(entry.shape, _contiguous_strides(entry.shape), start // entry.dtype.itemsize)
 
     def stored_at(self, name: str) -> StoredTensor | None:
         """The validated header's byte range of ``name`` in the file's one memory map (the bytes
         ``get`` views), or None where ``get`` would not view the map (no map, misaligned data)."""
         entry = self._entry(name)
-        start = self._data_start + entry.offset
-        if self._address is None or start % entry.dtype.itemsize:
+        start = self._start_in_map(entry)
+        if start is None or self._address is None:
             return None
         address = self._address + start  # tuple.__new__: as in _plain_entry
         return tuple.__new__(StoredTensor, (address, entry.dtype, entry.shape, self._bytes))
+
+    def _start_in_map(self, entry: TensorEntry) -> int | None:
+        """Where ``entry``'s bytes start in the memory map, or None where the map cannot serve them
+        (no map; data not aligned to its element size)."""
+        start = self._data_start + entry.offset
+        return start if self._bytes is not None and start % entry.dtype.itemsize == 0 else None
 
     def _typed(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The mapped file viewed as ``dtype`` elements from byte 0 (its tail cut to whole elements)."""
